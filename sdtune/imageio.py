@@ -1,0 +1,83 @@
+"""Reading user images robustly and writing outputs atomically.
+
+Reading: EXIF orientation is honoured; RGBA/LA/P are flattened on white, CMYK and 16-bit
+greyscale converted, so every caller gets plain 8-bit RGB (or L for masks). A missing or corrupt
+file is one clear ``SdtuneError`` naming it.
+
+Writing: outputs go to a temporary name in the same folder and are renamed when complete, so an
+interrupted run never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import SdtuneError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer/float greyscale -> 8-bit L, scaled by the mode's range."""
+    if img.mode in {"I;16", "I;16B", "I;16L", "I;16N"}:
+        arr = np.asarray(img, dtype=np.float32) / 65535.0
+    elif img.mode in {"I", "F"}:
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = arr / hi
+    else:
+        return img
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), "L")
+
+
+def open_image(path: str | os.PathLike, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """Open ``path`` as an 8-bit image in ``mode`` ("RGB" or "L"), EXIF rotation applied."""
+    p = Path(path)
+    if not p.exists():
+        raise SdtuneError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise SdtuneError(f"{what} is not a file: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SdtuneError(f"{what} {p} could not be read as an image ({type(exc).__name__}); is it corrupt?") from exc
+    img = _to_8bit(img)
+    if img.mode in {"RGBA", "LA", "P", "PA"}:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert(mode)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike):
+    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_image_atomic(img: Image.Image, final: str | os.PathLike, **save_kwargs) -> Path:
+    with atomic_path(final) as tmp:
+        img.save(tmp, format=save_kwargs.pop("format", "PNG"), **save_kwargs)
+    return Path(final)
+
+
+def write_text_atomic(final: str | os.PathLike, text: str) -> Path:
+    with atomic_path(final) as tmp:
+        Path(tmp).write_text(text)
+    return Path(final)

@@ -1,0 +1,20 @@
+"""Shared test fixtures: tiny random models built once per test session, offline."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of tiny diffusers folders: {'sd1', 'sd2v', 'inpaint', 'depth'}."""
+    from sdtune.fixtures import tiny_family
+
+    return tiny_family(tmp_path_factory.mktemp("tiny_models"))

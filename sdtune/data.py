@@ -10,7 +10,6 @@ a resumed run, skipped batches or DataLoader workers see exactly the flips an un
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import warnings
 from collections import defaultdict
@@ -23,8 +22,6 @@ from PIL import Image, ImageOps
 
 from .errors import SdtuneError
 from .imageio import IMAGE_SUFFIXES, open_image
-
-logger = logging.getLogger(__name__)
 
 
 def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
@@ -59,7 +56,6 @@ def find_images(folder: str | os.PathLike | None, what: str = "instance_dir") ->
         names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
         message = f"{what} {p}: skipping {len(others)} non-image file(s): {names}"
         warnings.warn(message, stacklevel=2)
-        logger.warning(message)
     if not images:
         raise SdtuneError(f"{what} {p} holds no images (need .png/.jpg/.webp files; "
                           f"{'found only ' + str(len(others)) + ' other file(s)' if others else 'it is empty'})")
@@ -68,7 +64,7 @@ def find_images(folder: str | os.PathLike | None, what: str = "instance_dir") ->
     return images
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
+def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
     """Create ``path`` if needed and prove it is writable, before any work; clear error otherwise."""
     p = Path(path).expanduser()
     try:
@@ -78,7 +74,7 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise SdtuneError(f"output_dir {p} is not writable ({reason}); choose another output_dir") from None
+        raise SdtuneError(f"{what} {p} is not writable ({reason}); choose another {what}") from None
     return p
 
 

@@ -262,7 +262,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` -> (key, value parsed as YAML; the raw text if it is not valid YAML)."""
+    """``"key=value"`` -> (key, value parsed as YAML and converted to the key's type)."""
     import yaml
 
     key, sep, raw = text.partition("=")
@@ -274,8 +274,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        value = raw  # e.g. a prompt with a colon in it: instance_prompt=photo: sks dog
-    return key, value
+        value = raw  # not YAML at all: take the text as written
+    # A prompt or path is text even when it happens to look like YAML ("photo: sks dog" is a mapping,
+    # "1.5" a number): for string keys keep the raw text unless it means null or the YAML `no`.
+    if _TYPES[key] in (str, str | None) and not isinstance(value, str) and value is not None \
+            and not (key == "mixed_precision" and value is False):
+        value = raw.strip()
+    if value is None and _TYPES[key] is str:  # `instance_prompt=` means an empty string, caught by validate
+        value = ""
+    return key, _coerce(key, value, _TYPES[key])
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -262,7 +262,8 @@ class Engine:
         """Generate ``num_images`` images; image i uses seed + i. Everything is validated before work starts.
 
         ``strength`` defaults to 0.8 for img2img/depth2img and 1.0 for inpaint. ``long_prompt``:
-        "chunk" (default) or "truncate" (with a logged warning). ``on_step()`` is called per step.
+        "chunk" (default) or "truncate" (with a logged warning). ``on_step(n)`` is called after each step, n = the steps
+        this image takes (schedulers and strength change it).
         """
         kind = self._unet_kind(mode)
         req = _validate(mode, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
@@ -287,7 +288,7 @@ class Engine:
             call.update(depth_map=_depth_tensor(depth_img))
         if on_step is not None:
             def _callback(_pipe, _i, _t, kwargs):
-                on_step()
+                on_step(_pipe.num_timesteps)  # schedulers differ in steps taken (PNDM: one extra, heun: ~2x)
                 return kwargs
             call.update(callback_on_step_end=_callback)
 
@@ -304,23 +305,11 @@ class Engine:
                 results.append(Result(out, params))
         return results
 
-    def steps_per_image(self, mode: str, steps: int, strength: float | None = None) -> int:
-        """How many denoising steps one image takes (img2img-like modes run steps x strength)."""
-        if mode == "txt2img":
-            return steps
-        strength = DEFAULT_STRENGTH[mode] if strength is None else strength
-        return min(int(steps * strength), steps)
-
     def _inputs(self, mode, req, width, height):
         if mode == "txt2img":
             nw, nh = self.native_size
             return None, None, None, width or nw, height or nh
-        init = _as_image(req["image"], "RGB", "image")
-        mask = _as_image(req["mask"], "L", "mask") if mode == "inpaint" else None
-        depth = _as_image(req["depth_map"], "L", "depth map") if req["depth_map"] is not None else None
-        if mask is not None and mask.size != init.size:
-            raise SdtuneError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x{init.size[1]};"
-                              " give a mask of the same size (white = repaint, black = keep)")
+        init, mask, depth = _load_inputs(mode, req)
         w = width or (init.width // 8) * 8
         h = height or (init.height // 8) * 8
         if w < 8 or h < 8:
@@ -352,28 +341,60 @@ class Engine:
 
 # ---------------------------------------------------------------- regeneration from metadata
 
+def engine_for_params(params: dict, *, device=None, dtype=None, allow_pickle: bool = False) -> Engine:
+    """Load the engine an sdtune PNG was made with (model, dedicated models, base, LoRA + scale, dtype).
+
+    ``allow_pickle`` is never taken from the file: a PNG must not be able to switch pickle loading on.
+    """
+    if not params.get("model"):
+        raise SdtuneError("the image's metadata names no model; it cannot be regenerated")
+    scale = params.get("lora_scale")
+    return Engine.load(params["model"], inpaint_model=params.get("inpaint_model"),
+                       depth_model=params.get("depth_model"), base=params.get("base"), lora=params.get("lora"),
+                       lora_scale=1.0 if scale is None else scale, device=device,
+                       dtype=dtype or params.get("dtype"), config=params.get("config"), allow_pickle=allow_pickle)
+
+
 def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = False, engine: Engine | None = None,
                on_step=None) -> list[Result]:
     """Re-run the generation described by an sdtune PNG's params (one image, its own seed)."""
+    request = check_params(params)
+    engine = engine or engine_for_params(params, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return engine.generate(params["mode"], prompt=params.get("prompt", ""),
+                           negative_prompt=params.get("negative_prompt", ""), on_step=on_step, **request)
+
+
+def check_params(params: dict) -> dict:
+    """Validate stored params (before any model load); return the request to pass to ``generate``."""
     missing = [k for k in ("mode", "model", "seed", "steps", "guidance") if params.get(k) is None]
     if missing:
         raise SdtuneError(f"the image's metadata lacks {', '.join(missing)}; it cannot be regenerated")
-    if engine is None:
-        engine = Engine.load(params["model"], inpaint_model=params.get("inpaint_model"),
-                             depth_model=params.get("depth_model"), base=params.get("base"), lora=params.get("lora"),
-                             lora_scale=params.get("lora_scale") if params.get("lora_scale") is not None else 1.0,
-                             device=device, dtype=dtype or params.get("dtype"), config=params.get("config"),
-                             allow_pickle=allow_pickle)
     for key in ("image", "mask", "depth_map"):
         if params.get(key) == "<in-memory>":
             raise SdtuneError(f"the image was made from an in-memory {key} (API call), which was not saved; "
                               "it cannot be regenerated from the PNG alone")
-    return engine.generate(
-        params["mode"], prompt=params.get("prompt", ""), negative_prompt=params.get("negative_prompt", ""),
-        steps=params["steps"], guidance=params["guidance"], seed=params["seed"], width=params.get("width"),
-        height=params.get("height"), scheduler=params.get("scheduler"), image=params.get("image"),
-        mask=params.get("mask"), strength=params.get("strength"), depth_map=params.get("depth_map"),
-        num_images=1, long_prompt=params.get("long_prompt", CHUNK), on_step=on_step)
+    request = _request_from_params(params)
+    check_request(params["mode"], **request)
+    return request
+
+
+def _request_from_params(params: dict) -> dict:
+    return dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"], width=params.get("width"),
+                height=params.get("height"), scheduler=params.get("scheduler"), image=params.get("image"),
+                mask=params.get("mask"), strength=params.get("strength"), depth_map=params.get("depth_map"),
+                num_images=1, long_prompt=params.get("long_prompt") or CHUNK)
+
+
+def check_request(mode, **request) -> None:
+    """Validate a generation request without a model: parameters, input images readable, mask size.
+
+    The CLI calls it before loading the model so a bad input fails in a second, not after the load.
+    """
+    if mode not in MODES:
+        raise SdtuneError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    request.setdefault("long_prompt", CHUNK)
+    req = _validate(mode, **request)
+    _load_inputs(mode, req)
 
 
 # ---------------------------------------------------------------- helpers
@@ -405,6 +426,21 @@ def _as_image(value, mode: str, what: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return value.convert(mode)
     return open_image(value, mode=mode, what=what)
+
+
+def _load_inputs(mode, req):
+    """Open the request's input images (RGB image, L mask, L depth map); refuse a mask of another size."""
+    if mode == "txt2img":
+        return None, None, None
+    init = _as_image(req["image"], "RGB", "image")
+    mask = _as_image(req["mask"], "L", "mask") if mode == "inpaint" else None
+    depth = _as_image(req["depth_map"], "L", "depth map") if req["depth_map"] is not None else None
+    if mask is not None and mask.size != init.size:
+        raise SdtuneError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x{init.size[1]};"
+                          " give a mask of the same size (white = repaint, black = keep)")
+    if depth is not None:
+        _depth_tensor(depth)  # refuses a flat map
+    return init, mask, depth
 
 
 def _depth_tensor(depth: Image.Image) -> torch.Tensor:

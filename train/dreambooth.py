@@ -1,0 +1,386 @@
+"""DreamBooth for Stable Diffusion: learn one subject from 3-5 images, as LoRA or full weights.
+
+    accelerate launch train/dreambooth.py configs/dreambooth_lora.yaml [key=value ...]
+    sdtune train configs/dreambooth_lora.yaml [key=value ...]          # the same, one process
+
+Read top to bottom: config -> data -> model -> adapters/optimizer -> (resume) -> loop -> save.
+Each step: a batch of instance examples (+ as many class examples with prior preservation); caption
+dropout swaps some prompts for the empty one (so classifier-free guidance keeps working); latents
+are noised at random timesteps and the UNet learns the target of the model's own prediction type;
+loss = instance loss + prior_loss_weight x class loss.
+
+Reproducibility: the data order and every random draw of a step (flips, VAE sample, noise,
+timesteps, caption dropout) are functions of (seed, step, micro-step, process), not of a running RNG,
+so a run resumed from ``checkpoint-N`` ends with the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdtune import adapters, checkpointing
+from sdtune import objectives as obj
+from sdtune.caching import LatentSource, PromptEncoder
+from sdtune.class_images import ensure_class_images
+from sdtune.config import TrainConfig, config_to_dict, load_config, resolve_model
+from sdtune.data import DreamBoothDataset, caption_dropout_mask, check_output_dir, collate, find_images
+from sdtune.errors import SdtuneError
+from sdtune.imageio import save_image_atomic
+from sdtune.loading import describe, load_pipeline
+from sdtune.model_card import write_model_card
+
+log = logging.getLogger("sdtune.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run here
+    unet: torch.nn.Module | None = None  # unwrapped, final weights
+    text_encoder: torch.nn.Module | None = None
+    latent_encodes: int = 0  # images run through the VAE encoder
+    prompt_encodes: int = 0  # text-encoder calls
+
+
+# ----------------------------------------------------------------------------- randomness and data order
+
+def _seed_of(*parts) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The one CPU generator all random draws of a micro-step come from."""
+    return torch.Generator().manual_seed(_seed_of("step", seed, step, micro, rank))
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_order(seed: int, epoch: int, length: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(length, generator=torch.Generator().manual_seed(_seed_of("epoch", seed, epoch))).tolist())
+
+
+def batch_examples(dataset, seed: int, step: int, micro: int, rank: int, world: int, batch: int,
+                   accum: int) -> list[dict]:
+    """The dataset items of one process's micro-batch: a position in an endless stream of shuffled epochs."""
+    items = []
+    for j in range(batch):
+        position = ((step * accum + micro) * world + rank) * batch + j
+        epoch, offset = divmod(position, len(dataset))
+        dataset.set_epoch(epoch)  # flips/crops drawn from (seed, epoch, kind, index) inside the dataset
+        items.append(dataset[epoch_order(seed, epoch, len(dataset))[offset]])
+    return items
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.device):
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise SdtuneError("optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use optimizer: adamw")
+        try:
+            import bitsandbytes as bnb  # lazy: a CUDA-only dependency
+        except ImportError:
+            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
+                              "or use optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def register_trainable_only_checkpoints(accelerator, models: list[torch.nn.Module]) -> None:
+    """Checkpoints hold only trainable weights (a LoRA checkpoint is MBs, not the whole UNet).
+
+    Plain DDP/single-device only; DeepSpeed and FSDP shard and save their own way.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return
+
+    def save_hook(hook_models, weights, output_dir):
+        for i, model in enumerate(hook_models):
+            keep = {n for n, p in model.named_parameters() if p.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+
+def validation_images(cfg: TrainConfig, pipe, unet, text_encoder, accelerator) -> list:
+    """Sample every validation prompt from the current weights with a stock pipeline, fixed seed."""
+    from diffusers import StableDiffusionPipeline
+
+    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False)
+    sampler.set_progress_bar_config(disable=True)
+    images = []
+    with torch.no_grad(), accelerator.autocast():
+        for k, prompt in enumerate(cfg.validation_prompts):
+            generator = torch.Generator("cpu").manual_seed(cfg.seed + k)
+            images += sampler(prompt, num_inference_steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
+                              height=cfg.resolution, width=cfg.resolution, generator=generator).images
+    return images
+
+
+def save_full_pipeline(output_dir: Path, pipe, unet, text_encoder, metadata: dict[str, str]) -> None:
+    """Write a complete diffusers folder into ``output_dir``: built aside, moved in, model_index.json last."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    final = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False)
+    scratch = Path(tempfile.mkdtemp(prefix=".pipeline-", suffix=".partial", dir=output_dir))
+    try:
+        final.save_pretrained(scratch, safe_serialization=True)
+        for weights in scratch.glob("*/*.safetensors"):  # the training config rides in every weights file
+            with safe_open(str(weights), framework="pt") as f:
+                meta = {**(f.metadata() or {}), **metadata}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            save_file(tensors, str(weights), metadata=meta)
+        entries = sorted(scratch.iterdir(), key=lambda p: p.name == "model_index.json")
+        for entry in entries:
+            target = output_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    # TensorBoard hparams take scalars and strings only.
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config_to_dict(cfg).items()}
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    # --- where things go; checked before any work -------------------------------------------------
+    output_dir = check_output_dir(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        checkpointing.remove_partials(output_dir)
+    instance_images = find_images(cfg.instance_dir, what="instance_dir")
+    resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
+    set_seed(cfg.seed)  # the initial LoRA weights; identical on every process
+
+    # --- the base model: fp32 master weights, half precision only for what is frozen ---------------
+    model_source = resolve_model(cfg)
+    pipe = load_pipeline(model_source, device=accelerator.device, dtype=torch.float32)
+    info = describe(pipe)
+    if info.mode != "txt2img":
+        raise SdtuneError(f"DreamBooth trains a text-to-image model, but {model_source} is an {info.mode} model "
+                          f"({info.unet_in_channels}-channel UNet); pass its text-to-image base model")
+    class_images = ensure_class_images(cfg, accelerator, pipeline=pipe)
+    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas and prediction_type
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+    vae.requires_grad_(False).to(dtype=weight_dtype)
+    text_encoder.requires_grad_(False)
+    if not cfg.train_text_encoder:
+        text_encoder.to(dtype=weight_dtype)
+    if cfg.method == "lora":
+        unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
+        adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.train_text_encoder:
+            text_encoder.to(dtype=weight_dtype)
+            adapters.add_text_encoder_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
+        cast_training_params([unet, text_encoder] if cfg.train_text_encoder else [unet], dtype=torch.float32)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet.train()
+    text_encoder.train(cfg.train_text_encoder)
+
+    # --- optimizer, lr schedule, processes ---------------------------------------------------------
+    groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        groups.append({"params": adapters.trainable_parameters(text_encoder),
+                       "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+    optimizer = make_optimizer(cfg, groups, accelerator.device)
+    # accelerate steps a prepared schedule once per process per optimizer step, hence the x world.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        trained = [unet, text_encoder]
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained = [unet]
+    register_trainable_only_checkpoints(accelerator, trained)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # --- data and the caches that skip repeated VAE / text-encoder work ----------------------------
+    dataset = DreamBoothDataset(instance_images, cfg.instance_prompt, class_images or None,
+                                cfg.class_prompt if class_images else None, resolution=cfg.resolution,
+                                center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed)
+    latents_of = LatentSource(vae, accelerator.device, weight_dtype, enabled=cfg.cache_latents and cfg.center_crop)
+    encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
+                           cache=cfg.cache_latents and not cfg.train_text_encoder)
+    if cfg.cache_latents and not cfg.center_crop and accelerator.is_main_process:
+        log.warning("random crops (center_crop: false) give new pixels every step: VAE latents are not cached")
+
+    # --- resume ------------------------------------------------------------------------------------
+    global_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from), strict=False)  # strict=False: checkpoints hold trainables only
+        global_step = checkpointing.checkpoint_step(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth", config=tracker_config(cfg))
+
+    # --- the loop ----------------------------------------------------------------------------------
+    result = TrainResult(output_dir=output_dir, global_step=global_step)
+    progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    with_prior = dataset.with_prior
+    while global_step < cfg.max_steps:
+        sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
+        for micro in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(*trained):
+                gen = step_generator(cfg.seed, global_step, micro, rank)
+                batch = collate(batch_examples(dataset, cfg.seed, global_step, micro, rank, world,
+                                               cfg.train_batch_size, cfg.gradient_accumulation_steps), with_prior)
+                n = len(batch["prompts"])
+                latents = latents_of(batch["pixels"], batch["keys"], gen).float()
+                noise = obj.sample_noise(latents, gen, cfg.noise_offset)
+                timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen, latents.device)
+                dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
+                prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
+                embeddings = encode(prompts)
+
+                noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
+                pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False)[0]
+                target = obj.training_target(noise_scheduler, latents, noise, timesteps)
+                weights = None
+                if cfg.snr_gamma:
+                    weights = obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,
+                                                  noise_scheduler.config.prediction_type)
+                loss, instance_loss, prior_loss = obj.dreambooth_loss(
+                    obj.per_example_mse(pred, target), batch["is_class"], cfg.prior_loss_weight, weights)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach(), instance_loss.detach(),
+                                 prior_loss.detach() if prior_loss is not None else torch.zeros((), device=loss.device)])
+        global_step += 1
+
+        # --- watch: every process's mean, logged once ------------------------------------------------
+        means = (accelerator.reduce(sums, reduction="mean") / cfg.gradient_accumulation_steps).tolist()
+        result.losses.append(means[0])
+        logs = {"loss": means[0], "instance_loss": means[1], "lr": lr_scheduler.get_last_lr()[0]}
+        if with_prior:
+            logs["prior_loss"] = means[2]
+        accelerator.log(logs, step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{means[0]:.4f}")
+
+        if cfg.validation_prompts and cfg.validation_every and global_step % cfg.validation_every == 0:
+            run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir)
+        if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
+            checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
+    progress.close()
+
+    # --- save: LoRA files or a full pipeline, plus the model card ----------------------------------
+    accelerator.wait_for_everyone()
+    unet_final = accelerator.unwrap_model(unet)
+    te_final = accelerator.unwrap_model(text_encoder)
+    samples = []
+    if cfg.validation_prompts and accelerator.is_main_process:
+        samples = run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir, final=True)
+    if accelerator.is_main_process:
+        config = config_to_dict(cfg)
+        metadata = {**adapters.config_metadata(config), "sdtune_base_model": str(model_source),
+                    "sdtune_steps": str(global_step)}
+        if cfg.method == "lora":
+            adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata)
+            adapters.save_kohya_lora(output_dir / adapters.KOHYA_FILE, unet_final,
+                                     te_final if cfg.train_text_encoder else None, rank=cfg.lora_rank,
+                                     alpha=cfg.lora_alpha or cfg.lora_rank, extra_metadata=metadata)
+            files = [adapters.LORA_FILE, adapters.KOHYA_FILE]
+        else:
+            save_full_pipeline(output_dir, pipe, unet_final, te_final, metadata)
+            files = ["model_index.json", "unet/", "text_encoder/", "vae/", "tokenizer/", "scheduler/"]
+        write_model_card(output_dir, config=config, base_model=str(model_source), method=cfg.method,
+                         steps=global_step, family=info.family, prediction_type=info.prediction_type,
+                         files=files, samples=samples)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result.global_step = global_step
+    result.unet, result.text_encoder = unet_final, te_final
+    result.latent_encodes, result.prompt_encodes = latents_of.encoded_images, encode.encoder_calls
+    return result
+
+
+def run_validation(cfg, pipe, unet, text_encoder, accelerator, step, output_dir, final=False) -> list[str]:
+    """Main process: sample, save to output_dir/samples, log to TensorBoard; others wait."""
+    names = []
+    if accelerator.is_main_process:
+        import numpy as np
+
+        unet_m, te_m = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        was_training = unet_m.training
+        unet_m.eval()
+        images = validation_images(cfg, pipe, unet_m, te_m, accelerator)
+        unet_m.train(was_training)
+        for k, image in enumerate(images):
+            name = f"samples/{'final' if final else f'step-{step:06d}'}-{k}.png"
+            save_image_atomic(image, output_dir / name)
+            names.append(name)
+        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+        if images and tracker is not None and hasattr(tracker, "add_images"):
+            tracker.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    accelerator.wait_for_everyone()
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        result = train(cfg)
+    except SdtuneError as exc:
+        print(f"sdtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``sdtune train CONFIG [key=value ...]``: the DreamBooth recipe (train/dreambooth.py), in this process."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+One process (one GPU, or the CPU). For several GPUs run the very same recipe under accelerate:
+  accelerate launch --num_processes 4 train/dreambooth.py CONFIG [key=value ...]
+  torchrun --nproc_per_node 4 train/dreambooth.py CONFIG [key=value ...]
+DeepSpeed / FSDP full fine-tuning: accelerate launch --config_file configs/accelerate/<file>.yaml ...
+
+Every config key can be overridden as key=value (YAML syntax):
+  sdtune train configs/dreambooth_lora.yaml max_steps=200 learning_rate=5e-5 resume=latest
+Outputs in output_dir: pytorch_lora_weights.safetensors + lora_kohya.safetensors (LoRA) or a diffusers
+pipeline folder (full), README.md model card, samples/, logs/ (tensorboard --logdir OUTPUT_DIR/logs),
+checkpoint-N/ folders (resume=latest continues from the newest).
+"""
+
+RECIPE = Path(__file__).resolve().parents[2] / "train" / "dreambooth.py"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train", help="DreamBooth fine-tuning (LoRA or full) from a YAML config",
+        description="Fine-tune Stable Diffusion on a subject with DreamBooth, as configured in CONFIG. "
+                    "Runs in this one process; use `accelerate launch train/dreambooth.py` for many.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_recipe():
+    """Import train/dreambooth.py (it is a script beside the package, not part of it)."""
+    from ..errors import SdtuneError
+
+    if not RECIPE.is_file():
+        raise SdtuneError(f"the training recipe {RECIPE} is missing; run sdtune from a source checkout "
+                          "(pip install -e .)")
+    name = "sdtune_dreambooth_recipe"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args) -> int:
+    from ..config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides)  # validated before anything heavy is loaded
+    result = load_recipe().train(cfg)
+    print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
+    return 0

@@ -51,7 +51,10 @@ def find_images(folder: str | os.PathLike | None, what: str = "instance_dir") ->
         raise SdtuneError(f"{what} not found: {p}; create it and put the images there")
     if not p.is_dir():
         raise SdtuneError(f"{what} {p} is not a folder; point it at a folder of images")
-    images, others = list_image_files(p)
+    try:
+        images, others = list_image_files(p)
+    except OSError as exc:
+        raise SdtuneError(f"{what} {p} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if others:
         names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
         message = f"{what} {p}: skipping {len(others)} non-image file(s): {names}"
@@ -67,6 +70,8 @@ def find_images(folder: str | os.PathLike | None, what: str = "instance_dir") ->
 def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
     """Create ``path`` if needed and prove it is writable, before any work; clear error otherwise."""
     p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise SdtuneError(f"{what} {p} is a file, not a folder; choose another {what}")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".sdtune-write-test-{os.getpid()}"

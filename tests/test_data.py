@@ -116,7 +116,7 @@ def test_output_dir_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SdtuneError, match=r"output_dir .*file/out is not writable"):
         check_output_dir(tmp_path / "file" / "out")
-    with pytest.raises(SdtuneError, match="not writable"):
+    with pytest.raises(SdtuneError, match="is a file, not a folder"):
         check_output_dir(tmp_path / "file")
 
 

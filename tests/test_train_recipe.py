@@ -122,11 +122,11 @@ def test_full_v_prediction_run_saves_a_complete_pipeline(tiny_models, subject, t
 
 def test_loss_falls_when_overfitting_one_image(tiny_models, tmp_path):
     one = make_images(tmp_path / "one", 1)
-    cfg = config(tiny_models, one, tmp_path / "fit", method="full", max_steps=16, learning_rate=2e-3,
-                 train_batch_size=4)
+    cfg = config(tiny_models, one, tmp_path / "fit", method="full", max_steps=10, learning_rate=2e-3,
+                 train_batch_size=2)
     losses = recipe.train(cfg).losses
     assert all(np.isfinite(losses))
-    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses  # measured: ~0.5
 
 
 def test_cache_reuses_latents_and_prompts_and_changes_nothing(tiny_models, tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Applying a LoRA file at inference: read, check it fits, load with a scale, fuse when exact enough.
 
 Reading and key conversion (diffusers/peft format, kohya ``lora_unet_*``/``lora_te_*`` format) and
-injecting the adapter layers are diffusers' own (``lora_state_dict``, ``load_lora_adapter``,
-``load_lora_into_text_encoder``). sdtune adds what they leave out:
+injecting the adapter layers into the UNet are diffusers' own (``lora_state_dict``,
+``load_lora_adapter``); the text encoder gets the same steps with peft directly (see
+``_load_into_text_encoder``). sdtune adds what they leave out:
 
 * a fit check before loading: every LoRA key must name a layer of the model with matching
   in/out sizes; otherwise one clear ``SdtuneError`` (diffusers would only log unexpected keys);
@@ -184,20 +185,48 @@ def _merge_and_remove(model) -> None:
 
 
 def load_into(lora: LoraFile, *, unets=(), text_encoder=None) -> None:
-    """Inject the LoRA (unscaled) into each UNet and the text encoder, via diffusers' loaders."""
-    from diffusers import StableDiffusionPipeline
-
+    """Inject the LoRA (unscaled) into each UNet (diffusers' loader) and the text encoder."""
     try:
         for unet in unets:
             if lora.unet_keys:
                 unet.load_lora_adapter(dict(lora.state_dict), prefix="unet", network_alphas=lora.network_alphas,
-                                       adapter_name=ADAPTER, metadata=lora.metadata)
+                                       adapter_name=ADAPTER, metadata=_part(lora.metadata, "unet"))
         if text_encoder is not None and lora.text_encoder_keys:
-            StableDiffusionPipeline.load_lora_into_text_encoder(
-                dict(lora.state_dict), lora.network_alphas, text_encoder, prefix="text_encoder",
-                adapter_name=ADAPTER, metadata=lora.metadata)
-    except (ValueError, RuntimeError, KeyError) as exc:
+            _load_into_text_encoder(lora, text_encoder)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise SdtuneError(f"LoRA {lora.path} could not be loaded into the model: {_first_line(exc)}") from exc
+
+
+def _part(mapping: dict | None, prefix: str) -> dict | None:
+    if not mapping:
+        return None
+    part = {k.removeprefix(f"{prefix}."): v for k, v in mapping.items() if k.startswith(f"{prefix}.")}
+    return part or None
+
+
+def _load_into_text_encoder(lora: LoraFile, text_encoder) -> None:
+    """peft injection + state dict, as diffusers' text-encoder loader does.
+
+    diffusers routes this through transformers' ``load_adapter``, which needs peft >= 0.22 while
+    sdtune pins 0.21 (the newest release), so the same steps are taken with peft directly: the
+    config from the file's adapter metadata (or ranks/alphas read off the tensors), then injection.
+    """
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    sd = _text_encoder_peft_keys(lora.state_dict, text_encoder)
+    meta = _part(lora.metadata, "text_encoder")
+    if meta:
+        config = LoraConfig(**meta)
+    else:
+        ranks = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
+        config = LoraConfig(**get_peft_kwargs(ranks, _part(lora.network_alphas, "text_encoder"), sd, is_unet=False))
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(text_encoder, sd, adapter_name=ADAPTER)
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and ADAPTER in k]
+    if missing:
+        raise SdtuneError(f"LoRA {lora.path} lacks text-encoder weights for {missing[0]} (a damaged file?)")
+    text_encoder.to(device=text_encoder.device, dtype=text_encoder.dtype)
 
 
 def scale_and_fuse(models, scale: float, fuse: bool | str = "auto") -> bool:

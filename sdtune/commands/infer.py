@@ -84,11 +84,13 @@ def _setup_logging() -> None:
             return f"sdtune: {kind}: {record.getMessage()}"
 
     log = logging.getLogger("sdtune")
-    if not any(getattr(h, "_sdtune", False) for h in log.handlers):
+    handler = next((h for h in log.handlers if getattr(h, "_sdtune", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_Fmt())
         handler._sdtune = True
         log.addHandler(handler)
+    handler.stream = sys.stderr  # the current stderr (tests and callers may have replaced it)
     log.setLevel(logging.INFO)
     log.propagate = False
     import warnings

@@ -81,9 +81,18 @@ def _folder_unet_channels(folder: Path) -> int:
     return int(json.loads(cfg.read_text()).get("in_channels", 4))
 
 
-def _has_only_pickle_weights(folder: Path) -> bool:
-    weights = [p for p in folder.rglob("*") if p.suffix in SINGLE_FILE_SUFFIXES]
-    return bool(weights) and not any(p.suffix == ".safetensors" for p in weights)
+def _pickle_only_components(folder: Path) -> list[str]:
+    """Component subfolders (unet, vae, ...) whose weights exist only as pickle files.
+
+    Judged per component: transformers always saves .safetensors, so older folders often mix a
+    safetensors text encoder with a .bin UNet/VAE.
+    """
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        suffixes = {p.suffix for p in sub.rglob("*") if p.is_file()}
+        if suffixes & PICKLE_SUFFIXES and ".safetensors" not in suffixes:
+            found.append(sub.name)
+    return found
 
 
 def _is_offline() -> bool:
@@ -122,10 +131,12 @@ def load_pipeline(source, *, device: torch.device | str = "cpu", dtype: torch.dt
     try:
         if kind == "folder":
             use_safetensors = True
-            if _has_only_pickle_weights(where):
+            pickled = _pickle_only_components(where)
+            if pickled:
                 if not allow_pickle:
-                    raise SdtuneError(f"{where} holds only pickle weights (.bin/.ckpt), which can run code when "
-                                      "loaded; convert them to .safetensors or pass --allow-pickle if you trust them")
+                    raise SdtuneError(f"{where} holds only pickle weights (.bin/.ckpt) for {', '.join(pickled)}, "
+                                      "which can run code when loaded; convert them to .safetensors or pass "
+                                      "--allow-pickle if you trust them")
                 use_safetensors = None
             cls = _pipeline_class(_folder_unet_channels(where))
             pipe = cls.from_pretrained(where, dtype=dtype, use_safetensors=use_safetensors,
@@ -184,5 +195,8 @@ def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
     if not (config / "model_index.json").is_file():
         raise SdtuneError(f"--config {config} is not a diffusers folder (no model_index.json)")
     cls = _pipeline_class(_folder_unet_channels(config))
+    if not hasattr(cls, "from_single_file"):  # diffusers has no single-file loader for depth2img
+        raise SdtuneError(f"{path}: single-file depth2img checkpoints cannot be loaded (diffusers has no loader for "
+                          "them); use the model's diffusers folder instead")
     return cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True,
                                 **_no_safety_checker(cls))

@@ -1,0 +1,165 @@
+"""Training speed and memory: LoRA and full, with vs without sdtune's latent/prompt caching.
+
+"without" = ``cache_latents: false``: the VAE encoder and the text encoder run on every step, as in
+diffusers' example DreamBooth scripts. Each of the four configurations is one run of the same steps
+on the same data (same seed) in its own process, so peak RSS is that run's own.
+
+    python bench/bench_training.py --quick          # tiny random model, 32 px (CI-sized)
+    python bench/bench_training.py --model PATH --resolution 64 --steps 30
+
+steps/s is measured over the steps after the first ``--warmup`` (the cached run fills its cache then,
+so the first steps of both runs do the same work); the total wall time including the warm-up and the
+loading/saving is printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args) -> None:
+    """One configuration: train, print {"steps_per_s", "wall_s", "peak_rss_mb", ...} as JSON."""
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "train"))
+    import dreambooth
+    from sdtune.config import config_from_dict
+
+    stamps = []
+    original_log = Accelerator.log
+
+    def timed_log(self, values, step=None, log_kwargs=None):  # called once per optimizer step
+        stamps.append(time.perf_counter())
+        return original_log(self, values, step=step, log_kwargs=log_kwargs or {})
+
+    Accelerator.log = timed_log
+    from PIL import Image
+
+    work = Path(args.work)
+    cfg = config_from_dict(dict(
+        model=args.model, instance_dir=str(work / "subject"), instance_prompt="a photo of sks box",
+        with_prior_preservation=True, class_prompt="a photo of a box", class_dir=str(work / "class"),
+        num_class_images=4, caption_dropout=0.1, method=args.method, resolution=args.resolution,
+        train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=1e-4 if args.method == "lora" else 1e-5,
+        random_flip=True, cache_latents=args.cache == "on", output_dir=str(work / f"out-{args.method}-{args.cache}"),
+        seed=0))
+    start = time.perf_counter()
+    result = dreambooth.train(cfg)
+    wall = time.perf_counter() - start
+    steady = stamps[args.warmup:]
+    steps_per_s = (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
+    print(json.dumps({"method": args.method, "cache": args.cache, "steps_per_s": steps_per_s, "wall_s": wall,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "vae_encoded_images": result.latent_encodes, "text_encoder_calls": result.prompt_encodes,
+                      "final_loss": float(np.mean(result.losses[-3:]))}))
+    del Image
+
+
+def save_sd_shaped(out: Path) -> Path:
+    """A random pipeline with Stable Diffusion's layout at a quarter of its width.
+
+    The tiny test fixtures have a 2-block VAE that costs next to nothing, which would hide exactly the
+    work caching removes. Here the VAE (4 blocks, downsampling 8) and the UNet (4 levels, 2 layers per
+    block, cross-attention in 3) keep SD 1.5's proportions, so VAE-vs-UNet cost ratios resemble it.
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from sdtune.fixtures import tiny_scheduler, tiny_text_encoder, tiny_tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(80, 160, 320, 320),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=192,
+        attention_head_dim=8, norm_num_groups=16)
+    te = tiny_text_encoder(hidden=192)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tiny_tokenizer(), unet=unet,
+                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_data(work: Path, resolution: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for kind, n in (("subject", 4), ("class", 4)):
+        (work / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, 255, (resolution + 8, resolution + 4, 3), dtype=np.uint8)
+            Image.fromarray(a).save(work / kind / f"{i}.png")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="64 px, 8 timed steps")
+    p.add_argument("--model", help="diffusers folder (default: a random SD-shaped model at quarter width)")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        args.method, args.cache = args.child
+        child(args)
+        return 0
+    if args.quick:
+        args.steps, args.resolution = 8, 64
+
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as tmp:
+        work = Path(tmp)
+        if args.model is None:
+            args.model = str(save_sd_shaped(work / "sd-shaped"))
+        make_data(work, args.resolution)
+        rows = []
+        for method in ("lora", "full"):
+            for cache in ("on", "off"):
+                cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
+                       "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--batch", str(args.batch), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return 1
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else 'random SD-1.5-shaped, quarter width'}, "
+          f"{args.resolution} px, batch {args.batch} (+{args.batch} class), {args.steps} timed steps, "
+          f"{args.threads} threads, cache on = latents/prompt embeddings reused, off = VAE + text encoder every step")
+    print(f"{'method':6} {'cache':5} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>12} {'VAE imgs':>9} {'TE calls':>9}")
+    for r in rows:
+        print(f"{r['method']:6} {r['cache']:5} {r['steps_per_s']:8.2f} {r['wall_s']:7.1f} {r['peak_rss_mb']:12.0f} "
+              f"{r['vae_encoded_images']:9d} {r['text_encoder_calls']:9d}")
+    for method in ("lora", "full"):
+        on = next(r for r in rows if r["method"] == method and r["cache"] == "on")
+        off = next(r for r in rows if r["method"] == method and r["cache"] == "off")
+        print(f"{method}: caching speed-up x{on['steps_per_s'] / off['steps_per_s']:.2f} steps/s, "
+              f"peak RSS ratio (on/off) {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

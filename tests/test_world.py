@@ -133,3 +133,19 @@ def test_every_grammar_word_is_one_clip_token():
     words = [w for ws in world.CHOICES.values() for w in ws] + [world.GENERIC_NOUN, world.IDENTIFIER]
     for w in words:
         assert len(tok(w).input_ids) == 3, w  # <start> word <end>
+
+
+def test_shipped_subject_images_are_reproducible_renders():
+    import json
+
+    from sdtune.imageio import open_image
+
+    folder = ROOT / "data/subjects/checker_box"
+    meta = json.loads((folder / "subject.json").read_text())
+    assert meta["class_noun"] == "box" and meta["identifier"] == "sks"
+    assert meta["instance_prompt"] == "a photo of sks box" and meta["class_prompt"] == "a photo of a box"
+    assert 3 <= len(meta["renders"]) <= 5
+    for item in meta["renders"]:
+        scene = world.Scene("box", "red", item["size"], item["position"], item["background"], seed=item["seed"])
+        rendered = world.render(scene, subject=meta["name"]).image
+        assert open_image(folder / item["file"]).tobytes() == rendered.tobytes(), item["file"]

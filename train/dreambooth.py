@@ -160,6 +160,31 @@ def save_full_pipeline(output_dir: Path, pipe, unet, text_encoder, metadata: dic
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def final_modules(accelerator, unet, text_encoder, cfg: TrainConfig):
+    """The trained modules with full weights, on every process.
+
+    Under DDP the unwrapped module is complete. FSDP (and DeepSpeed ZeRO-3) shard parameters, so
+    the full state dict is gathered (a collective: all processes call it) into fresh copies.
+    (Sharded paths follow accelerate's documented API; CI runs DDP only.)
+    """
+    from accelerate.utils import DistributedType
+
+    unet_m, te_m = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED) or cfg.method != "full":
+        return unet_m, te_m
+    unet_state = accelerator.get_state_dict(unet)
+    te_state = accelerator.get_state_dict(text_encoder) if cfg.train_text_encoder else None
+    if accelerator.is_main_process:
+        fresh = type(unet_m).from_config(unet_m.config)
+        fresh.load_state_dict(unet_state)
+        unet_m = fresh
+        if te_state is not None:
+            te_fresh = type(te_m)(te_m.config)
+            te_fresh.load_state_dict(te_state)
+            te_m = te_fresh
+    return unet_m, te_m
+
+
 def tracker_config(cfg: TrainConfig) -> dict:
     # TensorBoard hparams take scalars and strings only.
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config_to_dict(cfg).items()}
@@ -200,15 +225,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas and prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
-    vae.requires_grad_(False).to(dtype=weight_dtype)
+    half = weight_dtype != torch.float32
+    vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    if not cfg.train_text_encoder:
-        text_encoder.to(dtype=weight_dtype)
+    if half:
+        vae.to(dtype=weight_dtype)
+        if cfg.method == "lora" or not cfg.train_text_encoder:
+            text_encoder.to(dtype=weight_dtype)
     if cfg.method == "lora":
-        unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
+        if half:
+            unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
         adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha)
         if cfg.train_text_encoder:
-            text_encoder.to(dtype=weight_dtype)
             adapters.add_text_encoder_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
         cast_training_params([unet, text_encoder] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
@@ -315,8 +343,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- save: LoRA files or a full pipeline, plus the model card ----------------------------------
     accelerator.wait_for_everyone()
-    unet_final = accelerator.unwrap_model(unet)
-    te_final = accelerator.unwrap_model(text_encoder)
+    unet_final, te_final = final_modules(accelerator, unet, text_encoder, cfg)
     samples = []
     if cfg.validation_prompts and accelerator.is_main_process:
         samples = run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir, final=True)

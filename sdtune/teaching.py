@@ -41,8 +41,11 @@ def inspect_tokens(pipe, text: str) -> TokenReport:
     ids = pipe.tokenizer([text])["input_ids"][0]
     tokens = [pipe.tokenizer.decode(i) for i in ids]
     device = pipe.unet.device
+    # The encoder has 77 positions; a longer prompt is shown in full but encoded as the encoder
+    # would see it without chunking (its first 77 tokens).
+    seen = ids[:pipe.tokenizer.model_max_length]
     with torch.no_grad():
-        real = pipe.text_encoder(torch.tensor([ids], device=device))["last_hidden_state"]
+        real = pipe.text_encoder(torch.tensor([seen], device=device))["last_hidden_state"]
         # The pipeline pads every prompt to the tokenizer's 77 positions (model_max_length).
         padded = pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=1,
                                     do_classifier_free_guidance=False, negative_prompt="")[0]
@@ -52,6 +55,9 @@ def inspect_tokens(pipe, text: str) -> TokenReport:
 def format_tokens(report: TokenReport) -> str:
     lines = ["Input ID -> decoded token"]
     lines += [f"{i} -> {tok}" for i, tok in zip(report.ids, report.tokens)]
+    if len(report.ids) > report.padded_shape[1]:
+        lines.append(f"({len(report.ids)} tokens: more than the text encoder's {report.padded_shape[1]} positions; "
+                     "one pass sees only the first ones - `sdtune infer` encodes long prompts in chunks)")
     lines.append(f"Text embeddings shape: torch.Size({list(report.real_shape)})  (real tokens only)")
     lines.append(f"Text embeddings shape: torch.Size({list(report.padded_shape)})  "
                  f"(padded to {report.padded_shape[1]}, as the pipeline feeds the UNet)")

@@ -35,6 +35,12 @@ def test_tokens_like_the_course(sd2v):
     assert "4062 -> floo" in text.splitlines()
 
 
+def test_tokens_of_a_prompt_longer_than_77(sd2v):
+    report = teaching.inspect_tokens(sd2v, "red " * 100)
+    assert len(report.ids) == 102 and report.real_shape[1] == 77 and report.padded_shape[1] == 77
+    assert "102 tokens: more than the text encoder's 77" in teaching.format_tokens(report)
+
+
 def test_tokens_cli_uses_embedded_model_by_default(tiny_models, monkeypatch, tmp_path, capsys):
     import sdtune.embedded as embedded
 

@@ -184,6 +184,10 @@ def to_ldm_state_dict(pipe, dtype: torch.dtype | None = None) -> dict[str, torch
     info = describe(pipe)
     if info.family not in {"sd1", "sd2"}:
         raise SdtuneError(f"single-file export supports SD 1.x and 2.x; this model is {info.family}")
+    for part in ("unet", "vae", "text_encoder"):
+        if any("lora_" in k or ".base_layer." in k for k in getattr(pipe, part).state_dict()):
+            raise SdtuneError(f"the {part} carries unfused LoRA layers; fuse them into the weights first "
+                              "(pipe.fuse_lora(); pipe.unload_lora_weights()) so the export holds plain weights")
     text = pipe.text_encoder.state_dict()
     if info.family == "sd1":
         text_part = {CLIP_PREFIX + k: v for k, v in clip_to_ldm(text).items()}

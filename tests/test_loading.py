@@ -236,3 +236,23 @@ def test_uncached_hub_id_offline_fails_without_network(monkeypatch, tmp_path):
     with pytest.raises(SdtuneError, match="not in the local cache and HF_HUB_OFFLINE is set"):
         load_pipeline("sdtune-tests/not-a-cached-model")
     assert attempts == []
+
+
+def test_export_refuses_unfused_lora_and_carries_fused_weights(tiny_models, tmp_path):
+    from peft import LoraConfig
+
+    pipe = load_pipeline(tiny_models["sd1"])
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))  # random B: the LoRA changes the weights
+    with pytest.raises(SdtuneError, match="unfused LoRA"):
+        export_single_file(pipe, tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    out = export_single_file(pipe, tmp_path / "fused.safetensors")
+    back = load_pipeline(out, config=tiny_models["sd1"])
+    fused, loaded = pipe.unet.state_dict(), back.unet.state_dict()
+    assert all(torch.equal(fused[k], loaded[k]) for k in fused)
+    base = load_file(tiny_models["sd1"] / "unet" / "diffusion_pytorch_model.safetensors")
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(loaded[key], base[key])  # the fine-tune reached the file

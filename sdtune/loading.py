@@ -195,8 +195,22 @@ def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
     if not (config / "model_index.json").is_file():
         raise SdtuneError(f"--config {config} is not a diffusers folder (no model_index.json)")
     cls = _pipeline_class(_folder_unet_channels(config))
-    if not hasattr(cls, "from_single_file"):  # diffusers has no single-file loader for depth2img
-        raise SdtuneError(f"{path}: single-file depth2img checkpoints cannot be loaded (diffusers has no loader for "
-                          "them); use the model's diffusers folder instead")
+    if not hasattr(cls, "from_single_file"):
+        return _load_single_file_depth(path, cls, config, dtype)
     return cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True,
                                 **_no_safety_checker(cls))
+
+
+def _load_single_file_depth(path: Path, cls, config: Path, dtype):
+    """depth2img from one file: diffusers has no single-file loader for it, so the UNet, VAE and text
+    encoder are read from the file by the txt2img loader (same LDM layout) and the depth estimator,
+    which original checkpoints store in MiDaS form that diffusers cannot convert, comes from ``config``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    parts = StableDiffusionPipeline.from_single_file(str(path), config=str(config), dtype=dtype,
+                                                     local_files_only=True, safety_checker=None,
+                                                     requires_safety_checker=False, feature_extractor=None)
+    return cls.from_pretrained(config, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                               tokenizer=parts.tokenizer, scheduler=parts.scheduler, dtype=dtype,
+                               local_files_only=True, use_safetensors=True)

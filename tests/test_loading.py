@@ -208,9 +208,20 @@ def test_python_dash_m_convert(tiny_models, tmp_path):
     assert "cond_stage_model.model.positional_embedding" in load_file(out)
 
 
-def test_single_file_depth_is_a_clear_error(tiny_models, exported):
-    with pytest.raises(SdtuneError, match="depth2img"):
-        load_pipeline(exported["sd2v"], config=tiny_models["depth"])
+def test_single_file_depth_model(tiny_models, tmp_path):
+    """diffusers has no single-file depth2img loader; sdtune reads UNet/VAE/text encoder from the file
+    and the depth estimator from --config."""
+    from sdtune.fixtures import tiny_pipeline
+
+    finetuned = tiny_pipeline("depth", seed=1)  # other weights than the config folder's
+    out = export_single_file(finetuned, tmp_path / "depth.safetensors")
+    pipe = load_pipeline(out, config=tiny_models["depth"])
+    assert type(pipe).__name__ == "StableDiffusionDepth2ImgPipeline" and pipe.unet.config.in_channels == 5
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(finetuned, part).state_dict(), getattr(pipe, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    folder_estimator = load_pipeline(tiny_models["depth"]).depth_estimator.state_dict()
+    assert all(torch.equal(v, pipe.depth_estimator.state_dict()[k]) for k, v in folder_estimator.items())
 
 
 @pytest.mark.parametrize("source", ["/no/such/folder", "./missing", "missing.safetensors", "a/b/c"])

@@ -144,6 +144,7 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+@torch.no_grad()
 def fuse_error(model) -> float:
     """Worst relative error of the LoRA delta if fused into ``model``'s weights in their dtype."""
     worst = 0.0
@@ -190,7 +191,7 @@ def load_into(lora: LoraFile, *, unets=(), text_encoder=None) -> None:
         for unet in unets:
             if lora.unet_keys:
                 unet.load_lora_adapter(dict(lora.state_dict), prefix="unet", network_alphas=lora.network_alphas,
-                                       adapter_name=ADAPTER, metadata=_part(lora.metadata, "unet"))
+                                       adapter_name=ADAPTER, metadata=lora.metadata)  # it strips "unet." itself
         if text_encoder is not None and lora.text_encoder_keys:
             _load_into_text_encoder(lora, text_encoder)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:

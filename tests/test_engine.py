@@ -410,3 +410,63 @@ def test_bad_inputs_raise_one_clear_error(engine, inputs, tmp_path, mode, kwargs
         kw["mask"] = str(tmp_path / "m.png")
     with pytest.raises(SdtuneError, match=message):
         engine.generate(mode, prompt="x", steps=4, **kw)
+
+
+def test_trainer_lora_files_load_in_diffusers_and_kohya_format_alike(tiny_models, tmp_path):
+    """The training side's two exports (diffusers + kohya, alpha != rank) give the same fused weights."""
+    from sdtune import adapters
+    from sdtune.engine import Engine
+    from sdtune.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_models["sd1"])
+    adapters.add_unet_lora(pipe.unet, rank=4, alpha=2.0)
+    adapters.add_text_encoder_lora(pipe.text_encoder, rank=4, alpha=2.0)
+    torch.manual_seed(3)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)
+    diffusers_file = adapters.save_diffusers_lora(tmp_path / "d", pipe.unet, pipe.text_encoder)
+    kohya_file = adapters.save_kohya_lora(tmp_path / "k.safetensors", pipe.unet, pipe.text_encoder, rank=4, alpha=2.0)
+    a = Engine.load(tiny_models["sd1"], lora=diffusers_file.parent)  # the folder works too
+    b = Engine.load(tiny_models["sd1"], lora=kohya_file)
+    plain = load_pipeline(tiny_models["sd1"])
+    for ours, theirs, base in ((a.unets["base"], b.unets["base"], plain.unet),
+                               (a.text_encoder, b.text_encoder, plain.text_encoder)):
+        sa, sb, s0 = ours.state_dict(), theirs.state_dict(), base.state_dict()
+        assert sa.keys() == sb.keys() == s0.keys()
+        moved = [k for k in sa if not torch.equal(sa[k], s0[k])]
+        assert moved  # the LoRA did reach this model
+        for k in sa:
+            assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+
+
+def test_auto_fuse_refuses_when_low_precision_would_round_the_delta_away():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sdtune import lora as lora_mod
+
+    def model_with_delta(b_std):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["0"]), net,
+                                adapter_name=lora_mod.ADAPTER)
+        torch.nn.init.normal_(net[0].lora_B[lora_mod.ADAPTER].weight, std=b_std)
+        return net.to(torch.bfloat16)
+
+    tiny = model_with_delta(1e-5)  # far below bf16's resolution of the base weights
+    assert lora_mod.fuse_error(tiny) > lora_mod.FUSE_TOLERANCE
+    assert lora_mod.scale_and_fuse([tiny], 1.0, "auto") is False
+    assert any("lora" in n for n, _ in tiny.named_parameters())  # kept as separate layers
+    big = model_with_delta(1.0)
+    assert lora_mod.scale_and_fuse([big], 1.0, "auto") is True
+    assert not any("lora" in n for n, _ in big.named_parameters())  # fused, adapters removed
+
+
+def test_v_prediction_model_generates(tiny_models):
+    from sdtune.engine import Engine
+
+    eng = Engine.load(tiny_models["sd2v"])
+    (r,) = eng.generate("txt2img", prompt="a cat", steps=STEPS, scheduler="euler")
+    assert pixels(r).std() > 0
+    assert eng.pipeline("txt2img").scheduler.config.prediction_type == "v_prediction"

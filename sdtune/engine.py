@@ -90,7 +90,7 @@ def add_difference(dedicated: torch.nn.Module, finetuned: torch.nn.Module, base:
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
 
 
 # ---------------------------------------------------------------- the engine
@@ -140,6 +140,8 @@ class Engine:
         extractor = getattr(main, "feature_extractor", None) if kind == "depth" else None
 
         base_pipe = None
+        if base is not None and not (kind == "base" and (inpaint_model or depth_model)):
+            log.info("--base is only used to carry full fine-tuning over to --inpaint-model/--depth-model; ignored")
         if base is not None and kind == "base" and (inpaint_model or depth_model):
             base_pipe = load_pipeline(base, device="cpu", dtype=torch.float32, allow_pickle=allow_pickle)
         for dkind, src in (("inpaint", inpaint_model), ("depth", depth_model)):
@@ -286,6 +288,8 @@ class Engine:
             call.update(mask_image=mask_img)
         if mode == "depth2img" and depth_img is not None:
             call.update(depth_map=_depth_tensor(depth_img))
+        elif mode == "depth2img" and (self.depth_estimator is None or self.feature_extractor is None):
+            raise SdtuneError("the depth model has no depth estimator; pass --depth-map (greyscale, white = near)")
         if on_step is not None:
             def _callback(_pipe, _i, _t, kwargs):
                 on_step(_pipe.num_timesteps)  # schedulers differ in steps taken (PNDM: one extra, heun: ~2x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 
@@ -153,6 +154,11 @@ def run(args) -> int:
     from sdtune.engine import Engine, check_params, check_request, engine_for_params, regenerate
     from sdtune.metadata import read_params, save_results
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SdtuneError(f"--out {out} exists and is not a folder; pass a folder for the images")
+    if args.lora is None and args.lora_scale != 1.0:
+        raise SdtuneError("--lora-scale was given without --lora; pass the LoRA file too")
     if args.from_png:
         if args.mode:
             raise SdtuneError("--from-png takes the mode and every setting from the PNG; do not pass a mode")

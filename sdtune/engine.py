@@ -115,8 +115,13 @@ class Engine:
 
     @classmethod
     def load(cls, model, *, inpaint_model=None, depth_model=None, base=None, lora=None, lora_scale: float = 1.0,
-             device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto") -> "Engine":
-        """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights."""
+             device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto",
+             inpaint_config=None, depth_config=None, base_config=None) -> "Engine":
+        """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights.
+
+        ``config``/``inpaint_config``/``depth_config``/``base_config``: local diffusers folders giving
+        the architecture of single-file checkpoints (see ``loading.load_pipeline``).
+        """
         device = device if isinstance(device, torch.device) else pick_device(device)
         if isinstance(dtype, torch.dtype):
             if dtype not in DTYPES.values():
@@ -143,11 +148,12 @@ class Engine:
         if base is not None and not (kind == "base" and (inpaint_model or depth_model)):
             log.info("--base is only used to carry full fine-tuning over to --inpaint-model/--depth-model; ignored")
         if base is not None and kind == "base" and (inpaint_model or depth_model):
-            base_pipe = load_pipeline(base, device="cpu", dtype=torch.float32, allow_pickle=allow_pickle)
-        for dkind, src in (("inpaint", inpaint_model), ("depth", depth_model)):
+            base_pipe = load_pipeline(base, device="cpu", dtype=torch.float32, config=base_config,
+                                      allow_pickle=allow_pickle)
+        for dkind, src, dconfig in (("inpaint", inpaint_model, inpaint_config), ("depth", depth_model, depth_config)):
             if src is None:
                 continue
-            dedicated = load_pipeline(src, device=device, dtype=dtype, allow_pickle=allow_pickle)
+            dedicated = load_pipeline(src, device=device, dtype=dtype, config=dconfig, allow_pickle=allow_pickle)
             got = {9: "inpaint", 5: "depth"}.get(describe(dedicated).unet_in_channels, "base")
             if got != dkind:
                 want = {"inpaint": "a 9-channel inpainting", "depth": "a 5-channel depth"}[dkind]
@@ -175,7 +181,9 @@ class Engine:
                      feature_extractor=extractor, device=device, dtype=dtype,
                      sources=dict(model=_source_name(model), inpaint_model=_source_name(inpaint_model),
                                   depth_model=_source_name(depth_model), base=_source_name(base),
-                                  config=_source_name(config), lora=_source_name(lora),
+                                  config=_source_name(config), inpaint_config=_source_name(inpaint_config),
+                                  depth_config=_source_name(depth_config), base_config=_source_name(base_config),
+                                  lora=_source_name(lora),
                                   lora_scale=float(lora_scale) if lora is not None else None))
         if lora is not None:
             engine._apply_lora(lora, float(lora_scale), allow_pickle, fuse_lora)
@@ -356,7 +364,9 @@ def engine_for_params(params: dict, *, device=None, dtype=None, allow_pickle: bo
     return Engine.load(params["model"], inpaint_model=params.get("inpaint_model"),
                        depth_model=params.get("depth_model"), base=params.get("base"), lora=params.get("lora"),
                        lora_scale=1.0 if scale is None else scale, device=device,
-                       dtype=dtype or params.get("dtype"), config=params.get("config"), allow_pickle=allow_pickle)
+                       dtype=dtype or params.get("dtype"), config=params.get("config"),
+                       inpaint_config=params.get("inpaint_config"), depth_config=params.get("depth_config"),
+                       base_config=params.get("base_config"), allow_pickle=allow_pickle)
 
 
 def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = False, engine: Engine | None = None,

@@ -470,3 +470,19 @@ def test_v_prediction_model_generates(tiny_models):
     (r,) = eng.generate("txt2img", prompt="a cat", steps=STEPS, scheduler="euler")
     assert pixels(r).std() > 0
     assert eng.pipeline("txt2img").scheduler.config.prediction_type == "v_prediction"
+
+
+def test_single_file_inpaint_model_with_its_config(tiny_models, inputs, tmp_path):
+    """A dedicated model given as one .safetensors file (architecture from --inpaint-config) gives the same image."""
+    from sdtune.convert import export_single_file
+    from sdtune.engine import Engine
+
+    single = export_single_file(tiny_models["inpaint"], tmp_path / "inpaint.safetensors")
+    with pytest.raises(SdtuneError, match="config"):
+        Engine.load(tiny_models["sd1"], inpaint_model=single)
+    eng = Engine.load(tiny_models["sd1"], inpaint_model=single, inpaint_config=tiny_models["inpaint"])
+    ref = Engine.load(tiny_models["sd1"], inpaint_model=tiny_models["inpaint"])
+    kw = dict(prompt="a hat", steps=STEPS, image=inputs["image"], mask=inputs["mask"])
+    a, b = eng.generate("inpaint", **kw)[0], ref.generate("inpaint", **kw)[0]
+    assert a.params["inpaint_config"] == str(tiny_models["inpaint"].resolve())
+    assert np.abs(pixels(a) - pixels(b)).max() <= 1

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-fuse-lora", action="store_true",
                    help="keep the LoRA as separate layers (fusing is on when exact enough in the dtype)")
     g.add_argument("--config", help="local diffusers folder giving the architecture of a single-file --model")
+    g.add_argument("--inpaint-config", help="the same for a single-file --inpaint-model")
+    g.add_argument("--depth-config", help="the same for a single-file --depth-model")
+    g.add_argument("--base-config", help="the same for a single-file --base")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.ckpt/.bin) weights you trust")
     g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 on GPU, fp32 on CPU")
@@ -181,6 +184,8 @@ def run(args) -> int:
         check_request(args.mode, **{k: v for k, v in gen.items() if k not in ("prompt", "negative_prompt")})
         engine = Engine.load(**_default_models(args), base=args.base, lora=args.lora, lora_scale=args.lora_scale,
                              device=args.device, dtype=args.dtype, config=args.config,
+                             inpaint_config=args.inpaint_config, depth_config=args.depth_config,
+                             base_config=args.base_config,
                              allow_pickle=args.allow_pickle, fuse_lora=False if args.no_fuse_lora else "auto")
         with _Progress(args.num_images, args.quiet) as bar:
             results = engine.generate(args.mode, on_step=bar.step, **gen)

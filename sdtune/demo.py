@@ -313,6 +313,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     # --- 1. models -----------------------------------------------------------------------------
     phase(1, "models")
     t = time.perf_counter()
+    _quiet_loading()
     models = resolve_models(model, inpaint_model, depth_model, out, say)
     import torch
 
@@ -333,9 +334,14 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     prompts = base_prompts(plan.base_prompts)
     base_hi = Group("base_guidance_7.5", "Base model, guidance 7.5 (before training)", prompts=prompts)
     base_lo = Group("base_guidance_1.0", "Base model, guidance 1.0 (before training)", prompts=prompts)
-    for i, p in enumerate(prompts):
-        base_hi.results += base_engine.generate("txt2img", prompt=p, steps=plan.sample_steps, guidance=7.5, seed=i)
-        base_lo.results += base_engine.generate("txt2img", prompt=p, steps=plan.sample_steps, guidance=1.0, seed=i)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=2 * len(prompts), desc="base images", unit="img") as bar:
+        for i, p in enumerate(prompts):
+            for grp, guidance in ((base_hi, 7.5), (base_lo, 1.0)):
+                grp.results += base_engine.generate("txt2img", prompt=p, steps=plan.sample_steps, guidance=guidance,
+                                                    seed=i)
+                bar.update(1)
     timings["base_generate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -364,7 +370,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     phase(4, "generating with the LoRA: txt2img, img2img, inpaint, depth2img, class prompts")
     t = time.perf_counter()
     engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth, lora=lora_dir)
-    groups = _generate(engine, subj, plan, resolution, say)
+    with tqdm(total=plan.subject_prompts + 3 * plan.per_mode + plan.class_prompts, desc="images", unit="img") as bar:
+        groups = _generate(engine, subj, plan, resolution, say, bar.update)
     timings["generate_s"] = time.perf_counter() - t + timings["base_generate_s"]
     del engine
 
@@ -396,19 +403,33 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     return metrics
 
 
+def _quiet_loading() -> None:
+    """No per-component loading/saving bars from diffusers/transformers: the demo prints its own phases."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _round(x):
     return None if x is None else round(float(x), 4)
 
 
-def _generate(engine, subj: Subject, plan: Plan, size: int, say) -> list[Group]:
+def _generate(engine, subj: Subject, plan: Plan, size: int, say, tick: Callable[[int], object]) -> list[Group]:
     steps, g = plan.sample_steps, plan.guidance
     groups = []
+
+    def gen(mode: str, **kw):
+        results = engine.generate(mode, steps=steps, guidance=g, **kw)
+        tick(1)
+        return results
 
     txt = Group("txt2img", "txt2img: the subject in new contexts")
     for i, scene in enumerate(new_contexts(subj, plan.subject_prompts)):
         p = subject_prompt(subj, scene)
         txt.prompts.append(p)
-        txt.results += engine.generate("txt2img", prompt=p, steps=steps, guidance=g, seed=100 + i)
+        txt.results += gen("txt2img", prompt=p, seed=100 + i)
         txt.inputs.append([])
     groups.append(txt)
 
@@ -425,8 +446,7 @@ def _generate(engine, subj: Subject, plan: Plan, size: int, say) -> list[Group]:
             p = subject_prompt(subj, scene)
             grp.prompts.append(p)
             grp.inputs.append([(init, "input: " + _short(world.caption(scene)))])
-            grp.results += engine.generate("img2img", prompt=p, image=init, strength=0.75, steps=steps, guidance=g,
-                                           seed=200 + i)
+            grp.results += gen("img2img", prompt=p, image=init, strength=0.75, seed=200 + i)
         groups.append(grp)
     if "inpaint" in modes:
         grp = Group("inpaint", "inpaint: a world scene's object (a ball) replaced by the subject (white = repaint)")
@@ -437,8 +457,7 @@ def _generate(engine, subj: Subject, plan: Plan, size: int, say) -> list[Group]:
             p = subject_prompt(subj, scene)
             grp.prompts.append(p)
             grp.inputs.append([(mask_overlay(init, mask), "input + mask: " + _short(world.caption(ball)))])
-            grp.results += engine.generate("inpaint", prompt=p, image=init, mask=mask, steps=steps, guidance=g,
-                                           seed=300 + i)
+            grp.results += gen("inpaint", prompt=p, image=init, mask=mask, seed=300 + i)
         groups.append(grp)
     if "depth2img" in modes:
         grp = Group("depth2img", "depth2img: a world render's structure (depth from the model's estimator)")
@@ -450,14 +469,13 @@ def _generate(engine, subj: Subject, plan: Plan, size: int, say) -> list[Group]:
             grp.prompts.append(p)
             grp.inputs.append([(render.image, "input: " + _short(render.caption)),
                                (Image.fromarray((d * 255).astype(np.uint8), "L"), "true depth (white = near)")])
-            grp.results += engine.generate("depth2img", prompt=p, image=render.image, strength=0.9, steps=steps,
-                                           guidance=g, seed=400 + i)
+            grp.results += gen("depth2img", prompt=p, image=render.image, strength=0.9, seed=400 + i)
         groups.append(grp)
 
     cls = Group("class_prompts", "Class prompts after training (prior preservation: the class, not the subject)")
     for i, p in enumerate(class_prompts(subj, plan.class_prompts)):
         cls.prompts.append(p)
-        cls.results += engine.generate("txt2img", prompt=p, steps=steps, guidance=g, seed=500 + i)
+        cls.results += gen("txt2img", prompt=p, seed=500 + i)
         cls.inputs.append([])
     groups.append(cls)
     return groups

@@ -116,6 +116,24 @@ def register_trainable_only_checkpoints(accelerator, models: list[torch.nn.Modul
     accelerator.register_save_state_pre_hook(save_hook)
 
 
+def check_resume_matches(path: Path, trained: list[torch.nn.Module]) -> None:
+    """A checkpoint holds exactly the trainable weights of the run that wrote it; refuse any other run's."""
+    from safetensors import safe_open
+
+    error = SdtuneError(f"checkpoint {path} was written by a run with other trainable weights (method, lora_rank "
+                        "or train_text_encoder differ); resume with that run's config or use a new output_dir")
+    if (path / f"model_{len(trained)}.safetensors").is_file():  # it trained more models than this run does
+        raise error
+    for i, model in enumerate(trained):
+        weights = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not weights.is_file():
+            continue  # DeepSpeed/FSDP write their own formats and check them themselves
+        with safe_open(str(weights), framework="pt") as f:
+            saved = set(f.keys())
+        if saved != {n for n, p in model.named_parameters() if p.requires_grad}:
+            raise error
+
+
 def validation_images(cfg: TrainConfig, pipe, unet, text_encoder, accelerator) -> list:
     """Sample every validation prompt from the current weights with a stock pipeline, fixed seed."""
     from diffusers import StableDiffusionPipeline
@@ -280,6 +298,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- resume ------------------------------------------------------------------------------------
     global_step = 0
     if resume_from is not None:
+        check_resume_matches(resume_from, trained)
         accelerator.load_state(str(resume_from), strict=False)  # strict=False: checkpoints hold trainables only
         global_step = checkpointing.checkpoint_step(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {global_step}")

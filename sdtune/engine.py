@@ -80,8 +80,8 @@ def add_difference(dedicated: torch.nn.Module, finetuned: torch.nn.Module, base:
     kept = []
     for name, tensor in d_sd.items():
         if name in f_sd and name in b_sd and f_sd[name].shape == b_sd[name].shape == tensor.shape:
-            diff = f_sd[name].float() - b_sd[name].float()
-            tensor.copy_((tensor.float() + diff.to(tensor.device)).to(tensor.dtype))
+            diff = f_sd[name].to(tensor.device).float() - b_sd[name].to(tensor.device).float()
+            tensor.copy_((tensor.float() + diff).to(tensor.dtype))
         else:
             kept.append(name)
     return kept
@@ -148,7 +148,9 @@ class Engine:
         if base is not None and not (kind == "base" and (inpaint_model or depth_model)):
             log.info("--base is only used to carry full fine-tuning over to --inpaint-model/--depth-model; ignored")
         if base is not None and kind == "base" and (inpaint_model or depth_model):
-            base_pipe = load_pipeline(base, device="cpu", dtype=torch.float32, config=base_config,
+            # Same dtype as the fine-tuned model, so weights it left unchanged subtract to exactly zero;
+            # kept on the CPU: it is only read once per dedicated model.
+            base_pipe = load_pipeline(base, device="cpu", dtype=dtype, config=base_config,
                                       allow_pickle=allow_pickle)
         for dkind, src, dconfig in (("inpaint", inpaint_model, inpaint_config), ("depth", depth_model, depth_config)):
             if src is None:

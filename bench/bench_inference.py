@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     from sdtune.devices import dtype_name, pick_device, pick_dtype
     from sdtune.engine import Engine
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*autocast.*")  # depth2img's fp32-on-CPU autocast notice
     args = parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 2, 1

@@ -522,26 +522,59 @@ class Build:
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_grid(folder: Path, path: Path, seed: int = 0, steps: int = 25, guidance: float = 7.5) -> Path:
-    """A grid of base-model samples for world prompts (rows), to look at after a build."""
-    from diffusers import StableDiffusionPipeline
+GRID_PROMPTS = ("a photo of a large red ball in the center, on grass", "a photo of a small blue box on the left, on snow",
+                "a photo of a large yellow star at the top, at night", "a photo of a large green cone on the right, on sand",
+                "a photo of a purple ring at the bottom, on grass", "a photo of a orange box", "")
+
+
+def sample_grids(out: Path, folder: Path, seed: int = 0, steps: int = 25, guidance: float = 7.5) -> list[Path]:
+    """PNG grids to look at after a build: base samples (a row per prompt, the last one unconditional),
+    inpainting (scene | mask | 3 repaints) and depth2img (scene | 3 restyles keeping its layout)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = ["a photo of a large red ball in the center, on grass", "a photo of a small blue box on the left, on snow",
-               "a photo of a large yellow star at the top, at night", "a photo of a large green cone on the right, on sand",
-               "a photo of a purple ring at the bottom, on grass", "a photo of a orange box", ""]
-    rows = []
-    for i, p in enumerate(prompts):
-        g = torch.Generator().manual_seed(seed + i)
-        imgs = pipe([p] * 4, num_inference_steps=steps, guidance_scale=guidance, generator=g, height=64, width=64).images
-        rows.append(np.concatenate([np.asarray(im) for im in imgs], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    def save(rows, name):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([np.concatenate([np.asarray(im.convert("RGB")) for im in r], 1) for r in rows])).save(path)
+        return path
+
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance)
+    written = []
+    if (out / "base").is_dir():
+        pipe = StableDiffusionPipeline.from_pretrained(out / "base", dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        rows = [pipe([p] * 4, height=64, width=64, generator=torch.Generator().manual_seed(seed + i), **kw).images
+                for i, p in enumerate(GRID_PROMPTS)]
+        written.append(save(rows, "base.png"))
+    scenes = [world.Scene("ball", "red", "large", "left", "grass", seed=1), world.Scene("cone", "blue", "small", "right", "snow", seed=2)]
+    renders = [world.render(sc) for sc in scenes]
+    if (out / "inpaint").is_dir():
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(out / "inpaint", dtype=torch.float32, safety_checker=None,
+                                                              requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 34:62] = 255  # repaint the right half: the new object must appear there
+        mask_img = Image.fromarray(mask)
+        rows = []
+        for r, prompt in zip(renders, ("a photo of a large yellow star on the right, on grass",
+                                       "a photo of a large purple box on the right, on snow")):
+            out_imgs = pipe([prompt] * 3, image=r.image, mask_image=mask_img, height=64, width=64,
+                            generator=torch.Generator().manual_seed(seed), **kw).images
+            rows.append([r.image, mask_img, *out_imgs])
+        written.append(save(rows, "inpaint.png"))
+    if (out / "depth").is_dir():
+        pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(out / "depth", dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        rows = []
+        for r, prompt in zip(renders, ("a photo of a large green ball on the left, on sand",
+                                       "a photo of a small orange cone on the right, at night")):
+            out_imgs = pipe([prompt] * 3, image=[r.image] * 3, strength=1.0, generator=torch.Generator().manual_seed(seed),
+                            **kw).images
+            rows.append([r.image, *out_imgs])
+        written.append(save(rows, "depth.png"))
+    return written
 
 
 def main(argv=None) -> int:
@@ -552,7 +585,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="family config (default: configs/family.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--force", action="store_true", help="rerun stages that are already done")
-    ap.add_argument("--samples", default=None, help="after the build, write a grid of base samples to this PNG")
+    ap.add_argument("--samples", default=None, help="after the build, write base/inpaint/depth sample grids (PNG) here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = family.load_config(args.config, args.set)
@@ -581,7 +614,8 @@ def main(argv=None) -> int:
         write_text_atomic(out / "build_info.json", json.dumps(info, indent=2) + "\n")
     print(f"build: {', '.join(todo)} in {time.time() - t0:.0f}s -> {out}", flush=True)
     if args.samples:
-        print("samples:", sample_grid(out / "base", Path(args.samples)), flush=True)
+        for path in sample_grids(out, Path(args.samples)):
+            print("samples:", path, flush=True)
     return 0
 
 

@@ -127,7 +127,8 @@ def resolve_models(model, inpaint_model, depth_model, out: Path, say: Callable[[
     from . import embedded
 
     if model is not None:  # the user's own base; dedicated models only when given (another family may not fit)
-        return Models(str(model), _opt(inpaint_model), _opt(depth_model), "custom")
+        own = embedded.has_embedded("base") and Path(str(model)).resolve() == embedded.embedded_model("base").resolve()
+        return Models(str(model), _opt(inpaint_model), _opt(depth_model), "embedded" if own else "custom")
     if embedded.has_embedded("base"):
         def pick(given, kind):
             if given is not None:
@@ -136,9 +137,7 @@ def resolve_models(model, inpaint_model, depth_model, out: Path, say: Callable[[
 
         return Models(str(embedded.embedded_model("base")), pick(inpaint_model, "inpaint"),
                       pick(depth_model, "depth"), "embedded")
-    say("!" * 100)
-    say(f"!! {TINY_NOTICE}")
-    say("!" * 100)
+    say(f"WARNING: {TINY_NOTICE}")
     tiny = tiny_models(out / "_tiny_models")
     return Models(str(tiny["sd1"]), _opt(inpaint_model) or str(tiny["inpaint"]),
                   _opt(depth_model) or str(tiny["depth"]), "tiny-random")
@@ -175,6 +174,7 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     if not DEMO_CONFIG.is_file():
         raise SdtuneError(f"the demo config {DEMO_CONFIG} is missing; run sdtune from a source checkout")
     data = read_yaml(DEMO_CONFIG)
+    data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
                 class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),
                 output_dir=str(out / "lora"), resolution=resolution)
@@ -184,6 +184,21 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
         key, value = parse_override(text)
         data[key] = value
     return config_from_dict(data)
+
+
+def demo_plan(quick: bool) -> Plan:
+    """The generation plan: QUICK for --quick, else FULL updated by the ``demo:`` section of configs/demo.yaml."""
+    from dataclasses import fields, replace
+
+    from .config import read_yaml
+
+    if quick or not DEMO_CONFIG.is_file():
+        return QUICK if quick else FULL
+    section = read_yaml(DEMO_CONFIG).get("demo") or {}
+    names = {f.name for f in fields(Plan)}
+    if not isinstance(section, dict) or set(section) - names:
+        raise SdtuneError(f"{DEMO_CONFIG}: the demo section takes only {', '.join(sorted(names))}")
+    return replace(FULL, **section)
 
 
 # ----------------------------------------------------------------------------- prompts and inputs
@@ -301,7 +316,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     from .data import check_output_dir
 
     t_start = time.perf_counter()
-    plan = plan or (QUICK if quick else FULL)
+    plan = plan or demo_plan(quick)
     subj = load_subject(subject or DEFAULT_SUBJECT)  # user errors first, before anything heavy
     out = check_output_dir(out, what="--out")
     demo_config(subj, "<model>", out, 64, quick, overrides)  # bad key=value overrides fail now, not after loading
@@ -399,7 +414,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     metrics["timings"] = {k: round(v, 1) for k, v in timings.items()}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "report.md", _report(metrics, grids, subj))
-    say(f"done in {timings['total_s']:.0f}s: {out / 'report.md'}, {out / 'metrics.json'}")
+    say(f"done in {timings['total_s']:.0f}s: {out / 'report.md'}, {out / 'metrics.json'}"
+        + (f" - WARNING: {TINY_NOTICE}" if models.kind == "tiny-random" else ""))
     return metrics
 
 
@@ -421,7 +437,9 @@ def _generate(engine, subj: Subject, plan: Plan, size: int, say, tick: Callable[
     groups = []
 
     def gen(mode: str, **kw):
-        results = engine.generate(mode, steps=steps, guidance=g, **kw)
+        with warnings.catch_warnings():  # diffusers' depth2img asks CPU autocast for fp32 and warns; harmless
+            warnings.filterwarnings("ignore", message=r"In CPU autocast")
+            results = engine.generate(mode, steps=steps, guidance=g, **kw)
         tick(1)
         return results
 
@@ -509,7 +527,15 @@ def _score(judge, subj: Subject, base_hi: Group, base_lo: Group, groups: list[Gr
     metrics["judge_on_instance_images"] = ev.subject_fidelity([open_image(p) for p in subj.images], judge,
                                                               subj.class_noun)
     metrics["modes"] = [m for m in MODE_GROUPS if m in by_name]
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return _rounded(metrics)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 def _write_grids(out: Path, groups: list[Group]) -> dict[str, str]:

@@ -286,6 +286,7 @@ def test_lora_changes_output_and_scale_zero_does_not(tiny_models, engine, lora_f
     assert with_lora.params["lora_fused"] is True  # fp32: fusing is exact enough
 
 
+@pytest.mark.slow
 def test_lora_matches_stock_diffusers_and_hits_text_encoder_once(tiny_models, lora_file):
     """UNet weights equal diffusers' own LoRA load + fuse; the shared text encoder gets W + s*B@A exactly once."""
     from diffusers import StableDiffusionPipeline
@@ -327,6 +328,7 @@ def test_lora_matches_stock_diffusers_and_hits_text_encoder_once(tiny_models, lo
     assert torch.allclose(delta_inpaint, delta_base, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unfused_lora_gives_the_same_image(tiny_models, lora_file):
     from sdtune.engine import Engine
 
@@ -412,6 +414,7 @@ def test_bad_inputs_raise_one_clear_error(engine, inputs, tmp_path, mode, kwargs
         engine.generate(mode, prompt="x", steps=4, **kw)
 
 
+@pytest.mark.slow
 def test_trainer_lora_files_load_in_diffusers_and_kohya_format_alike(tiny_models, tmp_path):
     """The training side's two exports (diffusers + kohya, alpha != rank) give the same fused weights."""
     from sdtune import adapters
@@ -472,6 +475,7 @@ def test_v_prediction_model_generates(tiny_models):
     assert eng.pipeline("txt2img").scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.slow
 def test_single_file_inpaint_model_with_its_config(tiny_models, inputs, tmp_path):
     """A dedicated model given as one .safetensors file (architecture from --inpaint-config) gives the same image."""
     from sdtune.convert import export_single_file

@@ -81,6 +81,7 @@ def test_txt2img_writes_png_and_json_and_from_png_regenerates(tiny_models, tmp_p
     assert read_params(again)["seed"] == 6
 
 
+@pytest.mark.slow
 def test_img2img_from_png_uses_the_recorded_input_image(tiny_models, files, tmp_path, capsys):
     code, out, err = run_cli(capsys, "img2img", "--model", tiny_models["sd1"], "--prompt", "a boat",
                              "--image", files["image"], "--strength", 0.6, "--steps", 5, "--out", tmp_path / "a")
@@ -107,6 +108,7 @@ def test_inpaint_and_depth2img_through_the_cli(tiny_models, files, tmp_path, cap
     assert params["depth_source"] == "depth_map" and params["depth_map"] == files["depth"]
 
 
+@pytest.mark.slow
 def test_model_defaults_to_the_embedded_family(tiny_models, files, tmp_path, capsys, monkeypatch):
     import sdtune.embedded as embedded
     from sdtune.metadata import read_params

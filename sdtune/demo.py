@@ -149,13 +149,14 @@ def _opt(value) -> str | None:
 
 def tiny_models(folder: Path) -> dict[str, Path]:
     """Tiny random base/inpaint/depth models in ``folder``: built aside and renamed in, reused by a rerun."""
-    from .fixtures import tiny_family
+    from .fixtures import save_tiny_pipeline
 
-    names = ("sd1", "inpaint", "depth")
+    names = ("sd1", "inpaint", "depth")  # one seed: the three share VAE and text-encoder weights, as a family does
     if not all((folder / n / "model_index.json").is_file() for n in names):
         scratch = Path(tempfile.mkdtemp(prefix=".tiny_models-", suffix=".partial", dir=folder.parent))
         try:
-            tiny_family(scratch)
+            for name in names:
+                save_tiny_pipeline(scratch / name, name, seed=0)
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(scratch, folder)

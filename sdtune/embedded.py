@@ -19,7 +19,7 @@ def embedded_model(kind: str = "base") -> Path:
         raise ValueError(f"unknown embedded model kind {kind!r}")
     path = MODELS_DIR / kind
     if not (path / "model_index.json").is_file():
-        raise SdtuneError(f"the embedded {kind} model is missing at {path}; pass --model PATH "
+        raise SdtuneError(f"the embedded {kind} model is missing at {path}; pass a model (--model PATH, or model=PATH in training) "
                           "or rebuild the family (see README: 'Rebuilding the embedded models')")
     return path
 

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 1 repeat: a smoke run")
+    p.add_argument("--lora", help="LoRA applied on both sides: fused by the engine, load_lora_weights on stock")
     return p.parse_args(argv)
 
 
@@ -77,8 +78,8 @@ def make_inputs(size: int, scratch: Path) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
-def stock_load(mode: str, models: dict, device, dtype):
-    """What a diffusers user does per mode: from_pretrained of that mode's pipeline class."""
+def stock_load(mode: str, models: dict, device, dtype, lora=None):
+    """What a diffusers user does per mode: from_pretrained of that mode's pipeline class (+ load_lora_weights)."""
     from diffusers import (StableDiffusionDepth2ImgPipeline, StableDiffusionImg2ImgPipeline,
                            StableDiffusionInpaintPipeline, StableDiffusionPipeline)
 
@@ -90,6 +91,8 @@ def stock_load(mode: str, models: dict, device, dtype):
                     "img2img": (StableDiffusionImg2ImgPipeline, models["model"]),
                     "inpaint": (StableDiffusionInpaintPipeline, models["inpaint"])}[mode]
         pipe = cls.from_pretrained(src, dtype=dtype, **no_checker)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -153,6 +156,13 @@ def pipe_modules(pipe):
 
 
 def main(argv=None) -> int:
+    r = measure(parse_args(argv))
+    print_table(r)
+    return 0 if not any(r["max_pixel_difference"].values()) else 1
+
+
+def measure(args) -> dict:
+    """Run every comparison; return the figures as a plain dict (printed by ``print_table``)."""
     import numpy as np
     import torch
     import diffusers
@@ -164,7 +174,6 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*autocast.*")  # depth2img's fp32-on-CPU autocast notice
-    args = parse_args(argv)
     if args.quick:
         args.steps, args.repeats = 2, 1
     torch.set_num_threads(args.threads)
@@ -178,7 +187,8 @@ def main(argv=None) -> int:
         models = resolve_models(args, scratch)
 
         load_ours, engine = timed(lambda: Engine.load(models["model"], inpaint_model=models["inpaint"],
-                                                      depth_model=models["depth"], device=device, dtype=dtype))
+                                                      depth_model=models["depth"], device=device, dtype=dtype,
+                                                      lora=args.lora))
         size = args.size or engine.native_size[0]
         inputs = make_inputs(size, scratch)
         print(f"models: {models['label']} ({models['model']}); device {device}, {dtype_name(dtype)}, "
@@ -187,7 +197,7 @@ def main(argv=None) -> int:
         # Stock: load each mode's pipeline (timed), keep them all for the per-image timing.
         stock, load_stock = {}, {}
         for mode in MODES:
-            load_stock[mode], stock[mode] = timed(lambda m=mode: stock_load(m, models, device, dtype))
+            load_stock[mode], stock[mode] = timed(lambda m=mode: stock_load(m, models, device, dtype, args.lora))
 
         # Warm-up once per mode on both sides (first-call allocations), also the pixel check.
         same = {}
@@ -215,14 +225,14 @@ def main(argv=None) -> int:
         # would need the memory above) loads the next one from disk.
         order = ["txt2img", "inpaint", "depth2img", "img2img", "txt2img"]
         fresh = Engine.load(models["model"], inpaint_model=models["inpaint"], depth_model=models["depth"],
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, lora=args.lora)
         fresh.pipeline(order[0])
-        held = stock_load(order[0], models, device, dtype)
+        held = stock_load(order[0], models, device, dtype, args.lora)
         switch_ours, switch_stock = [], []
         for mode in order[1:]:
             switch_ours.append(timed(lambda: fresh.pipeline(mode))[0])
             del held
-            t, held = timed(lambda: stock_load(mode, models, device, dtype))
+            t, held = timed(lambda: stock_load(mode, models, device, dtype, args.lora))
             switch_stock.append(t)
         # The last switched-to mode really works on both sides (same pixels as before).
         for mode in order[-1:]:
@@ -230,21 +240,31 @@ def main(argv=None) -> int:
             b = stock_generate(held, mode, inputs, args.steps, size, seed=0)
             same[mode] = max(same[mode], int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()))
 
-    total_stock_load = sum(load_stock.values())
+    return dict(models=models["label"], device=str(device), dtype=dtype_name(dtype), threads=torch.get_num_threads(),
+                size=size, steps=args.steps, repeats=args.repeats, lora=args.lora is not None,
+                time_unit="cpu_s" if device.type == "cpu" else "wall_s",
+                load_s=dict(sdtune=load_ours, stock=sum(load_stock.values())),
+                per_image={m: dict(sdtune=o, stock=s) for m, (o, s) in per_image.items()},
+                max_pixel_difference=same,
+                mode_switch_s=dict(sdtune=statistics.mean(switch_ours), stock=statistics.mean(switch_stock)),
+                weights_mb=dict(sdtune=mem_ours / 2**20, stock=mem_stock / 2**20))
+
+
+def print_table(r: dict) -> None:
     print()
     print(f"{'':22}{'sdtune':>10}{'stock':>10}{'stock/sdtune':>14}")
-    unit = "CPU s" if device.type == "cpu" else "s"
-    print(f"{'load, all 4 modes (s)':22}{load_ours:10.2f}{total_stock_load:10.2f}{total_stock_load / load_ours:14.2f}")
+    unit = "CPU s" if r["time_unit"] == "cpu_s" else "s"
+    lo, ls = r["load_s"]["sdtune"], r["load_s"]["stock"]
+    print(f"{'load, all 4 modes (s)':22}{lo:10.2f}{ls:10.2f}{ls / lo:14.2f}")
     for mode in MODES:
-        o, s = per_image[mode]
-        print(f"{mode + f' {unit}/image':22}{o:10.3f}{s:10.3f}{s / o:14.2f}   max pixel difference: {same[mode]}")
-    so, ss = statistics.mean(switch_ours), statistics.mean(switch_stock)
+        o, s = r["per_image"][mode]["sdtune"], r["per_image"][mode]["stock"]
+        print(f"{mode + f' {unit}/image':22}{o:10.3f}{s:10.3f}{s / o:14.2f}   max pixel difference: "
+              f"{r['max_pixel_difference'][mode]}")
+    so, ss = r["mode_switch_s"]["sdtune"], r["mode_switch_s"]["stock"]
     ratio = ss / so if so > 0 else float("inf")
-    print(f"{'mode switch (s)':22}{so:10.4f}{ss:10.3f}{ratio:14.0f}   (mean over {len(switch_ours)} switches)")
-    print(f"{'weights held (MB)':22}{mem_ours / 2**20:10.1f}{mem_stock / 2**20:10.1f}"
-          f"{mem_stock / max(mem_ours, 1):14.2f}")
-    return 0 if not any(same.values()) else 1
-
+    print(f"{'mode switch (s)':22}{so:10.4f}{ss:10.3f}{ratio:14.0f}   (mean over 4 switches)")
+    mo, ms = r["weights_mb"]["sdtune"], r["weights_mb"]["stock"]
+    print(f"{'weights held (MB)':22}{mo:10.1f}{ms:10.1f}{ms / max(mo, 1e-9):14.2f}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -113,7 +113,7 @@ def make_data(work: Path, resolution: int) -> None:
             Image.fromarray(a).save(work / kind / f"{i}.png")
 
 
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="64 px, 8 timed steps")
     p.add_argument("--model", help="diffusers folder (default: a random SD-shaped model at quarter width)")
@@ -124,7 +124,33 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
+    """Each (method, cache on/off) run in its own process; return one dict of figures per run."""
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as tmp:
+        work = Path(tmp)
+        if args.model is None:
+            args.model = str(save_sd_shaped(work / "sd-shaped"))
+        make_data(work, args.resolution)
+        rows = []
+        for method in methods:
+            for cache in ("on", "off"):
+                cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
+                       "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--batch", str(args.batch), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training child {method}/{cache} failed:\n{proc.stderr[-3000:]}")
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                if echo:
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> int:
+    args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         args.method, args.cache = args.child
@@ -133,23 +159,11 @@ def main() -> int:
     if args.quick:
         args.steps, args.resolution = 8, 64
 
-    with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as tmp:
-        work = Path(tmp)
-        if args.model is None:
-            args.model = str(save_sd_shaped(work / "sd-shaped"))
-        make_data(work, args.resolution)
-        rows = []
-        for method in ("lora", "full"):
-            for cache in ("on", "off"):
-                cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
-                       "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batch", str(args.batch), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    return 1
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
+    try:
+        rows = measure(args)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
 
     print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else 'random SD-1.5-shaped, quarter width'}, "
           f"{args.resolution} px, batch {args.batch} (+{args.batch} class), {args.steps} timed steps, "

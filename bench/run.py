@@ -1,0 +1,359 @@
+"""One benchmark command: every sdtune-vs-stock comparison in one run, a table of ratios, bench/results.json.
+
+    python bench/run.py --quick      # tiny random models, few steps: a smoke pass (< 3 min on 2 shared cores)
+    python bench/run.py              # longer runs of the same comparisons
+    python bench/run.py --model M --inpaint-model I --depth-model D
+
+Sections (each: sdtune and the stock path on the same model, data, settings and seed):
+
+* training: DreamBooth LoRA (and full, without --quick) with prior preservation, sdtune's latent/prompt
+  caching vs VAE + text encoder every step as diffusers' example scripts do (bench/bench_training.py,
+  one child process per run so peak RSS is that run's own);
+* inference: per mode with a LoRA applied, sdtune's engine (LoRA fused) vs each mode's stock pipeline with
+  ``load_lora_weights`` (bench/bench_inference.py), plus the largest pixel difference between the two;
+* cold start: ``sdtune infer txt2img`` as a subprocess vs a ``python -c`` diffusers script, wall seconds
+  for import + load + one 2-step image;
+* class images: images/s, sdtune's batched generation (a list of per-image generators) vs one pipeline
+  call per image.
+
+On a CPU, per-image and class-image times are process CPU seconds (steadier than wall time on a shared
+machine); cold start is wall time by nature. With CUDA present the inference, cold-start and
+class-image sections run again on cuda; otherwise the GPU section records "skipped: no CUDA".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+PROMPT = "a photo of a red fox in the snow"
+CLASS_PROMPT = "a photo of a box"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 steps, 1 repeat, LoRA training only")
+    p.add_argument("--model", help="base diffusers model (default: tiny random fixtures)")
+    p.add_argument("--inpaint-model", help="with --model: the inpainting model for the inference section")
+    p.add_argument("--depth-model", help="with --model: the depth model for the inference section")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in this process and the cold-start children")
+    p.add_argument("--out", default=str(BENCH / "results.json"))
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _measure(device):
+    """Timer for ``device``: process CPU seconds on a CPU, wall seconds (synchronised) on a GPU."""
+    import torch
+
+    def run(fn):
+        if device.type == "cpu":
+            start = time.process_time()
+            fn()
+            return time.process_time() - start
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    return run
+
+
+def _max_pixel_difference(a, b) -> int:
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def make_lora(base: str, out_dir: Path) -> Path:
+    """A random rank-4 LoRA (UNet + text encoder) for ``base``, saved in diffusers format as training does.
+
+    lora_B starts at zero after init (a no-op LoRA); it is filled with small noise so the LoRA changes
+    the pictures and a side that forgot to apply it would show up in the pixel difference.
+    """
+    import torch
+
+    from sdtune import adapters
+    from sdtune.loading import load_pipeline
+
+    pipe = load_pipeline(base)
+    adapters.add_unet_lora(pipe.unet, rank=4, alpha=4.0)
+    adapters.add_text_encoder_lora(pipe.text_encoder, rank=4, alpha=4.0)
+    torch.manual_seed(1)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return adapters.save_diffusers_lora(out_dir, pipe.unet, pipe.text_encoder).parent
+
+
+# ---------------------------------------------------------------- sections
+
+def section_training(args, models) -> dict:
+    import bench_training
+
+    targs = bench_training.parse_args([])
+    if args.model:
+        targs.model = args.model
+    if args.quick:
+        targs.steps, targs.resolution, targs.warmup = 4, 64, 4
+    methods = ("lora",) if args.quick else ("lora", "full")
+    rows = bench_training.measure(targs, methods=methods, echo=False)
+    out = dict(model=args.model or "random SD-1.5-shaped, quarter width", resolution=targs.resolution,
+               timed_steps=targs.steps, warmup_steps=targs.warmup, threads=targs.threads,
+               stock="the same loop with cache_latents false (VAE + text encoder every step)", runs=rows)
+    for method in methods:
+        on = next(r for r in rows if r["method"] == method and r["cache"] == "on")
+        off = next(r for r in rows if r["method"] == method and r["cache"] == "off")
+        out[method] = dict(steps_per_s=dict(sdtune=on["steps_per_s"], stock=off["steps_per_s"]),
+                           cpu_ms_per_step=dict(sdtune=on["cpu_ms_per_step"], stock=off["cpu_ms_per_step"]),
+                           peak_rss_mb=dict(sdtune=on["peak_rss_mb"], stock=off["peak_rss_mb"]))
+    return out
+
+
+def section_inference(args, models, lora: Path, device: str) -> dict:
+    import bench_inference
+
+    if not (models["inpaint"] and models["depth"]):
+        return dict(skipped="with --model also pass --inpaint-model and --depth-model (all four modes are timed)")
+    argv = ["--model", models["sd1"], "--inpaint-model", models["inpaint"], "--depth-model", models["depth"],
+            "--lora", str(lora), "--device", device, "--threads", str(args.threads)]
+    if args.quick:
+        argv.append("--quick")
+    return bench_inference.measure(bench_inference.parse_args(argv))
+
+
+_STOCK_SCRIPT = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+model, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
+pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False).to(device)
+pipe.set_progress_bar_config(disable=True)
+image = pipe("%s", num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+             generator=torch.Generator("cpu").manual_seed(0)).images[0]
+image.save(out)
+""" % PROMPT
+
+
+def section_cold_start(args, models, device: str, scratch: Path) -> dict:
+    """Wall seconds of a fresh process: import + load + one 2-step 32 px image, median of repeats."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    sdtune_bin = Path(sys.executable).parent / "sdtune"
+    ours_cmd = [str(sdtune_bin) if sdtune_bin.exists() else "sdtune", "infer", "txt2img", "--model", models["sd1"],
+                "--prompt", PROMPT, "--steps", "2", "--width", "32", "--height", "32", "--seed", "0",
+                "--device", device, "--quiet"]
+    stock_cmd = [sys.executable, "-c", _STOCK_SCRIPT, models["sd1"], "", device]
+    repeats = 1 if args.quick else 3
+    times = {"sdtune": [], "stock": []}
+    for r in range(repeats):  # interleaved so background load hits both sides alike
+        for side, cmd in (("sdtune", ours_cmd), ("stock", stock_cmd)):
+            out = scratch / f"cold-{side}-{r}"
+            full = cmd + ["--out", str(out)] if side == "sdtune" else cmd[:-2] + [str(out) + ".png", device]
+            start = time.perf_counter()
+            proc = subprocess.run(full, capture_output=True, text=True, env=env)
+            took = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise RuntimeError(f"cold start ({side}) failed: {proc.stderr.strip()[-2000:]}")
+            times[side].append(took)
+    return dict(model=models["sd1"], steps=2, size=32, repeats=repeats, time_unit="wall_s",
+                stock="python -c: StableDiffusionPipeline.from_pretrained + one image",
+                wall_s={k: statistics.median(v) for k, v in times.items()}, all_wall_s=times)
+
+
+def section_class_images(args, models, device: str, scratch: Path) -> dict:
+    """Images/s: sdtune.class_images (batch of B, one generator per image) vs one pipeline call per image."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.class_images import generate_class_images
+
+    dev = torch.device(device)
+    n, batch, steps = (8, 8, 2) if args.quick else (16, 8, 10)
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd1"], safety_checker=None,
+                                                   requires_safety_checker=False).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    measure = _measure(dev)
+
+    def one_at_a_time(folder: Path):  # what a plain loop over the stock pipeline does
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            with torch.no_grad():
+                img = pipe(prompt=CLASS_PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
+                           generator=torch.Generator("cpu").manual_seed(i)).images[0]
+            img.save(folder / f"class_{i:05d}.png")
+
+    def batched(folder: Path):
+        generate_class_images(pipe, CLASS_PROMPT, list(range(n)), folder, seed=0, resolution=32, steps=steps,
+                              guidance=7.5, batch_size=batch)
+
+    # Warm-up (first-call allocations) on both sides, then timed runs into fresh folders.
+    one_at_a_time(scratch / "cls-warm-1")
+    batched(scratch / "cls-warm-b")
+    t_single = measure(lambda: one_at_a_time(scratch / "cls-1"))
+    t_batched = measure(lambda: batched(scratch / "cls-b"))
+    from PIL import Image
+
+    diff = max(_max_pixel_difference(Image.open(scratch / "cls-1" / f"class_{i:05d}.png"),
+                                     Image.open(scratch / "cls-b" / f"class_{i:05d}.png")) for i in range(n))
+    return dict(model=models["sd1"], images=n, batch_size=batch, steps=steps, size=32,
+                time_unit="cpu_s" if dev.type == "cpu" else "wall_s",
+                images_per_s=dict(sdtune=n / t_batched, stock=n / t_single),
+                max_pixel_difference=diff)
+
+
+def run_device_sections(args, models, lora, device: str, scratch: Path, results: dict, prefix: str) -> None:
+    for name, fn in (("inference", lambda: section_inference(args, models, lora, device)),
+                     ("cold_start", lambda: section_cold_start(args, models, device, scratch)),
+                     ("class_images", lambda: section_class_images(args, models, device, scratch))):
+        results[prefix + name] = _guarded(name, fn)
+
+
+def _guarded(name: str, fn) -> dict:
+    """Run one section; a failure is recorded (and printed) instead of losing the other sections."""
+    start = time.perf_counter()
+    print(f"[{_now()}] {name} ...", file=sys.stderr, flush=True)
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - a bench must report what it could measure
+        traceback.print_exc()
+        out = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    out["section_wall_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+# ---------------------------------------------------------------- table
+
+def _rows(results: dict):
+    """(section, metric, sdtune, stock, ratio, note): ratio > 1 means sdtune is ahead."""
+    rows = []
+    for prefix, label in (("", "cpu"), ("gpu_", "cuda")):
+        if prefix == "gpu_" and "skipped" in results.get("gpu", {}):
+            rows.append(("gpu", results["gpu"]["skipped"], None, None, None, ""))
+            continue
+        tr = results.get("training") if prefix == "" else None
+        if tr is not None:
+            if "error" in tr:
+                rows.append(("training", "error", None, None, None, tr["error"]))
+            for m in ("lora", "full"):
+                if m in tr:
+                    s = tr[m]["steps_per_s"]
+                    rows.append(("training", f"{m} steps/s", s["sdtune"], s["stock"], s["sdtune"] / s["stock"],
+                                 "cache on vs off"))
+                    c = tr[m]["cpu_ms_per_step"]
+                    rows.append(("training", f"{m} CPU ms/step", c["sdtune"], c["stock"], c["stock"] / c["sdtune"], ""))
+                    r = tr[m]["peak_rss_mb"]
+                    rows.append(("training", f"{m} peak RSS MB", r["sdtune"], r["stock"], r["stock"] / r["sdtune"], ""))
+        inf = results.get(prefix + "inference", {})
+        sec = f"inference ({label})"
+        if "per_image" in inf:
+            unit = "CPU s" if inf["time_unit"] == "cpu_s" else "s"
+            for mode, v in inf["per_image"].items():
+                rows.append((sec, f"{mode} {unit}/image +LoRA", v["sdtune"], v["stock"], v["stock"] / v["sdtune"],
+                             f"max px diff {inf['max_pixel_difference'][mode]}"))
+            v = inf["load_s"]
+            rows.append((sec, "load 4 modes s", v["sdtune"], v["stock"], v["stock"] / v["sdtune"], ""))
+        elif inf:
+            rows.append((sec, "", None, None, None, inf.get("error") or inf.get("skipped")))
+        cs = results.get(prefix + "cold_start", {})
+        if "wall_s" in cs:
+            v = cs["wall_s"]
+            rows.append((f"cold start ({label})", "txt2img wall s", v["sdtune"], v["stock"], v["stock"] / v["sdtune"],
+                         "import+load+1 image"))
+        elif cs:
+            rows.append((f"cold start ({label})", "", None, None, None, cs.get("error")))
+        ci = results.get(prefix + "class_images", {})
+        if "images_per_s" in ci:
+            v = ci["images_per_s"]
+            rows.append((f"class images ({label})", f"images/s batch {ci['batch_size']} vs 1", v["sdtune"], v["stock"],
+                         v["sdtune"] / v["stock"], f"max px diff {ci['max_pixel_difference']}"))
+        elif ci:
+            rows.append((f"class images ({label})", "", None, None, None, ci.get("error")))
+    return rows
+
+
+def print_table(results: dict) -> None:
+    print(f"\nsdtune vs stock — {results['device']['cpu']}, torch {results['versions']['torch']}, "
+          f"diffusers {results['versions']['diffusers']}, {results['date']}{' (--quick)' if results['quick'] else ''}")
+    print(f"{'section':22} {'metric':30} {'sdtune':>10} {'stock':>10} {'ratio':>7}  note")
+    for sec, metric, ours, stock, ratio, note in _rows(results):
+        f = (lambda x: f"{x:10.3f}" if x is not None else f"{'-':>10}")
+        r = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7}"
+        print(f"{sec:22} {metric:30} {f(ours)} {f(stock)} {r}  {note or ''}")
+    print("ratio > 1: sdtune ahead (stock time / sdtune time, or sdtune rate / stock rate)")
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import diffusers
+    import peft
+    import torch
+    import transformers
+    import warnings
+
+    from sdtune.fixtures import tiny_family
+    from sdtune.imageio import write_text_atomic
+
+    warnings.filterwarnings("ignore", message=".*autocast.*")
+    torch.set_num_threads(args.threads)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+    results = dict(
+        date=_now(), quick=args.quick, argv=sys.argv[1:],
+        device=dict(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=args.threads,
+                    platform=platform.platform(), python=platform.python_version(),
+                    cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
+                      transformers=transformers.__version__, peft=peft.__version__))
+
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-run-") as tmp:
+        scratch = Path(tmp)
+        if args.model:
+            models = dict(sd1=args.model, inpaint=args.inpaint_model, depth=args.depth_model)
+        else:
+            models = {k: str(v) for k, v in tiny_family(scratch / "tiny").items()}
+        results["models"] = models if args.model else "tiny random fixtures (sdtune.fixtures.tiny_family)"
+        lora = make_lora(models["sd1"], scratch / "lora")
+
+        results["training"] = _guarded("training", lambda: section_training(args, models))
+        run_device_sections(args, models, lora, "cpu", scratch, results, "")
+        if torch.cuda.is_available():
+            results["gpu"] = dict(device=torch.cuda.get_device_name(0),
+                                  note="training runs on the device accelerate picks (see training section)")
+            run_device_sections(args, models, lora, "cuda", scratch, results, "gpu_")
+        else:
+            results["gpu"] = dict(skipped="skipped: no CUDA")
+    results["total_wall_s"] = round(time.perf_counter() - started, 1)
+
+    print_table(results)
+    write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {args.out} ({results['total_wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,7 +142,25 @@ def section_inference(args, models, lora: Path, device: str) -> dict:
             "--lora", str(lora), "--device", device, "--threads", str(args.threads)]
     if args.quick:
         argv.append("--quick")
-    return bench_inference.measure(bench_inference.parse_args(argv))
+    out = bench_inference.measure(bench_inference.parse_args(argv))
+    out["lora_effect_max_pixel_difference"] = _lora_effect(models["sd1"], lora, device)
+    return out
+
+
+def _lora_effect(model: str, lora: Path, device: str) -> int:
+    """Stock txt2img with vs without the LoRA: a large value shows the agreement above is not vacuous."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    def image(with_lora: bool):
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        if with_lora:
+            pipe.load_lora_weights(str(lora))
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+                    generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    return _max_pixel_difference(image(False), image(True))
 
 
 _STOCK_SCRIPT = """
@@ -274,6 +292,9 @@ def _rows(results: dict):
                              f"max px diff {inf['max_pixel_difference'][mode]}"))
             v = inf["load_s"]
             rows.append((sec, "load 4 modes s", v["sdtune"], v["stock"], v["stock"] / v["sdtune"], ""))
+        if "lora_effect_max_pixel_difference" in inf:
+            rows.append((sec, "LoRA on vs off, max px diff", None, None, None,
+                         f"{inf['lora_effect_max_pixel_difference']} (stock txt2img; shows the LoRA is applied)"))
         elif inf:
             rows.append((sec, "", None, None, None, inf.get("error") or inf.get("skipped")))
         cs = results.get(prefix + "cold_start", {})

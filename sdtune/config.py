@@ -75,6 +75,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet: ~1.3x per CPU step once compiled, after minutes of compiling
     snr_gamma: float | None = None  # min-SNR weighting; 5.0 is the paper's value
     noise_offset: float = 0.0
     seed: int = 0

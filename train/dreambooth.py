@@ -95,7 +95,9 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.dev
             raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
                               "or use optimizer: adamw") from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
+    # The fused kernel updates all parameters in one pass: a LoRA has hundreds of small tensors, and
+    # the per-tensor loop of the default implementation costs ~7% of a small model's CPU step.
+    return torch.optim.AdamW(param_groups, fused=device.type in ("cpu", "cuda"), **kwargs)
 
 
 def register_trainable_only_checkpoints(accelerator, models: list[torch.nn.Module]) -> None:
@@ -266,6 +268,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             text_encoder.gradient_checkpointing_enable()
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
+    if cfg.compile:
+        # In place, so parameter names (checkpoints, LoRA export) stay those of the plain module. The
+        # first steps pay the compilation (minutes on a CPU); it pays off on long runs only.
+        unet.compile()
 
     # --- optimizer, lr schedule, processes ---------------------------------------------------------
     groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]

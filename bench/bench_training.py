@@ -1,8 +1,9 @@
-"""Training speed and memory: LoRA and full, with vs without sdtune's latent/prompt caching.
+"""Training speed and memory: sdtune's DreamBooth recipe vs the stock loop, LoRA and full.
 
-"without" = ``cache_latents: false``: the VAE encoder and the text encoder run on every step, as in
-diffusers' example DreamBooth scripts. Each of the four configurations is one run of the same steps
-on the same data (same seed) in its own process, so peak RSS is that run's own.
+Three runs per method, each the same steps on the same data and model (same seed) in its own process,
+so peak RSS is that run's own: ``on`` = sdtune (latents and prompt embeddings cached, fused AdamW),
+``off`` = sdtune with ``cache_latents: false`` (what caching alone buys), ``stock`` = diffusers'
+example-script loop (bench/stock_dreambooth.py: images decoded, VAE and text encoder run every step).
 
     python bench/bench_training.py --quick          # tiny random model, 32 px (CI-sized)
     python bench/bench_training.py --model PATH --resolution 64 --steps 30
@@ -35,6 +36,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "train"))
+    sys.path.insert(0, str(ROOT / "bench"))
     import dreambooth
     from sdtune.config import config_from_dict
 
@@ -49,15 +51,26 @@ def child(args) -> None:
     from PIL import Image
 
     work = Path(args.work)
-    cfg = config_from_dict(dict(
-        model=args.model, instance_dir=str(work / "subject"), instance_prompt="a photo of sks box",
-        with_prior_preservation=True, class_prompt="a photo of a box", class_dir=str(work / "class"),
-        num_class_images=4, caption_dropout=0.1, method=args.method, resolution=args.resolution,
-        train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=1e-4 if args.method == "lora" else 1e-5,
-        random_flip=False, cache_latents=args.cache == "on", output_dir=str(work / f"out-{args.method}-{args.cache}"),
-        seed=0))
+    lr = 1e-4 if args.method == "lora" else 1e-5
     start = time.perf_counter()
-    result = dreambooth.train(cfg)
+    if args.cache == "stock":  # diffusers' example-script loop (bench/stock_dreambooth.py)
+        import stock_dreambooth
+
+        losses = stock_dreambooth.train_stock(
+            args.model, work / "subject", "a photo of sks box", work / "class", "a photo of a box", args.method,
+            args.resolution, args.batch, args.warmup + args.steps, lr, seed=0,
+            on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
+        latent_encodes = prompt_encodes = 2 * args.batch * (args.warmup + args.steps)
+    else:
+        cfg = config_from_dict(dict(
+            model=args.model, instance_dir=str(work / "subject"), instance_prompt="a photo of sks box",
+            with_prior_preservation=True, class_prompt="a photo of a box", class_dir=str(work / "class"),
+            num_class_images=4, caption_dropout=0.1, method=args.method, resolution=args.resolution,
+            train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=lr,
+            random_flip=False, cache_latents=args.cache == "on", output_dir=str(work / f"out-{args.method}-{args.cache}"),
+            seed=0))
+        result = dreambooth.train(cfg)
+        losses, latent_encodes, prompt_encodes = result.losses, result.latent_encodes, result.prompt_encodes
     wall = time.perf_counter() - start
     steady = stamps[args.warmup:]
     n = len(steady) - 1
@@ -67,8 +80,8 @@ def child(args) -> None:
     print(json.dumps({"method": args.method, "cache": args.cache, "steps_per_s": steps_per_s, "cpu_ms_per_step": cpu_ms,
                       "wall_s": wall,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "vae_encoded_images": result.latent_encodes, "text_encoder_calls": result.prompt_encodes,
-                      "final_loss": float(np.mean(result.losses[-3:]))}))
+                      "vae_encoded_images": latent_encodes, "text_encoder_calls": prompt_encodes,
+                      "final_loss": float(np.mean(losses[-3:]))}))
     del Image
 
 
@@ -136,7 +149,7 @@ def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
         make_data(work, args.resolution)
         rows = []
         for method in methods:
-            for cache in ("on", "off"):
+            for cache in ("on", "off", "stock"):
                 cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
                        "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--batch", str(args.batch), "--threads", str(args.threads)]
@@ -167,7 +180,7 @@ def main() -> int:
 
     print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else 'random SD-1.5-shaped, quarter width'}, "
           f"{args.resolution} px, batch {args.batch} (+{args.batch} class), {args.steps} timed steps, "
-          f"{args.threads} threads, cache on = latents/prompt embeddings reused, off = VAE + text encoder every step")
+          f"{args.threads} threads, on = sdtune, off = sdtune without caching, stock = example-script loop")
     print(f"{'method':6} {'cache':5} {'steps/s':>8} {'CPU ms/step':>12} {'wall s':>7} {'peak RSS MB':>12} "
           f"{'VAE imgs':>9} {'TE calls':>9}")
     for r in rows:
@@ -177,9 +190,11 @@ def main() -> int:
     for method in ("lora", "full"):
         on = next(r for r in rows if r["method"] == method and r["cache"] == "on")
         off = next(r for r in rows if r["method"] == method and r["cache"] == "off")
-        print(f"{method}: caching speed-up x{on['steps_per_s'] / off['steps_per_s']:.2f} steps/s (wall), "
-              f"x{off['cpu_ms_per_step'] / on['cpu_ms_per_step']:.2f} CPU time per step, "
-              f"peak RSS ratio (on/off) {on['peak_rss_mb'] / off['peak_rss_mb']:.2f}")
+        stock = next(r for r in rows if r["method"] == method and r["cache"] == "stock")
+        print(f"{method}: vs stock x{on['steps_per_s'] / stock['steps_per_s']:.2f} steps/s (wall), "
+              f"x{stock['cpu_ms_per_step'] / on['cpu_ms_per_step']:.2f} CPU time per step, "
+              f"peak RSS ratio (sdtune/stock) {on['peak_rss_mb'] / stock['peak_rss_mb']:.2f}; "
+              f"caching alone x{off['cpu_ms_per_step'] / on['cpu_ms_per_step']:.2f} CPU time per step")
     return 0
 
 

@@ -408,7 +408,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "train_batch_size": cfg.train_batch_size, "first_loss": _round(result.losses[0]),
                   "last_loss": _round(result.losses[-1])},
-        targets=TARGETS, torch_threads=torch.get_num_threads())
+        targets=TARGETS, torch_threads=torch.get_num_threads(), out=str(out))
     grids = _write_grids(out, all_groups)
     timings["score_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -601,6 +601,13 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"The judge on the real instance images: {_fmt(m['judge_on_instance_images'])} judged the subject.", ""]
     if tiny:
         lines += ["(Tiny random models: these numbers are chance, not results.)", ""]
+    from .ablations import load_table
+
+    table = load_table(m["out"]) if m.get("out") else None
+    lines += ["## Ablations", ""]
+    lines += [table, "", "(From `sdtune demo --ablations` into this folder: see ablations.md for its images.)", ""] \
+        if table else ["Not run into this folder: `sdtune demo --ablations --out THIS_FOLDER` trains and scores "
+                       "prior preservation off, caption dropout off and full fine-tuning.", ""]
     lines += ["## Images", ""]
     titles = {"base_guidance_7.5": "Base model, guidance 7.5 (before training)",
               "base_guidance_1.0": "Base model, guidance 1.0 (before training)",

@@ -151,3 +151,29 @@ def test_quick_demo_on_the_embedded_family(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["models"] == "embedded" and metrics["resolution"] == 64
     assert DEFAULT_SUBJECT.name == metrics["subject"]
+
+
+def test_ablations_train_each_variant_and_the_report_quotes_them(no_embedded, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["demo", "--ablations", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    result = json.loads((out / "ablations.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["main", "no_prior", "no_caption_dropout", "full"]
+    for name, row in variants.items():
+        for key in ("subject_fidelity", "prompt_fidelity", "prior_preservation"):
+            assert 0.0 <= row[key] <= 1.0, (name, key)
+        assert (out / "grids" / f"ablation-{name}.png").is_file()
+    # Each variant really trained what it says: LoRA files vs a complete full fine-tuned pipeline...
+    for name in ("main", "no_prior", "no_caption_dropout"):
+        assert (out / "ablations" / name / "pytorch_lora_weights.safetensors").is_file(), name
+    assert (out / "ablations" / "full" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # ...and without prior preservation the loss is the instance loss alone, a different number.
+    assert variants["no_prior"]["last_loss"] != variants["main"]["last_loss"]
+    table = (out / "ablations.md").read_text()
+    assert "| no_prior: prior preservation off |" in table and "ablation-full.png" in table
+
+    code, stdout, stderr = run_cli(["demo", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "## Ablations" in report and "| full: full fine-tuning" in report

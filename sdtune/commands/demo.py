@@ -15,6 +15,7 @@ What it does (progress is printed per phase):
 Any training key of configs/demo.yaml can be overridden as key=value:
   sdtune demo --out outputs/demo max_steps=800 learning_rate=2e-4
   sdtune demo --quick --out /tmp/demo              # a short pass (few steps, few images)
+  sdtune demo --ablations --out outputs/demo       # prior on/off, caption dropout on/off, LoRA vs full
 A rerun into the same --out reuses the class images and replaces the other results.
 """
 
@@ -33,6 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--subject", help="subject folder: 3-5 images + subject.json (default: data/subjects/checker_box)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter pass: a few steps and images (for tests)")
+    p.add_argument("--ablations", action="store_true",
+                   help="instead of the demo: train and score the ablations (prior preservation off, caption "
+                        "dropout off, full fine-tuning) into OUT/ablations.md; the demo's report then quotes them")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys to override")
     p.set_defaults(func=run)
     return p
@@ -44,6 +48,14 @@ def run(args) -> int:
     from ..demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.ablations:
+        from ..ablations import run_ablations
+
+        if args.inpaint_model or args.depth_model:
+            print("sdtune demo --ablations: only --model is used (the ablations draw txt2img)", flush=True)
+        run_ablations(out=args.out, subject=args.subject, model=args.model, quick=args.quick,
+                      overrides=args.overrides, say=lambda text: print(text, flush=True))
+        return 0
     run_demo(out=args.out, subject=args.subject, model=args.model, inpaint_model=args.inpaint_model,
              depth_model=args.depth_model, quick=args.quick, overrides=args.overrides,
              say=lambda text: print(text, flush=True))

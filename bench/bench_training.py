@@ -59,6 +59,8 @@ def child(args) -> None:
         losses = stock_dreambooth.train_stock(
             args.model, work / "subject", "a photo of sks box", work / "class", "a photo of a box", args.method,
             args.resolution, args.batch, args.warmup + args.steps, lr, seed=0,
+            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+            use_8bit_adam=args.optimizer == "adamw8bit",
             on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
         latent_encodes = prompt_encodes = 2 * args.batch * (args.warmup + args.steps)
     else:
@@ -68,7 +70,8 @@ def child(args) -> None:
             num_class_images=4, caption_dropout=0.1, method=args.method, resolution=args.resolution,
             train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=lr,
             random_flip=False, cache_latents=args.cache == "on", output_dir=str(work / f"out-{args.method}-{args.cache}"),
-            seed=0))
+            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+            optimizer=args.optimizer, seed=0))
         result = dreambooth.train(cfg)
         losses, latent_encodes, prompt_encodes = result.losses, result.latent_encodes, result.prompt_encodes
     wall = time.perf_counter() - start
@@ -80,12 +83,13 @@ def child(args) -> None:
     print(json.dumps({"method": args.method, "cache": args.cache, "steps_per_s": steps_per_s, "cpu_ms_per_step": cpu_ms,
                       "wall_s": wall,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                       "vae_encoded_images": latent_encodes, "text_encoder_calls": prompt_encodes,
                       "final_loss": float(np.mean(losses[-3:]))}))
     del Image
 
 
-def save_sd_shaped(out: Path) -> Path:
+def save_sd_shaped(out: Path, full_size: bool = False) -> Path:
     """A random pipeline with Stable Diffusion's layout at a quarter of its width.
 
     The tiny test fixtures have a 2-block VAE that costs next to nothing, which would hide exactly the
@@ -98,15 +102,24 @@ def save_sd_shaped(out: Path) -> Path:
     from sdtune.fixtures import tiny_scheduler, tiny_text_encoder, tiny_tokenizer
 
     torch.manual_seed(0)
+    w = 4 if full_size else 1  # full size: SD 1.5's own widths (UNet 860M, VAE 84M, CLIP ViT-L/14 text 123M)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32)
+                        block_out_channels=tuple(c * w for c in (32, 64, 128, 128)), layers_per_block=2,
+                        norm_num_groups=32)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(80, 160, 320, 320),
+        in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=tuple(c * w for c in (80, 160, 320, 320)),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=192,
-        attention_head_dim=8, norm_num_groups=16)
-    te = tiny_text_encoder(hidden=192)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768 if full_size else 192,
+        attention_head_dim=8, norm_num_groups=32 if full_size else 16)
+    if full_size:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                          bos_token_id=49406, eos_token_id=49407, hidden_act="quick_gelu"))
+    else:
+        te = tiny_text_encoder(hidden=192)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tiny_tokenizer(), unet=unet,
                                    scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -135,6 +148,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=4, help="untimed steps; 4 = one epoch, the cache is full after it")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    p.add_argument("--sd15-full-size", action="store_true",
+                   help="a random model with SD 1.5's exact architecture (860M UNet) instead of the quarter-width one")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -145,14 +163,16 @@ def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as tmp:
         work = Path(tmp)
         if args.model is None:
-            args.model = str(save_sd_shaped(work / "sd-shaped"))
+            args.model = str(save_sd_shaped(work / "sd-shaped", full_size=args.sd15_full_size))
         make_data(work, args.resolution)
         rows = []
         for method in methods:
             for cache in ("on", "off", "stock"):
                 cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
                        "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--batch", str(args.batch), "--threads", str(args.threads)]
+                       "--batch", str(args.batch), "--threads", str(args.threads),
+                       "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer]
+                cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"training child {method}/{cache} failed:\n{proc.stderr[-3000:]}")

@@ -134,6 +134,26 @@ def section_training(args, models) -> dict:
     return out
 
 
+def section_gpu_training(args) -> dict:
+    """SD 1.5's full-size architecture (random weights) at 512 px, batch 1, fp16 mixed precision, gradient
+    checkpointing and 8-bit Adam on both sides: steps/s and peak VRAM, LoRA and full fine-tuning."""
+    import bench_training
+
+    targs = bench_training.parse_args(["--sd15-full-size", "--resolution", "512", "--batch", "1",
+                                       "--mixed-precision", "fp16", "--gradient-checkpointing",
+                                       "--optimizer", "adamw8bit", "--steps", "6" if args.quick else "30",
+                                       "--warmup", "4"])
+    rows = bench_training.measure(targs, methods=("lora", "full"), echo=False)
+    out = dict(model="random, SD 1.5 architecture (UNet 860M)", resolution=512, batch=1,
+               settings="fp16 mixed precision, gradient checkpointing, 8-bit AdamW (both sides)",
+               timed_steps=targs.steps, runs=rows)
+    for method in ("lora", "full"):
+        on, stock = (next(r for r in rows if r["method"] == method and r["cache"] == c) for c in ("on", "stock"))
+        out[method] = dict(steps_per_s=dict(sdtune=on["steps_per_s"], stock=stock["steps_per_s"]),
+                           peak_vram_mb=dict(sdtune=on["peak_vram_mb"], stock=stock["peak_vram_mb"]))
+    return out
+
+
 def section_inference(args, models, lora: Path, device: str) -> dict:
     import bench_inference
 
@@ -271,8 +291,18 @@ def _rows(results: dict):
         if prefix == "gpu_" and "skipped" in results.get("gpu", {}):
             rows.append(("gpu", results["gpu"]["skipped"], None, None, None, ""))
             continue
-        tr = results.get("training") if prefix == "" else None
-        if tr is not None:
+        tr = results.get("training") if prefix == "" else results.get("gpu_training")
+        if tr is not None and prefix == "gpu_":
+            for m in ("lora", "full"):
+                if m in tr:
+                    s, v = tr[m]["steps_per_s"], tr[m]["peak_vram_mb"]
+                    rows.append(("training (cuda)", f"{m} 512px steps/s", s["sdtune"], s["stock"],
+                                 s["sdtune"] / s["stock"], "SD1.5 arch, fp16, grad ckpt, 8-bit Adam"))
+                    rows.append(("training (cuda)", f"{m} 512px peak VRAM MB", v["sdtune"], v["stock"],
+                                 v["stock"] / v["sdtune"], ""))
+            if "error" in tr:
+                rows.append(("training (cuda)", "error", None, None, None, tr["error"]))
+        elif tr is not None:
             if "error" in tr:
                 rows.append(("training", "error", None, None, None, tr["error"]))
             for m in ("lora", "full"):
@@ -368,6 +398,7 @@ def main(argv=None) -> int:
             results["gpu"] = dict(device=torch.cuda.get_device_name(0),
                                   note="training runs on the device accelerate picks (see training section)")
             run_device_sections(args, models, lora, "cuda", scratch, results, "gpu_")
+            results["gpu_training"] = _guarded("gpu training", lambda: section_gpu_training(args))
         else:
             results["gpu"] = dict(skipped="skipped: no CUDA")
     results["total_wall_s"] = round(time.perf_counter() - started, 1)

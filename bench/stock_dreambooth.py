@@ -72,7 +72,8 @@ def collate(examples, with_prior_preservation: bool) -> dict:
 
 def train_stock(model: str, instance_dir, instance_prompt: str, class_dir, class_prompt: str, method: str,
                 resolution: int, batch_size: int, max_steps: int, learning_rate: float, seed: int = 0,
-                prior_loss_weight: float = 1.0, lora_rank: int = 4,
+                prior_loss_weight: float = 1.0, lora_rank: int = 4, mixed_precision: str = "no",
+                gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
                 on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train like the stock script; return the per-step losses. ``on_step(step, loss)`` is the timing hook."""
     from accelerate import Accelerator
@@ -80,7 +81,9 @@ def train_stock(model: str, instance_dir, instance_prompt: str, class_dir, class
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # As the scripts do: frozen models in the half dtype, trained weights in fp32 under autocast.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     torch.manual_seed(seed)
     random.seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -92,28 +95,40 @@ def train_stock(model: str, instance_dir, instance_prompt: str, class_dir, class
     text_encoder.requires_grad_(False)
     if method == "lora":
         unet.requires_grad_(False)
+        unet.to(dtype=weight_dtype)
         unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if gradient_checkpointing:  # --gradient_checkpointing
+        unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    adamw = torch.optim.AdamW
+    if use_8bit_adam:  # --use_8bit_adam
+        import bitsandbytes as bnb
+
+        adamw = bnb.optim.AdamW8bit
+    optimizer = adamw(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     prior = class_dir is not None
     dataset = StockDataset(instance_dir, instance_prompt, class_dir, class_prompt, tokenizer, resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
                                          collate_fn=lambda ex: collate(ex, prior))
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
-    vae.to(accelerator.device)
-    text_encoder.to(accelerator.device)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
     unet.train()
 
     losses, step = [], 0
     while step < max_steps:
         for batch in loader:
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                       device=latents.device).long()
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            hidden = text_encoder(batch["input_ids"])[0]
+            hidden = text_encoder(batch["input_ids"].to(accelerator.device))[0]
             pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
             target = noise if scheduler.config.prediction_type == "epsilon" else \
                 scheduler.get_velocity(latents, noise, timesteps)

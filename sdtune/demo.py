@@ -512,6 +512,8 @@ def _score(judge, subj: Subject, base_hi: Group, base_lo: Group, groups: list[Gr
         "base_prompt_adherence": hi,
         "base_prompt_adherence_guidance_1": lo,
         "guidance_gain": hi - lo,
+        "base_attribute_accuracy": ev.attribute_accuracy(imgs(base_hi), base_hi.prompts, judge),
+        "base_attribute_accuracy_guidance_1": ev.attribute_accuracy(imgs(base_lo), base_lo.prompts, judge),
         "subject_fidelity": ev.subject_fidelity(imgs(txt), judge, subj.class_noun),
         "prompt_fidelity": ev.prompt_fidelity(imgs(txt), txt.prompts, judge, subj.identifier),
         "prior_preservation": ev.prior_preservation(imgs(by_name["class_prompts"]), subj.class_noun, judge),
@@ -595,6 +597,10 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
     }
     for k, desc in what.items():
         lines.append(f"| {k} | {_fmt(m[k])} | {TARGETS[k]} | {desc} |")
+    acc, acc1 = m.get("base_attribute_accuracy"), m.get("base_attribute_accuracy_guidance_1")
+    if acc:
+        lines += ["", "Base model, per attribute (judge finds it, guidance 7.5 / 1.0): " + ", ".join(
+            f"{a} {_fmt(acc[a])} / {_fmt(acc1.get(a))}" for a in acc) + "."]
     lines += ["", "Per mode (subject fidelity / prompt fidelity): " + ", ".join(
         f"{mode} {_fmt(m['subject_fidelity_by_mode'][mode])} / {_fmt(m['prompt_fidelity_by_mode'][mode])}"
         for mode in m["modes"]) + ".",

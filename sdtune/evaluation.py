@@ -61,6 +61,18 @@ def prompt_adherence(images: Sequence[Image.Image], prompts_attrs, judge=None, i
     return _share([judge.matches(p, a) for p, a in zip(preds, _attrs(prompts_attrs, identifier))])
 
 
+def attribute_accuracy(images: Sequence[Image.Image], prompts_attrs, judge=None,
+                       identifier: str = world.IDENTIFIER) -> dict[str, float]:
+    """Per attribute (kind, colour, size, position, background): the share of images, among those whose
+    prompt states it, in which the judge finds it. Says which attribute a low adherence comes from."""
+    _check_lengths(images, prompts_attrs, "prompts")
+    judge = _judge(judge)
+    preds = judge.predict(list(images))
+    attrs = _attrs(prompts_attrs, identifier)
+    return {a: _share([judge.matches(p, {a: want[a]}) for p, want in zip(preds, attrs) if a in want])
+            for a in world.ATTRIBUTES if any(a in want for want in attrs)}
+
+
 def subject_fidelity(images: Sequence[Image.Image], judge=None, class_noun: str | None = None) -> float:
     """Share of images judged to be the subject (and, given ``class_noun``, of its class)."""
     preds = _judge(judge).predict(list(images))

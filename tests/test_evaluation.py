@@ -66,6 +66,21 @@ def test_prompt_adherence_separates_right_and_wrong_prompts(judge):
     assert evaluation.prompt_adherence(images, only_bg, judge) >= 0.9
 
 
+def test_attribute_accuracy_names_the_attribute_that_is_wrong(judge):
+    rs = _renders(30, seed=102)
+    images = [r.image for r in rs]
+    acc = evaluation.attribute_accuracy(images, [r.caption for r in rs], judge)
+    assert set(acc) == set(world.ATTRIBUTES) and min(acc.values()) >= 0.9
+    # The same prompts with each colour replaced by another: only colour drops.
+    other = {c: world.COLOURS[(world.COLOURS.index(c) + 1) % len(world.COLOURS)] for c in world.COLOURS}
+    recoloured = [world.caption(world.Scene(**{**r.scene.attrs(), "colour": other[r.scene.colour]})) for r in rs]
+    acc = evaluation.attribute_accuracy(images, recoloured, judge)
+    assert acc["colour"] <= 0.1 and min(v for k, v in acc.items() if k != "colour") >= 0.9
+    # Attributes no prompt states are left out.
+    assert set(evaluation.attribute_accuracy(images, [world.caption(r.scene, stated={"kind"}) for r in rs],
+                                             judge)) == {"kind"}
+
+
 def test_subject_and_prior_metrics(judge):
     rng = np.random.default_rng(5)
     scenes = [world.Scene(**{**world.sample_scene(rng).attrs(), "kind": "box"}, seed=i) for i in range(24)]

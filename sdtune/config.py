@@ -24,6 +24,7 @@ from .errors import SdtuneError
 
 METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_TARGETS = ("attention", "all")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # The schedule names diffusers.optimization.get_scheduler accepts (piecewise_constant needs extra rules).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -52,6 +53,9 @@ class TrainConfig:
     method: str = "lora"  # lora | full
     lora_rank: int = 4
     lora_alpha: float | None = None  # None -> lora_rank (scale 1)
+    # attention: q/k/v/out projections (diffusers' scripts); all: also feed-forward and the
+    # ResNet convolutions (kohya's LoCon), which reach textures the attention layers cannot
+    lora_targets: str = "attention"
     train_text_encoder: bool = False
     # --- data ---
     resolution: int = 512
@@ -190,6 +194,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "e.g. 'a photo of sks dog'")
     _choice(cfg, "method", METHODS)
     _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "lora_targets", LORA_TARGETS)
     _choice(cfg, "mixed_precision", MIXED_PRECISIONS)
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
 

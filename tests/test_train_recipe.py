@@ -322,3 +322,17 @@ def test_compiled_unet_trains_the_same_lora(tiny_models, subject, tmp_path):
     flat = lambda w: torch.cat([w[k].flatten() for k in sorted(w)])  # noqa: E731
     assert (flat(b) - flat(a)).norm() < 0.05 * flat(a).norm()
     np.testing.assert_allclose(compiled.losses, plain.losses, rtol=1e-3)
+
+
+def test_lora_targets_all_reaches_resnets_and_loads_into_stock_diffusers(tiny_models, subject, tmp_path):
+    out = tmp_path / "out"
+    result = recipe.train(config(tiny_models, subject, out, lora_targets="all", lora_rank=2))
+    keys = list(load_file(str(out / adapters.LORA_FILE)))
+    assert any(".resnets." in k and ".conv1." in k for k in keys) and any(".ff.net.2." in k for k in keys)
+    kohya = list(load_file(str(out / adapters.KOHYA_FILE)))
+    assert any(k.startswith("lora_unet_") and "_resnets_0_conv1.lora_down" in k for k in kohya)
+    trained = stock(tiny_models["sd1"])
+    trained.unet = result.unet
+    pipe = stock(tiny_models["sd1"])
+    pipe.load_lora_weights(out)
+    np.testing.assert_allclose(sample(pipe), sample(trained), atol=2e-4)

@@ -255,7 +255,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.method == "lora":
         if half:
             unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
-        adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+        adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.train_text_encoder:
             adapters.add_text_encoder_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
         cast_training_params([unet, text_encoder] if cfg.train_text_encoder else [unet], dtype=torch.float32)

@@ -111,14 +111,23 @@ def make_lora(base: str, out_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- sections
 
+def _native_size(model: str) -> int:
+    """A diffusers folder's own image size: UNet sample_size x the VAE's downsampling."""
+    unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def section_training(args, models) -> dict:
     import bench_training
 
     targs = bench_training.parse_args([])
     if args.model:
         targs.model = args.model
+        targs.resolution = _native_size(args.model)
     if args.quick:
-        targs.steps, targs.resolution, targs.warmup = 4, 64, 4
+        targs.steps, targs.warmup = 4, 4
+        targs.resolution = targs.resolution if args.model else 64
     methods = ("lora",) if args.quick else ("lora", "full")
     rows = bench_training.measure(targs, methods=methods, echo=False)
     out = dict(model=args.model or "random SD-1.5-shaped, quarter width", resolution=targs.resolution,

@@ -36,7 +36,7 @@ VARIANTS = (
     Variant("no_prior", "prior preservation off", ("with_prior_preservation=false",)),
     Variant("no_caption_dropout", "caption dropout off", ("caption_dropout=0.0",)),
     # Full fine-tuning moves every UNet weight: a smaller learning rate, as in the DreamBooth paper.
-    Variant("full", "full fine-tuning of the UNet instead of a LoRA", ("method=full", "learning_rate=2e-5")),
+    Variant("full", "full fine-tuning of the UNet instead of a LoRA", ("method=full", "learning_rate=1e-4")),
 )
 
 

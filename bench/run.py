@@ -183,7 +183,8 @@ def _lora_effect(model: str, lora: Path, device: str) -> int:
     from diffusers import StableDiffusionPipeline
 
     def image(with_lora: bool):
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                       dtype=torch.float32)
         if with_lora:
             pipe.load_lora_weights(str(lora))
         pipe = pipe.to(device)
@@ -197,7 +198,9 @@ _STOCK_SCRIPT = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
 model, out, device = sys.argv[1], sys.argv[2], sys.argv[3]
-pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False).to(device)
+# fp32 explicitly: transformers keeps a checkpoint's own dtype (fp16 here) unless told, and CPUs want fp32.
+pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                               dtype=torch.float32).to(device)
 pipe.set_progress_bar_config(disable=True)
 image = pipe("%s", num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
              generator=torch.Generator("cpu").manual_seed(0)).images[0]
@@ -239,7 +242,7 @@ def section_class_images(args, models, device: str, scratch: Path) -> dict:
 
     dev = torch.device(device)
     n, batch, steps = (8, 8, 2) if args.quick else (16, 8, 10)
-    pipe = StableDiffusionPipeline.from_pretrained(models["sd1"], safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd1"], safety_checker=None, dtype=torch.float32,
                                                    requires_safety_checker=False).to(dev)
     pipe.set_progress_bar_config(disable=True)
     measure = _measure(dev)

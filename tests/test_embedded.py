@@ -41,10 +41,27 @@ def test_the_family_is_fp16_safetensors_and_small():
 def test_stock_diffusers_loads_each_member_offline(kind, cls, in_channels):
     import diffusers
 
-    pipe = getattr(diffusers, cls).from_pretrained(embedded.MODELS_DIR / kind, local_files_only=True)
+    # fp16 on disk; fp32 for a CPU (transformers would otherwise keep the text encoder in fp16).
+    pipe = getattr(diffusers, cls).from_pretrained(embedded.MODELS_DIR / kind, local_files_only=True,
+                                                   dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.in_channels == in_channels
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert json.loads((embedded.MODELS_DIR / kind / "model_index.json").read_text())["_class_name"] == cls
+    from PIL import Image
+
+    scene = world.render(world.Scene(kind="box", colour="blue", size="large", position="center", background="sand"),
+                         size=64).image
+    call = dict(prompt="a photo of a blue box on sand", num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    if kind == "inpaint":
+        call.update(image=scene, mask_image=Image.new("L", (64, 64), 255), height=64, width=64)
+    elif kind == "depth":
+        call.update(image=scene, strength=0.9)
+    else:
+        call.update(height=64, width=64)
+    image = pipe(**call).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
 def test_the_tokenizer_is_real_clip():

@@ -125,8 +125,8 @@ def test_same_seed_same_weights_and_resume_is_exact(micro_family, tmp_path):
         a, b = tensors(ref / part), tensors(tmp_path / "work" / part)
         assert all(torch.equal(a[k], b[k]) for k in a), part
     # Interrupted after its step-2 checkpoint, the base stage resumes there and ends where the
-    # uninterrupted run did: to float rounding (~1e-8; CPU kernels round differently on a fresh process's
-    # first calls), far below one step's update.
+    # uninterrupted run did: to float rounding (a few float32 ulps, measured up to 1.2e-7: CPU kernels round
+    # differently on a fresh process's first calls), far below one step's update (> 1e-5).
     base = tmp_path / "work" / "base"
     assert [p.name for p in base.glob("checkpoint-*")] == ["checkpoint-2"]
     for p in ("done.json", "unet", "text_encoder"):
@@ -134,9 +134,10 @@ def test_same_seed_same_weights_and_resume_is_exact(micro_family, tmp_path):
     build(tmp_path / "out", tmp_path / "work", "--stage", "base")
     assert json.loads((base / "done.json").read_text())["resumed_from"] == 2
     a, b = tensors(ref / "base/unet/diffusion_pytorch_model.safetensors"), tensors(base / "unet/diffusion_pytorch_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
     first = tensors(ref / "base/checkpoint-2/unet.safetensors")  # one step earlier: clearly different
-    assert max((first[k] - a[k]).abs().max().item() for k in a) > 1e-6
+    assert max((first[k] - a[k]).abs().max().item() for k in a) > 1e-5
     # A different seed gives different weights.
     build(tmp_path / "out2", tmp_path / "work2", "--stage", "vae", overrides=["seed=1"])
     a, b = tensors(ref / "vae/vae/diffusion_pytorch_model.safetensors"), tensors(

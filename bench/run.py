@@ -274,6 +274,48 @@ def section_class_images(args, models, device: str, scratch: Path) -> dict:
                 max_pixel_difference=diff)
 
 
+_VAE_CHILD = """
+import json, resource, sys, time, numpy as np, torch
+from diffusers import AutoencoderKL
+model, size, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+torch.set_num_threads(int(sys.argv[5]))
+vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32).eval()
+f = 2 ** (len(vae.config.block_out_channels) - 1)
+z = torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if mode == "tiled":
+    vae.enable_tiling()
+start = time.perf_counter()
+with torch.no_grad():
+    x = vae.decode(z).sample if mode != "load" else z
+took = time.perf_counter() - start
+np.save(out, ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before,
+                  "seconds": took}))
+"""
+
+
+def section_vae_tiling(args, models, scratch: Path) -> dict:
+    """Decoding one large image: whole vs diffusers' tiled VAE (sdtune infer --vae-tiling), peak RSS of a fresh
+    process each (the increase over the loaded model is what the decode itself needs)."""
+    size = 512 if args.quick else 1024
+    runs = {}
+    for mode in ("whole", "tiled"):
+        out = scratch / f"vae-{mode}.npy"
+        proc = subprocess.run([sys.executable, "-c", _VAE_CHILD, models["sd1"], str(size), mode, str(out),
+                               str(args.threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vae {mode} failed: {proc.stderr.strip()[-1500:]}")
+        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    import numpy as np
+
+    a, b = (np.load(scratch / f"vae-{m}.npy").astype(int) for m in ("whole", "tiled"))
+    decode_mb = {m: r["peak_rss_mb"] - r["rss_before_mb"] for m, r in runs.items()}
+    return dict(model=models["sd1"], size=size, runs=runs, decode_rss_mb=dict(sdtune=decode_mb["tiled"],
+                stock=decode_mb["whole"]), seconds=dict(sdtune=runs["tiled"]["seconds"], stock=runs["whole"]["seconds"]),
+                mean_abs_pixel_difference=float(np.abs(a - b).mean()), max_pixel_difference=int(np.abs(a - b).max()))
+
+
 def run_device_sections(args, models, lora, device: str, scratch: Path, results: dict, prefix: str) -> None:
     for name, fn in (("inference", lambda: section_inference(args, models, lora, device)),
                      ("cold_start", lambda: section_cold_start(args, models, device, scratch)),
@@ -348,6 +390,16 @@ def _rows(results: dict):
                          "import+load+1 image"))
         elif cs:
             rows.append((f"cold start ({label})", "", None, None, None, cs.get("error")))
+        vt = results.get("vae_tiling") if prefix == "" else None
+        if vt and "decode_rss_mb" in vt:
+            m, t = vt["decode_rss_mb"], vt["seconds"]
+            rows.append(("vae (cpu)", f"decode {vt['size']}px, RSS MB tiled/whole", m["sdtune"], m["stock"],
+                         m["stock"] / m["sdtune"] if min(m.values()) >= 1 else None,  # < 1 MB: below RSS's grain
+                         f"mean px diff {vt['mean_abs_pixel_difference']:.2f} (random latent)"))
+            rows.append(("vae (cpu)", f"decode {vt['size']}px, s tiled/whole", t["sdtune"], t["stock"],
+                         t["stock"] / t["sdtune"], ""))
+        elif vt:
+            rows.append(("vae (cpu)", "", None, None, None, vt.get("error")))
         ci = results.get(prefix + "class_images", {})
         if "images_per_s" in ci:
             v = ci["images_per_s"]
@@ -406,6 +458,7 @@ def main(argv=None) -> int:
 
         results["training"] = _guarded("training", lambda: section_training(args, models))
         run_device_sections(args, models, lora, "cpu", scratch, results, "")
+        results["vae_tiling"] = _guarded("vae tiling", lambda: section_vae_tiling(args, models, scratch))
         if torch.cuda.is_available():
             results["gpu"] = dict(device=torch.cuda.get_device_name(0),
                                   note="training runs on the device accelerate picks (see training section)")

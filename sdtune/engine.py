@@ -116,7 +116,7 @@ class Engine:
     @classmethod
     def load(cls, model, *, inpaint_model=None, depth_model=None, base=None, lora=None, lora_scale: float = 1.0,
              device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto",
-             inpaint_config=None, depth_config=None, base_config=None) -> "Engine":
+             inpaint_config=None, depth_config=None, base_config=None, vae_tiling: bool = False) -> "Engine":
         """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights.
 
         ``config``/``inpaint_config``/``depth_config``/``base_config``: local diffusers folders giving
@@ -189,7 +189,16 @@ class Engine:
                                   lora_scale=float(lora_scale) if lora is not None else None))
         if lora is not None:
             engine._apply_lora(lora, float(lora_scale), allow_pickle, fuse_lora)
+        engine.set_vae_tiling(vae_tiling)
         return engine
+
+    def set_vae_tiling(self, on: bool) -> None:
+        """Encode/decode in overlapping tiles of the VAE's own sample size (diffusers' tiling), for every mode.
+
+        Peak memory then grows with the tile, not the image: for images several times the model's size.
+        The tiles are blended across their overlap, so pixels differ slightly from a whole-image decode.
+        """
+        self.vae.enable_tiling() if on else self.vae.disable_tiling()
 
     def _apply_lora(self, path, scale: float, allow_pickle: bool, fuse) -> None:
         from . import lora as lora_mod
@@ -348,6 +357,7 @@ class Engine:
             unet={"base": "ordinary 4-channel", "inpaint": "inpainting 9-channel", "depth": "depth 5-channel"}[kind],
             long_prompt=req["long_prompt"], prompt_windows=enc.windows, prompt_truncated=enc.truncated,
             dtype=dtype_name(self.dtype), device=str(self.device), lora_fused=self.lora_fused,
+            vae_tiling=bool(getattr(self.vae, "use_tiling", False)),
         )
         params.update(self.sources)
         return params
@@ -368,7 +378,8 @@ def engine_for_params(params: dict, *, device=None, dtype=None, allow_pickle: bo
                        lora_scale=1.0 if scale is None else scale, device=device,
                        dtype=dtype or params.get("dtype"), config=params.get("config"),
                        inpaint_config=params.get("inpaint_config"), depth_config=params.get("depth_config"),
-                       base_config=params.get("base_config"), allow_pickle=allow_pickle)
+                       base_config=params.get("base_config"), allow_pickle=allow_pickle,
+                       vae_tiling=bool(params.get("vae_tiling", False)))
 
 
 def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = False, engine: Engine | None = None,

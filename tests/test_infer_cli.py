@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sdtune import embedded
 from PIL import Image
 
 from sdtune.cli import main
@@ -176,3 +177,25 @@ def test_entry_point_script_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "sdtune: error: --width must be a positive multiple of 8 (the VAE works on 8-pixel blocks), got 30; try 32"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not embedded.has_embedded("base"), reason="data/models is not built")
+def test_vae_tiling_decodes_large_images_in_tiles_and_is_recorded(tmp_path, capsys):
+    from sdtune.metadata import read_params
+
+    model = embedded.embedded_model("base")  # VAE sample size 64: a 192 px image is decoded in 3x3+ tiles
+    args = ("txt2img", "--model", model, "--prompt", "a photo of a red ball on snow", "--steps", 3, "--seed", 1,
+            "--width", 192, "--height", 192)
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "whole")
+    assert code == 0, err
+    (whole,) = [Path(line) for line in out.split()]
+    code, out, err = run_cli(capsys, *args, "--vae-tiling", "--out", tmp_path / "tiled")
+    assert code == 0, err
+    (tiled,) = [Path(line) for line in out.split()]
+    a, b = png_pixels(whole).astype(int), png_pixels(tiled).astype(int)
+    assert read_params(tiled)["vae_tiling"] is True and read_params(whole)["vae_tiling"] is False
+    assert 0 < np.abs(a - b).max()  # tiles really were used (blended seams differ)...
+    assert np.abs(a - b).mean() < 6  # ...and the picture is the same one
+    code, out, err = run_cli(capsys, "--from-png", tiled, "--out", tmp_path / "again")
+    assert code == 0, err
+    assert np.array_equal(png_pixels(Path(out.split()[0])), png_pixels(tiled))

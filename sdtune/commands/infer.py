@@ -51,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--depth-config", help="the same for a single-file --depth-model")
     g.add_argument("--base-config", help="the same for a single-file --base")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.ckpt/.bin) weights you trust")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="VAE in overlapping tiles: far less memory for images several times the model's size")
     g.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 on GPU, fp32 on CPU")
     s = p.add_argument_group("generation")
@@ -186,7 +188,8 @@ def run(args) -> int:
                              device=args.device, dtype=args.dtype, config=args.config,
                              inpaint_config=args.inpaint_config, depth_config=args.depth_config,
                              base_config=args.base_config,
-                             allow_pickle=args.allow_pickle, fuse_lora=False if args.no_fuse_lora else "auto")
+                             allow_pickle=args.allow_pickle, fuse_lora=False if args.no_fuse_lora else "auto",
+                             vae_tiling=args.vae_tiling)
         with _Progress(args.num_images, args.quiet) as bar:
             results = engine.generate(args.mode, on_step=bar.step, **gen)
     for path in save_results(results, args.out):

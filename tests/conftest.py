@@ -18,3 +18,13 @@ def tiny_models(tmp_path_factory):
     from sdtune.fixtures import tiny_family
 
     return tiny_family(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small models gain nothing from a second, and on shared CPUs two
+    threads per process spin against each other (measured: 2-3x slower steps under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

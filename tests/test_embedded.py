@@ -14,11 +14,8 @@ pytestmark = pytest.mark.skipif(not embedded.has_embedded("base"), reason="data/
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def test_the_family_is_fp16_safetensors_and_small():

@@ -34,13 +34,8 @@ def make_images(folder: Path, n: int, seed: int = 0, size=(36, 40)) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models gain nothing from a second thread, and on shared CPUs two threads per process
-    # spin against each other (measured: 2-3x slower steps under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -287,7 +287,7 @@ if mode == "tiled":
     vae.enable_tiling()
 start = time.perf_counter()
 with torch.no_grad():
-    x = vae.decode(z).sample if mode != "load" else z
+    x = vae.decode(z).sample
 took = time.perf_counter() - start
 np.save(out, ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before,

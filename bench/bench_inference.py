@@ -8,7 +8,10 @@ Same models, settings and seeds on both sides, in one run. Reports:
   users of a shared machine do not inflate) and the largest pixel difference between the two;
 * switching modes: time to make the next mode ready. The engine wraps weights it already holds
   (no reload); stock diffusers, holding one pipeline at a time, loads the next from disk;
-* memory: parameter bytes held for all four modes (engine) vs four stock pipelines.
+* memory: parameter bytes held for all four modes (engine) vs four stock pipelines;
+* with --compile, the engine again after ``Engine.compile_unets()``: each mode's first image (wall
+  seconds, compilation included; inductor's on-disk cache starts empty) and then seconds per image,
+  against the same stock figures.
 
     python bench/bench_inference.py --quick                # tiny random models (or the embedded family)
     python bench/bench_inference.py --model M --inpaint-model I --depth-model D --size 512 --steps 30
@@ -44,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 1 repeat: a smoke run")
+    p.add_argument("--compile", action="store_true", help="also time the engine with its UNets torch.compiled")
     p.add_argument("--lora", help="LoRA applied on both sides: fused by the engine, load_lora_weights on stock")
     return p.parse_args(argv)
 
@@ -216,6 +220,8 @@ def measure(args) -> dict:
                                                               seed=r + 1)))
             per_image[mode] = (statistics.median(ours_t), statistics.median(stock_t))
 
+        compiled = _measure_compiled(engine, stock, inputs, args, size, device) if args.compile else None
+
         mem_ours = param_bytes(engine.vae, engine.text_encoder, *engine.unets.values(), engine.depth_estimator)
         mem_stock = sum(param_bytes(*pipe_modules(p)) for p in stock.values())
         del stock
@@ -247,7 +253,26 @@ def measure(args) -> dict:
                 per_image={m: dict(sdtune=o, stock=s) for m, (o, s) in per_image.items()},
                 max_pixel_difference=same,
                 mode_switch_s=dict(sdtune=statistics.mean(switch_ours), stock=statistics.mean(switch_stock)),
-                weights_mb=dict(sdtune=mem_ours / 2**20, stock=mem_stock / 2**20))
+                weights_mb=dict(sdtune=mem_ours / 2**20, stock=mem_stock / 2**20),
+                **({"compiled": compiled} if compiled else {}))
+
+
+def _measure_compiled(engine, stock: dict, inputs: dict, args, size: int, device) -> dict:
+    """The engine with compiled UNets: first image per mode (compiling), then per image, pixels vs stock."""
+    import numpy as np
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdtune-bench-inductor-")  # a cold compile
+    engine.compile_unets()
+    first, per_image, same = {}, {}, {}
+    measure = cpu_timed if device.type == "cpu" else (lambda f: timed(f)[0])
+    for mode in MODES:
+        first[mode], a = timed(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=0))
+        b = stock_generate(stock[mode], mode, inputs, args.steps, size, seed=0)
+        same[mode] = int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+        per_image[mode] = statistics.median(
+            measure(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=r + 1))
+            for r in range(args.repeats))
+    return dict(first_image_wall_s=first, per_image=per_image, max_pixel_difference=same)
 
 
 def print_table(r: dict) -> None:
@@ -265,6 +290,12 @@ def print_table(r: dict) -> None:
     print(f"{'mode switch (s)':22}{so:10.4f}{ss:10.3f}{ratio:14.0f}   (mean over 4 switches)")
     mo, ms = r["weights_mb"]["sdtune"], r["weights_mb"]["stock"]
     print(f"{'weights held (MB)':22}{mo:10.1f}{ms:10.1f}{ms / max(mo, 1e-9):14.2f}")
+    if "compiled" in r:
+        c = r["compiled"]
+        for mode in MODES:
+            o, s = c["per_image"][mode], r["per_image"][mode]["stock"]
+            print(f"{mode + ' compiled':22}{o:10.3f}{s:10.3f}{s / o:14.2f}   max pixel difference: "
+                  f"{c['max_pixel_difference'][mode]}; first image {c['first_image_wall_s'][mode]:.1f} s (compiling)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,8 @@ Three runs per method, each the same steps on the same data and model (same seed
 so peak RSS is that run's own: ``on`` = sdtune (latents and prompt embeddings cached, fused AdamW),
 ``off`` = sdtune with ``cache_latents: false`` (what caching alone buys), ``stock`` = diffusers'
 example-script loop (bench/stock_dreambooth.py: images decoded, VAE and text encoder run every step).
+With ``--compile`` a fourth, ``compile`` = sdtune with ``compile: true``, run with an empty inductor
+cache so its ``first_step_s`` holds the whole one-off compilation a first run pays.
 
     python bench/bench_training.py --quick          # tiny random model, 32 px (CI-sized)
     python bench/bench_training.py --model PATH --resolution 64 --steps 30
@@ -28,6 +30,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    /proc's VmHWM where there is one: it starts afresh at exec, whereas ru_maxrss carries over the
+    forking parent's size (a child started from a 1 GB benchmark process would report 1 GB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     """One configuration: train, print {"steps_per_s", "wall_s", "peak_rss_mb", ...} as JSON."""
     import numpy as np
@@ -41,6 +59,7 @@ def child(args) -> None:
     from sdtune.config import config_from_dict
 
     stamps = []
+    loop_start = [None]  # set just before training starts: first_step_s = load + first step (+ compiling)
     original_log = Accelerator.log
 
     def timed_log(self, values, step=None, log_kwargs=None):  # called once per optimizer step
@@ -51,11 +70,14 @@ def child(args) -> None:
     from PIL import Image
 
     work = Path(args.work)
+    if args.cache == "compile":  # a cold compile: what a user's first run pays (later runs hit the cache)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{args.method}")
     lr = 1e-4 if args.method == "lora" else 1e-5
     start = time.perf_counter()
     if args.cache == "stock":  # diffusers' example-script loop (bench/stock_dreambooth.py)
         import stock_dreambooth
 
+        loop_start[0] = time.perf_counter()
         losses = stock_dreambooth.train_stock(
             args.model, work / "subject", "a photo of sks box", work / "class", "a photo of a box", args.method,
             args.resolution, args.batch, args.warmup + args.steps, lr, seed=0,
@@ -69,9 +91,11 @@ def child(args) -> None:
             with_prior_preservation=True, class_prompt="a photo of a box", class_dir=str(work / "class"),
             num_class_images=4, caption_dropout=0.1, method=args.method, resolution=args.resolution,
             train_batch_size=args.batch, max_steps=args.warmup + args.steps, learning_rate=lr,
-            random_flip=False, cache_latents=args.cache == "on", output_dir=str(work / f"out-{args.method}-{args.cache}"),
+            random_flip=False, cache_latents=args.cache != "off", compile=args.cache == "compile",
+            output_dir=str(work / f"out-{args.method}-{args.cache}"),
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
             optimizer=args.optimizer, seed=0))
+        loop_start[0] = time.perf_counter()
         result = dreambooth.train(cfg)
         losses, latent_encodes, prompt_encodes = result.losses, result.latent_encodes, result.prompt_encodes
     wall = time.perf_counter() - start
@@ -81,8 +105,8 @@ def child(args) -> None:
     # CPU seconds per step of this process: on a shared machine far steadier than wall time.
     cpu_ms = 1000 * (steady[-1][1] - steady[0][1]) / n if n > 0 else float("nan")
     print(json.dumps({"method": args.method, "cache": args.cache, "steps_per_s": steps_per_s, "cpu_ms_per_step": cpu_ms,
-                      "wall_s": wall,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "wall_s": wall, "first_step_s": stamps[0][0] - loop_start[0],
+                      "peak_rss_mb": peak_rss_mb(),
                       "peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                       "vae_encoded_images": latent_encodes, "text_encoder_calls": prompt_encodes,
                       "final_loss": float(np.mean(losses[-3:]))}))
@@ -153,6 +177,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
     p.add_argument("--sd15-full-size", action="store_true",
                    help="a random model with SD 1.5's exact architecture (860M UNet) instead of the quarter-width one")
+    p.add_argument("--compile", action="store_true",
+                   help="also time sdtune with compile: true (torch.compile; minutes of one-off compilation)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -167,7 +193,7 @@ def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
         make_data(work, args.resolution)
         rows = []
         for method in methods:
-            for cache in ("on", "off", "stock"):
+            for cache in ("on", "off", "stock") + (("compile",) if args.compile else ()):
                 cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
                        "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--batch", str(args.batch), "--threads", str(args.threads),
@@ -215,6 +241,11 @@ def main() -> int:
               f"x{stock['cpu_ms_per_step'] / on['cpu_ms_per_step']:.2f} CPU time per step, "
               f"peak RSS ratio (sdtune/stock) {on['peak_rss_mb'] / stock['peak_rss_mb']:.2f}; "
               f"caching alone x{off['cpu_ms_per_step'] / on['cpu_ms_per_step']:.2f} CPU time per step")
+        comp = next((r for r in rows if r["method"] == method and r["cache"] == "compile"), None)
+        if comp is not None:
+            print(f"{method} compiled: vs stock x{stock['cpu_ms_per_step'] / comp['cpu_ms_per_step']:.2f} CPU time per "
+                  f"step; compiling cost {comp['first_step_s'] - on['first_step_s']:.0f} s once "
+                  f"(first step {comp['first_step_s']:.1f} s vs {on['first_step_s']:.1f} s)")
     return 0
 
 

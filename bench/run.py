@@ -14,7 +14,13 @@ Sections (each: sdtune and the stock path on the same model, data, settings and 
 * cold start: ``sdtune infer txt2img`` as a subprocess vs a ``python -c`` diffusers script, wall seconds
   for import + load + one 2-step image;
 * class images: images/s, sdtune's batched generation (a list of per-image generators) vs one pipeline
-  call per image.
+  call per image;
+* with --compile, training and inference once more with torch.compile (sdtune's ``compile: true`` and
+  ``Engine.compile_unets``), each starting from an empty inductor cache so the one-off compilation it
+  reports is what a first run pays.
+
+``--only training,inference`` runs a subset (sections: training, inference, cold_start, class_images,
+vae_tiling, gpu).
 
 On a CPU, per-image and class-image times are process CPU seconds (steadier than wall time on a shared
 machine); cold start is wall time by nature. With CUDA present the inference, cold-start and
@@ -47,6 +53,18 @@ PROMPT = "a photo of a red fox in the snow"
 CLASS_PROMPT = "a photo of a box"
 
 
+SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "gpu")
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {','.join(SECTIONS)}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny models, 2 steps, 1 repeat, LoRA training only")
@@ -54,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--inpaint-model", help="with --model: the inpainting model for the inference section")
     p.add_argument("--depth-model", help="with --model: the depth model for the inference section")
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process and the cold-start children")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd training and inference (adds minutes of compiling)")
+    p.add_argument("--only", type=_sections, default=SECTIONS, metavar="A,B",
+                   help=f"run only these sections ({','.join(SECTIONS)})")
     p.add_argument("--out", default=str(BENCH / "results.json"))
     return p.parse_args(argv)
 
@@ -121,7 +143,7 @@ def _native_size(model: str) -> int:
 def section_training(args, models) -> dict:
     import bench_training
 
-    targs = bench_training.parse_args([])
+    targs = bench_training.parse_args(["--compile"] if args.compile else [])
     if args.model:
         targs.model = args.model
         targs.resolution = _native_size(args.model)
@@ -140,6 +162,12 @@ def section_training(args, models) -> dict:
                            cpu_ms_per_step=dict(sdtune=on["cpu_ms_per_step"], stock=stock["cpu_ms_per_step"],
                                                 sdtune_without_cache=off["cpu_ms_per_step"]),
                            peak_rss_mb=dict(sdtune=on["peak_rss_mb"], stock=stock["peak_rss_mb"]))
+        comp = next((r for r in rows if r["method"] == method and r["cache"] == "compile"), None)
+        if comp is not None:
+            out[method]["compiled"] = dict(
+                steps_per_s=comp["steps_per_s"], cpu_ms_per_step=comp["cpu_ms_per_step"],
+                peak_rss_mb=comp["peak_rss_mb"],
+                compile_s=comp["first_step_s"] - on["first_step_s"])
     return out
 
 
@@ -172,6 +200,8 @@ def section_inference(args, models, lora: Path, device: str) -> dict:
             "--lora", str(lora), "--device", device, "--threads", str(args.threads)]
     if args.quick:
         argv.append("--quick")
+    if args.compile:
+        argv.append("--compile")
     out = bench_inference.measure(bench_inference.parse_args(argv))
     out["lora_effect_max_pixel_difference"] = _lora_effect(models["sd1"], lora, device)
     return out
@@ -275,14 +305,16 @@ def section_class_images(args, models, device: str, scratch: Path) -> dict:
 
 
 _VAE_CHILD = """
-import json, resource, sys, time, numpy as np, torch
+import json, sys, time, numpy as np, torch
 from diffusers import AutoencoderKL
+sys.path.insert(0, sys.argv[6])
+from bench_training import peak_rss_mb  # VmHWM: this process's own peak, not its parent's
 model, size, mode, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(int(sys.argv[5]))
 vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32).eval()
 f = 2 ** (len(vae.config.block_out_channels) - 1)
 z = torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=torch.Generator().manual_seed(0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak_rss_mb()
 if mode == "tiled":
     vae.enable_tiling()
 start = time.perf_counter()
@@ -290,7 +322,7 @@ with torch.no_grad():
     x = vae.decode(z).sample
 took = time.perf_counter() - start
 np.save(out, ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before,
+print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_before_mb": before,
                   "seconds": took}))
 """
 
@@ -303,7 +335,7 @@ def section_vae_tiling(args, models, scratch: Path) -> dict:
     for mode in ("whole", "tiled"):
         out = scratch / f"vae-{mode}.npy"
         proc = subprocess.run([sys.executable, "-c", _VAE_CHILD, models["sd1"], str(size), mode, str(out),
-                               str(args.threads)], capture_output=True, text=True)
+                               str(args.threads), str(BENCH)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"vae {mode} failed: {proc.stderr.strip()[-1500:]}")
         runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -320,7 +352,8 @@ def run_device_sections(args, models, lora, device: str, scratch: Path, results:
     for name, fn in (("inference", lambda: section_inference(args, models, lora, device)),
                      ("cold_start", lambda: section_cold_start(args, models, device, scratch)),
                      ("class_images", lambda: section_class_images(args, models, device, scratch))):
-        results[prefix + name] = _guarded(name, fn)
+        if name in args.only:
+            results[prefix + name] = _guarded(name, fn)
 
 
 def _guarded(name: str, fn) -> dict:
@@ -369,6 +402,11 @@ def _rows(results: dict):
                                  f"sdtune uncached {c['sdtune_without_cache']:.0f}"))
                     r = tr[m]["peak_rss_mb"]
                     rows.append(("training", f"{m} peak RSS MB", r["sdtune"], r["stock"], r["stock"] / r["sdtune"], ""))
+                    if "compiled" in tr[m]:
+                        k = tr[m]["compiled"]
+                        rows.append(("training", f"{m} CPU ms/step compiled", k["cpu_ms_per_step"], c["stock"],
+                                     c["stock"] / k["cpu_ms_per_step"],
+                                     f"compile: true; {k['compile_s']:.0f} s compiling once"))
         inf = results.get(prefix + "inference", {})
         sec = f"inference ({label})"
         if "per_image" in inf:
@@ -378,6 +416,12 @@ def _rows(results: dict):
                              f"max px diff {inf['max_pixel_difference'][mode]}"))
             v = inf["load_s"]
             rows.append((sec, "load 4 modes s", v["sdtune"], v["stock"], v["stock"] / v["sdtune"], ""))
+            k = inf.get("compiled")
+            for mode in (k or {}).get("per_image", {}):
+                stock_t = inf["per_image"][mode]["stock"]
+                rows.append((sec, f"{mode} {unit}/image compiled", k["per_image"][mode], stock_t,
+                             stock_t / k["per_image"][mode], f"max px diff {k['max_pixel_difference'][mode]}; "
+                             f"first image {k['first_image_wall_s'][mode]:.0f} s (compiling)"))
         if "lora_effect_max_pixel_difference" in inf:
             rows.append((sec, "LoRA on vs off, max px diff", None, None, None,
                          f"{inf['lora_effect_max_pixel_difference']} (stock txt2img; shows the LoRA is applied)"))
@@ -456,15 +500,17 @@ def main(argv=None) -> int:
         results["models"] = models if args.model else "tiny random fixtures (sdtune.fixtures.tiny_family)"
         lora = make_lora(models["sd1"], scratch / "lora")
 
-        results["training"] = _guarded("training", lambda: section_training(args, models))
+        if "training" in args.only:
+            results["training"] = _guarded("training", lambda: section_training(args, models))
         run_device_sections(args, models, lora, "cpu", scratch, results, "")
-        results["vae_tiling"] = _guarded("vae tiling", lambda: section_vae_tiling(args, models, scratch))
-        if torch.cuda.is_available():
+        if "vae_tiling" in args.only:
+            results["vae_tiling"] = _guarded("vae tiling", lambda: section_vae_tiling(args, models, scratch))
+        if "gpu" in args.only and torch.cuda.is_available():
             results["gpu"] = dict(device=torch.cuda.get_device_name(0),
                                   note="training runs on the device accelerate picks (see training section)")
             run_device_sections(args, models, lora, "cuda", scratch, results, "gpu_")
             results["gpu_training"] = _guarded("gpu training", lambda: section_gpu_training(args))
-        else:
+        elif "gpu" in args.only:
             results["gpu"] = dict(skipped="skipped: no CUDA")
     results["total_wall_s"] = round(time.perf_counter() - started, 1)
 

@@ -109,6 +109,7 @@ class Engine:
         self.device, self.dtype = device, dtype
         self.sources = sources
         self.lora_fused = lora_fused
+        self.compiled = False
         self._pipes: dict = {}
 
     # ------------------------------------------------------------ loading
@@ -116,7 +117,8 @@ class Engine:
     @classmethod
     def load(cls, model, *, inpaint_model=None, depth_model=None, base=None, lora=None, lora_scale: float = 1.0,
              device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto",
-             inpaint_config=None, depth_config=None, base_config=None, vae_tiling: bool = False) -> "Engine":
+             inpaint_config=None, depth_config=None, base_config=None, vae_tiling: bool = False,
+             compile: bool = False) -> "Engine":
         """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights.
 
         ``config``/``inpaint_config``/``depth_config``/``base_config``: local diffusers folders giving
@@ -190,6 +192,8 @@ class Engine:
         if lora is not None:
             engine._apply_lora(lora, float(lora_scale), allow_pickle, fuse_lora)
         engine.set_vae_tiling(vae_tiling)
+        if compile:
+            engine.compile_unets()
         return engine
 
     def set_vae_tiling(self, on: bool) -> None:
@@ -199,6 +203,19 @@ class Engine:
         The tiles are blended across their overlap, so pixels differ slightly from a whole-image decode.
         """
         self.vae.enable_tiling() if on else self.vae.disable_tiling()
+
+    def compile_unets(self) -> None:
+        """``torch.compile`` every UNet in place, for inference (inductor; on a CPU with frozen weights).
+
+        Each mode's first image at a new size pays the compilation (tens of seconds on a CPU; inductor
+        caches part of it on disk for later processes), every step after it runs faster: worth it for
+        many images, not for one. On a CPU the weights are frozen into the compiled code (so oneDNN gets
+        them pre-packed instead of re-laid-out every call); a LoRA must therefore be applied before this.
+        """
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        for unet in {id(u): u for u in self.unets.values()}.values():
+            unet.compile(options=options)
+        self.compiled = True
 
     def _apply_lora(self, path, scale: float, allow_pickle: bool, fuse) -> None:
         from . import lora as lora_mod

@@ -199,3 +199,18 @@ def test_vae_tiling_decodes_large_images_in_tiles_and_is_recorded(tmp_path, caps
     code, out, err = run_cli(capsys, "--from-png", tiled, "--out", tmp_path / "again")
     assert code == 0, err
     assert np.array_equal(png_pixels(Path(out.split()[0])), png_pixels(tiled))
+
+
+def test_compile_flag_compiles_the_engines_unets(tiny_models, tmp_path, capsys, monkeypatch):
+    """--compile reaches Engine.compile_unets (the compiled output itself is checked in test_engine)."""
+    from sdtune.engine import Engine
+
+    calls = []
+    monkeypatch.setattr(Engine, "compile_unets", lambda self: calls.append(sorted(self.unets)))
+    base = ("txt2img", "--model", tiny_models["sd1"], "--prompt", "a boat", "--steps", 2)
+    code, _, err = run_cli(capsys, *base, "--out", tmp_path / "plain")
+    assert code == 0, err
+    assert calls == []
+    code, _, err = run_cli(capsys, *base, "--compile", "--out", tmp_path / "compiled")
+    assert code == 0, err
+    assert calls == [["base"]]

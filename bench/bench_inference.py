@@ -32,6 +32,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
+# "Same pictures": fusing a LoRA (or compiling) reorders float sums, which may move a pixel by a level or two.
+PIXEL_TOLERANCE = 2
 PROMPT = "a photo of a red fox in the snow"
 
 
@@ -141,6 +143,17 @@ def cpu_timed(fn):
     return time.process_time() - start
 
 
+def image_timer(device):
+    """Seconds of one call: process CPU time on a CPU, wall time elsewhere."""
+    return cpu_timed if device.type == "cpu" else (lambda fn: timed(fn)[0])
+
+
+def max_pixel_difference(a, b) -> int:
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
 def param_bytes(*modules) -> int:
     """Bytes of distinct parameter/buffer storage across ``modules`` (shared tensors counted once)."""
     seen, total = set(), 0
@@ -162,12 +175,12 @@ def pipe_modules(pipe):
 def main(argv=None) -> int:
     r = measure(parse_args(argv))
     print_table(r)
-    return 0 if not any(r["max_pixel_difference"].values()) else 1
+    diffs = [*r["max_pixel_difference"].values(), *r.get("compiled", {}).get("max_pixel_difference", {}).values()]
+    return 0 if max(diffs) <= PIXEL_TOLERANCE else 1
 
 
 def measure(args) -> dict:
     """Run every comparison; return the figures as a plain dict (printed by ``print_table``)."""
-    import numpy as np
     import torch
     import diffusers
     import transformers
@@ -208,15 +221,15 @@ def measure(args) -> dict:
         for mode in MODES:
             a = ours_generate(engine, mode, inputs, args.steps, size, seed=0)
             b = stock_generate(stock[mode], mode, inputs, args.steps, size, seed=0)
-            same[mode] = int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+            same[mode] = max_pixel_difference(a, b)
 
         per_image = {}
+        clock = image_timer(device)
         for mode in MODES:
             ours_t, stock_t = [], []
             for r in range(args.repeats):  # interleaved so background load hits both sides alike
-                measure = cpu_timed if device.type == "cpu" else (lambda f: timed(f)[0])
-                ours_t.append(measure(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=r + 1)))
-                stock_t.append(measure(lambda: stock_generate(stock[mode], mode, inputs, args.steps, size,
+                ours_t.append(clock(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=r + 1)))
+                stock_t.append(clock(lambda: stock_generate(stock[mode], mode, inputs, args.steps, size,
                                                               seed=r + 1)))
             per_image[mode] = (statistics.median(ours_t), statistics.median(stock_t))
 
@@ -244,7 +257,7 @@ def measure(args) -> dict:
         for mode in order[-1:]:
             a = ours_generate(fresh, mode, inputs, args.steps, size, seed=0)
             b = stock_generate(held, mode, inputs, args.steps, size, seed=0)
-            same[mode] = max(same[mode], int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()))
+            same[mode] = max(same[mode], max_pixel_difference(a, b))
 
     return dict(models=models["label"], device=str(device), dtype=dtype_name(dtype), threads=torch.get_num_threads(),
                 size=size, steps=args.steps, repeats=args.repeats, lora=args.lora is not None,
@@ -259,18 +272,16 @@ def measure(args) -> dict:
 
 def _measure_compiled(engine, stock: dict, inputs: dict, args, size: int, device) -> dict:
     """The engine with compiled UNets: first image per mode (compiling), then per image, pixels vs stock."""
-    import numpy as np
-
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdtune-bench-inductor-")  # a cold compile
     engine.compile_unets()
     first, per_image, same = {}, {}, {}
-    measure = cpu_timed if device.type == "cpu" else (lambda f: timed(f)[0])
+    clock = image_timer(device)
     for mode in MODES:
         first[mode], a = timed(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=0))
         b = stock_generate(stock[mode], mode, inputs, args.steps, size, seed=0)
-        same[mode] = int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+        same[mode] = max_pixel_difference(a, b)
         per_image[mode] = statistics.median(
-            measure(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=r + 1))
+            clock(lambda: ours_generate(engine, mode, inputs, args.steps, size, seed=r + 1))
             for r in range(args.repeats))
     return dict(first_image_wall_s=first, per_image=per_image, max_pixel_difference=same)
 

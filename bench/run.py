@@ -49,6 +49,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+from bench_inference import max_pixel_difference  # noqa: E402 (bench/ is on the path only from here)
+
 PROMPT = "a photo of a red fox in the snow"
 CLASS_PROMPT = "a photo of a box"
 
@@ -101,12 +103,6 @@ def _measure(device):
         torch.cuda.synchronize()
         return time.perf_counter() - start
     return run
-
-
-def _max_pixel_difference(a, b) -> int:
-    import numpy as np
-
-    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
 def make_lora(base: str, out_dir: Path) -> Path:
@@ -221,7 +217,7 @@ def _lora_effect(model: str, lora: Path, device: str) -> int:
         pipe.set_progress_bar_config(disable=True)
         return pipe(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
                     generator=torch.Generator("cpu").manual_seed(0)).images[0]
-    return _max_pixel_difference(image(False), image(True))
+    return max_pixel_difference(image(False), image(True))
 
 
 _STOCK_SCRIPT = """
@@ -296,7 +292,7 @@ def section_class_images(args, models, device: str, scratch: Path) -> dict:
     t_batched = measure(lambda: batched(scratch / "cls-b"))
     from PIL import Image
 
-    diff = max(_max_pixel_difference(Image.open(scratch / "cls-1" / f"class_{i:05d}.png"),
+    diff = max(max_pixel_difference(Image.open(scratch / "cls-1" / f"class_{i:05d}.png"),
                                      Image.open(scratch / "cls-b" / f"class_{i:05d}.png")) for i in range(n))
     return dict(model=models["sd1"], images=n, batch_size=batch, steps=steps, size=32,
                 time_unit="cpu_s" if dev.type == "cpu" else "wall_s",

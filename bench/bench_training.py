@@ -59,7 +59,6 @@ def child(args) -> None:
     from sdtune.config import config_from_dict
 
     stamps = []
-    loop_start = [None]  # set just before training starts: first_step_s = load + first step (+ compiling)
     original_log = Accelerator.log
 
     def timed_log(self, values, step=None, log_kwargs=None):  # called once per optimizer step
@@ -73,11 +72,10 @@ def child(args) -> None:
     if args.cache == "compile":  # a cold compile: what a user's first run pays (later runs hit the cache)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{args.method}")
     lr = 1e-4 if args.method == "lora" else 1e-5
-    start = time.perf_counter()
+    start = time.perf_counter()  # first_step_s = loading + the first step (+ compiling)
     if args.cache == "stock":  # diffusers' example-script loop (bench/stock_dreambooth.py)
         import stock_dreambooth
 
-        loop_start[0] = time.perf_counter()
         losses = stock_dreambooth.train_stock(
             args.model, work / "subject", "a photo of sks box", work / "class", "a photo of a box", args.method,
             args.resolution, args.batch, args.warmup + args.steps, lr, seed=0,
@@ -95,7 +93,6 @@ def child(args) -> None:
             output_dir=str(work / f"out-{args.method}-{args.cache}"),
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
             optimizer=args.optimizer, seed=0))
-        loop_start[0] = time.perf_counter()
         result = dreambooth.train(cfg)
         losses, latent_encodes, prompt_encodes = result.losses, result.latent_encodes, result.prompt_encodes
     wall = time.perf_counter() - start
@@ -105,7 +102,7 @@ def child(args) -> None:
     # CPU seconds per step of this process: on a shared machine far steadier than wall time.
     cpu_ms = 1000 * (steady[-1][1] - steady[0][1]) / n if n > 0 else float("nan")
     print(json.dumps({"method": args.method, "cache": args.cache, "steps_per_s": steps_per_s, "cpu_ms_per_step": cpu_ms,
-                      "wall_s": wall, "first_step_s": stamps[0][0] - loop_start[0],
+                      "wall_s": wall, "first_step_s": stamps[0][0] - start,
                       "peak_rss_mb": peak_rss_mb(),
                       "peak_vram_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                       "vae_encoded_images": latent_encodes, "text_encoder_calls": prompt_encodes,

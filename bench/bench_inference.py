@@ -55,8 +55,8 @@ def parse_args(argv=None):
 
 
 def resolve_models(args, scratch: Path) -> dict:
-    from sdtune.embedded import embedded_model, has_embedded
-    from sdtune.fixtures import tiny_family
+    from sdtune.models.embedded import embedded_model, has_embedded
+    from sdtune.models.fixtures import tiny_family
 
     if args.model:
         if not (args.inpaint_model and args.depth_model):
@@ -86,8 +86,12 @@ def make_inputs(size: int, scratch: Path) -> dict:
 
 def stock_load(mode: str, models: dict, device, dtype, lora=None):
     """What a diffusers user does per mode: from_pretrained of that mode's pipeline class (+ load_lora_weights)."""
-    from diffusers import (StableDiffusionDepth2ImgPipeline, StableDiffusionImg2ImgPipeline,
-                           StableDiffusionInpaintPipeline, StableDiffusionPipeline)
+    from diffusers import (
+        StableDiffusionDepth2ImgPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
 
     no_checker = dict(safety_checker=None, requires_safety_checker=False)
     if mode == "depth2img":
@@ -181,14 +185,14 @@ def main(argv=None) -> int:
 
 def measure(args) -> dict:
     """Run every comparison; return the figures as a plain dict (printed by ``print_table``)."""
-    import torch
+    import warnings
+
     import diffusers
+    import torch
     import transformers
 
     from sdtune.devices import dtype_name, pick_device, pick_dtype
-    from sdtune.engine import Engine
-
-    import warnings
+    from sdtune.generation.engine import Engine
 
     warnings.filterwarnings("ignore", message=".*autocast.*")  # depth2img's fp32-on-CPU autocast notice
     if args.quick:

@@ -56,7 +56,8 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "train"))
     sys.path.insert(0, str(ROOT / "bench"))
     import dreambooth
-    from sdtune.config import config_from_dict
+
+    from sdtune.training.config import config_from_dict
 
     stamps = []
     original_log = Accelerator.log
@@ -120,7 +121,7 @@ def save_sd_shaped(out: Path, full_size: bool = False) -> Path:
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdtune.fixtures import tiny_scheduler, tiny_text_encoder, tiny_tokenizer
+    from sdtune.models.fixtures import tiny_scheduler, tiny_text_encoder, tiny_tokenizer
 
     torch.manual_seed(0)
     w = 4 if full_size else 1  # full size: SD 1.5's own widths (UNet 860M, VAE 84M, CLIP ViT-L/14 text 123M)

@@ -113,8 +113,8 @@ def make_lora(base: str, out_dir: Path) -> Path:
     """
     import torch
 
-    from sdtune import adapters
-    from sdtune.loading import load_pipeline
+    from sdtune.models.loading import load_pipeline
+    from sdtune.training import adapters
 
     pipe = load_pipeline(base)
     adapters.add_unet_lora(pipe.unet, rank=4, alpha=4.0)
@@ -260,11 +260,11 @@ def section_cold_start(args, models, device: str, scratch: Path) -> dict:
 
 
 def section_class_images(args, models, device: str, scratch: Path) -> dict:
-    """Images/s: sdtune.class_images (batch of B, one generator per image) vs one pipeline call per image."""
+    """Images/s: sdtune.training.class_images (batch of B, one generator per image) vs one pipeline call per image."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sdtune.class_images import generate_class_images
+    from sdtune.training.class_images import generate_class_images
 
     dev = torch.device(device)
     n, batch, steps = (8, 8, 2) if args.quick else (16, 8, 10)
@@ -465,14 +465,15 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import warnings
+
     import diffusers
     import peft
     import torch
     import transformers
-    import warnings
 
-    from sdtune.fixtures import tiny_family
     from sdtune.imageio import write_text_atomic
+    from sdtune.models.fixtures import tiny_family
 
     warnings.filterwarnings("ignore", message=".*autocast.*")
     torch.set_num_threads(args.threads)
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
             models = dict(sd1=args.model, inpaint=args.inpaint_model, depth=args.depth_model)
         else:
             models = {k: str(v) for k, v in tiny_family(scratch / "tiny").items()}
-        results["models"] = models if args.model else "tiny random fixtures (sdtune.fixtures.tiny_family)"
+        results["models"] = models if args.model else "tiny random fixtures (sdtune.models.fixtures.tiny_family)"
         lora = make_lora(models["sd1"], scratch / "lora")
 
         if "training" in args.only:

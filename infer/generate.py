@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from sdtune.cli import main  # noqa: E402
+from sdtune.commands.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["infer", *sys.argv[1:]]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SdtuneError
+from sdtune.errors import SdtuneError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

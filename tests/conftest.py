@@ -9,13 +9,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# SDTUNE_TEST_THREADS=1 leaves the other core to a job running beside the tests.
+torch.set_num_threads(int(os.environ.get("SDTUNE_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of tiny diffusers folders: {'sd1', 'sd2v', 'inpaint', 'depth'}."""
-    from sdtune.fixtures import tiny_family
+    from sdtune.models.fixtures import tiny_family
 
     return tiny_family(tmp_path_factory.mktemp("tiny_models"))
 

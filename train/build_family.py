@@ -39,8 +39,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdtune import family, objectives, world  # noqa: E402
 from sdtune.imageio import write_text_atomic  # noqa: E402
+from sdtune.training import objectives  # noqa: E402
+from sdtune.world import family, scenes  # noqa: E402
 
 STAGES = ("vae", "base", "inpaint", "estimator", "depth")
 DONE = "done.json"
@@ -204,11 +205,11 @@ class Build:
             print(f"rendering {r['count']} world scenes ...", flush=True)
             t0 = time.time()
             images, disp, masks, attrs, subj = [], [], [], [], []
-            for res in world.dataset(r["count"], self.seed + 1, size=self.size, subject_share=r["subject_share"]):
+            for res in scenes.dataset(r["count"], self.seed + 1, size=self.size, subject_share=r["subject_share"]):
                 images.append(np.asarray(res.image, np.uint8))
                 disp.append(res.disparity.astype(np.float16))
                 masks.append(res.mask)
-                attrs.append([world.CHOICES[a].index(getattr(res.scene, a)) for a in world.ATTRIBUTES])
+                attrs.append([scenes.CHOICES[a].index(getattr(res.scene, a)) for a in scenes.ATTRIBUTES])
                 subj.append(res.subject is not None)
             data = {"images": np.stack(images), "disparity": np.stack(disp), "masks": np.stack(masks),
                     "attrs": np.asarray(attrs, np.int8), "subject": np.asarray(subj)}
@@ -283,22 +284,22 @@ class Build:
     def captions(self, idx: np.ndarray, gen: torch.Generator, t: dict) -> list[str]:
         """World captions for renders ``idx``: all attributes, a random subset, or "" (caption dropout)."""
         attrs = self.renders()["attrs"][idx]
-        u = torch.rand(len(idx), 2 + len(world.ATTRIBUTES), generator=gen).numpy()
+        u = torch.rand(len(idx), 2 + len(scenes.ATTRIBUTES), generator=gen).numpy()
         out = []
         for row, draw in zip(attrs, u):
             if draw[0] < t["caption_dropout"]:
                 out.append("")
                 continue
-            scene = world.Scene(**{a: world.CHOICES[a][int(v)] for a, v in zip(world.ATTRIBUTES, row)})
+            scene = scenes.Scene(**{a: scenes.CHOICES[a][int(v)] for a, v in zip(scenes.ATTRIBUTES, row)})
             if draw[1] < t["full_caption_share"]:
                 stated = None
             else:
-                stated = {a for a, d in zip(world.ATTRIBUTES, draw[2:]) if d < t["keep"]}
-            out.append(world.caption(scene, stated=stated))
+                stated = {a for a, d in zip(scenes.ATTRIBUTES, draw[2:]) if d < t["keep"]}
+            out.append(scenes.caption(scene, stated=stated))
         return out
 
     def diffusion_loss(self, unet, latents, cond, embeddings, gen, t: dict) -> torch.Tensor:
-        """SD's objective (sdtune.objectives): noise, x_t, epsilon target, min-SNR-weighted MSE."""
+        """SD's objective (sdtune.training.objectives): noise, x_t, epsilon target, min-SNR-weighted MSE."""
         sched = self.scheduler()
         noise = objectives.sample_noise(latents, gen)
         steps = objectives.sample_timesteps(len(latents), sched.config.num_train_timesteps, gen)
@@ -443,7 +444,7 @@ class Build:
         sf = float(vae.config.scaling_factor)
         pool = self.pool()
         unet = family.widen_unet(base_unet, 9)
-        from sdtune.caching import PromptEncoder
+        from sdtune.training.caching import PromptEncoder
 
         prompts = PromptEncoder(family.build_tokenizer(), text_encoder, "cpu", cache=True)  # frozen, shared
 
@@ -511,7 +512,7 @@ class Build:
         sf = float(vae.config.scaling_factor)
         pool = self.pool()
         unet = family.widen_unet(base_unet, 5)
-        from sdtune.caching import PromptEncoder
+        from sdtune.training.caching import PromptEncoder
 
         prompts = PromptEncoder(family.build_tokenizer(), text_encoder, "cpu", cache=True)
 
@@ -541,7 +542,11 @@ GRID_PROMPTS = ("a photo of a large red ball in the center, on grass", "a photo 
 def sample_grids(out: Path, folder: Path, seed: int = 0, steps: int = 25, guidance: float = 7.5) -> list[Path]:
     """PNG grids to look at after a build: base samples (a row per prompt, the last one unconditional),
     inpainting (scene | mask | 3 repaints) and depth2img (scene | 3 restyles keeping its layout)."""
-    from diffusers import StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from diffusers import (
+        StableDiffusionDepth2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
     from PIL import Image
 
     def save(rows, name):
@@ -559,8 +564,8 @@ def sample_grids(out: Path, folder: Path, seed: int = 0, steps: int = 25, guidan
         rows = [pipe([p] * 4, height=64, width=64, generator=torch.Generator().manual_seed(seed + i), **kw).images
                 for i, p in enumerate(GRID_PROMPTS)]
         written.append(save(rows, "base.png"))
-    scenes = [world.Scene("ball", "red", "large", "left", "grass", seed=1), world.Scene("cone", "blue", "small", "right", "snow", seed=2)]
-    renders = [world.render(sc) for sc in scenes]
+    grid_scenes = [scenes.Scene("ball", "red", "large", "left", "grass", seed=1), scenes.Scene("cone", "blue", "small", "right", "snow", seed=2)]
+    renders = [scenes.render(sc) for sc in grid_scenes]
     if (out / "inpaint").is_dir():
         pipe = StableDiffusionInpaintPipeline.from_pretrained(out / "inpaint", dtype=torch.float32, safety_checker=None,
                                                               requires_safety_checker=False)

@@ -28,16 +28,17 @@ from pathlib import Path
 
 import torch
 
-from sdtune import adapters, checkpointing
-from sdtune import objectives as obj
-from sdtune.caching import LatentSource, PromptEncoder
-from sdtune.class_images import ensure_class_images
-from sdtune.config import TrainConfig, config_to_dict, load_config, resolve_model
-from sdtune.data import DreamBoothDataset, caption_dropout_mask, check_output_dir, collate, find_images
+from sdtune import console
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic
-from sdtune.loading import describe, load_pipeline
-from sdtune.model_card import write_model_card
+from sdtune.models.loading import describe, load_pipeline
+from sdtune.training import adapters, checkpointing
+from sdtune.training import objectives as obj
+from sdtune.training.caching import LatentSource, PromptEncoder
+from sdtune.training.class_images import ensure_class_images
+from sdtune.training.config import TrainConfig, config_to_dict, load_config, min_image_side, resolve_model
+from sdtune.training.data import DreamBoothDataset, caption_dropout_mask, check_output_dir, collate, find_images
+from sdtune.training.model_card import write_model_card
 
 log = logging.getLogger("sdtune.train")
 
@@ -229,8 +230,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         checkpointing.remove_partials(output_dir)
-    instance_images = find_images(cfg.instance_dir, what="instance_dir")
+    instance_images = find_images(cfg.instance_dir, what="instance_dir", min_side=min_image_side(cfg))
     resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
+    if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
+        log.info("resume: latest found no checkpoint in %s; starting from step 0", output_dir)
     set_seed(cfg.seed)  # the initial LoRA weights; identical on every process
 
     # --- the base model: fp32 master weights, half precision only for what is frozen ---------------
@@ -423,9 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    verbose = "--verbose" in argv
+    console.setup(verbose=verbose)
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(argv[0], [a for a in argv[1:] if a != "--verbose"])
         result = train(cfg)
     except SdtuneError as exc:
         print(f"sdtune: error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Train the judge (sdtune/judge.py) on fresh renders of the built-in world; reproducible from a seed.
+"""Train the judge (sdtune/world/judge.py) on fresh renders of the built-in world; reproducible from a seed.
 
     python train/judge.py --out data/judge            # the shipped judge (minutes on 2 CPU cores)
 
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdtune import world  # noqa: E402
 from sdtune.imageio import atomic_path, write_text_atomic  # noqa: E402
-from sdtune.judge import CONFIG, WEIGHTS, Judge, JudgeNet, default_config, to_tensor  # noqa: E402
+from sdtune.world import scenes  # noqa: E402
+from sdtune.world.judge import CONFIG, WEIGHTS, Judge, JudgeNet, default_config, to_tensor  # noqa: E402
 
 IGNORE = -100
 
@@ -79,7 +79,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def evaluate(judge: Judge, n: int, seed: int, subject_share: float) -> dict[str, float]:
     """Per-attribute accuracy on ``n`` fresh renders from ``seed`` (colour scored on non-subjects)."""
-    renders = list(world.dataset(n, seed, subject_share=subject_share))
+    renders = list(scenes.dataset(n, seed, subject_share=subject_share))
     preds = judge.predict([r.image for r in renders])
     acc = {}
     for name in judge.labels:
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         tr = time.time()
         # Each round's renders come from their own seed, derived from the run seed.
-        renders = list(world.dataset(args.per_round, seed=args.seed * 1000 + rnd + 1, subject_share=args.subject_share))
+        renders = list(scenes.dataset(args.per_round, seed=args.seed * 1000 + rnd + 1, subject_share=args.subject_share))
         x_all = to_tensor([r.image for r in renders], config["image_size"])
         y_all = labels_of(renders, heads)
         render_s += time.time() - tr

@@ -1,1 +1,6 @@
-"""CLI subcommands, one module each (see sdtune/cli.py)."""
+"""Commands: the ``sdtune`` command line.
+
+``cli`` builds the parser and turns a ``SdtuneError`` into one line and a non-zero exit; each
+subcommand lives in its own module (``add_parser`` + ``run``) and imports the library lazily, so
+``sdtune --help`` never pays for torch. May import every other sdtune package; nothing imports it.
+"""

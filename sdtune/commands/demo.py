@@ -43,13 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import logging
+    from sdtune.world.demo import run_demo
 
-    from ..demo import run_demo
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.ablations:
-        from ..ablations import run_ablations
+        from sdtune.world.ablations import run_ablations
 
         if args.inpaint_model or args.depth_model:
             print("sdtune demo --ablations: only --model is used (the ablations draw txt2img)", flush=True)

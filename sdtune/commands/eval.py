@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     import json
 
-    from ..evaluation import evaluate_folder
-    from ..imageio import write_text_atomic
-    from ..judge import Judge
+    from sdtune.imageio import write_text_atomic
+    from sdtune.world.evaluation import evaluate_folder
+    from sdtune.world.judge import Judge
 
     judge = None if args.no_judge else Judge.load(args.judge)
     metrics = evaluate_folder(

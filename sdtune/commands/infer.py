@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -85,38 +84,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging() -> None:
-    """sdtune notes/warnings as 'sdtune: warning: ...' lines; library chatter and their bars off."""
-    class _Fmt(logging.Formatter):
-        def format(self, record):
-            kind = "warning" if record.levelno >= logging.WARNING else "note"
-            return f"sdtune: {kind}: {record.getMessage()}"
-
-    log = logging.getLogger("sdtune")
-    handler = next((h for h in log.handlers if getattr(h, "_sdtune", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_Fmt())
-        handler._sdtune = True
-        log.addHandler(handler)
-    handler.stream = sys.stderr  # the current stderr (tests and callers may have replaced it)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    import warnings
-
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*autocast.*")  # depth2img's fp32 autocast notice
-
-
 def _default_models(args) -> dict:
     """--model defaults to the embedded base; its inpaint/depth siblings join only when --model was not given."""
-    from sdtune.embedded import embedded_model, has_embedded
+    from sdtune.models.embedded import embedded_model, has_embedded
 
     models = dict(model=args.model, inpaint_model=args.inpaint_model, depth_model=args.depth_model)
     if args.model is None:
@@ -157,10 +127,8 @@ class _Progress:
 
 def run(args) -> int:
     from sdtune.errors import SdtuneError
-
-    _setup_logging()
-    from sdtune.engine import Engine, check_params, check_request, engine_for_params, regenerate
-    from sdtune.metadata import read_params, save_results
+    from sdtune.generation.engine import Engine, check_params, check_request, engine_for_params, regenerate
+    from sdtune.generation.metadata import read_params, save_results
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

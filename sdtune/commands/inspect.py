@@ -1,4 +1,4 @@
-"""``sdtune inspect``: the course's teaching tools, one subcommand each (see sdtune/teaching.py)."""
+"""``sdtune inspect``: the course's teaching tools, one subcommand each (see sdtune/generation/teaching.py)."""
 from __future__ import annotations
 
 import argparse
@@ -79,21 +79,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    """No loading bars or info chatter from diffusers/transformers: the tools print their own lines."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _load(args):
-    from ..devices import pick_device, pick_dtype
-    from ..embedded import embedded_model
-    from ..loading import load_pipeline
+    from sdtune.devices import pick_device, pick_dtype
+    from sdtune.models.embedded import embedded_model
+    from sdtune.models.loading import load_pipeline
 
     source = args.model or embedded_model("base")
     device = pick_device(args.device)
@@ -102,7 +91,7 @@ def _load(args):
 
 
 def _parse_list(text: str, what: str, convert=str) -> list:
-    from ..errors import SdtuneError
+    from sdtune.errors import SdtuneError
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -116,10 +105,10 @@ def _parse_list(text: str, what: str, convert=str) -> list:
 def run(args) -> int:
     from pathlib import Path
 
-    from .. import teaching
-    from ..errors import SdtuneError
-    from ..imageio import open_image, save_image_atomic
-    from ..schedulers import make_scheduler
+    from sdtune.errors import SdtuneError
+    from sdtune.generation import teaching
+    from sdtune.imageio import open_image, save_image_atomic
+    from sdtune.models.schedulers import make_scheduler
 
     tool = args.tool
     # Check what can be checked before the (slow) model load.
@@ -128,7 +117,7 @@ def run(args) -> int:
     if tool == "guidance":
         scales = _parse_list(args.scales, "scales", float)
     if tool == "schedulers":
-        from ..schedulers import SCHEDULERS
+        from sdtune.models.schedulers import SCHEDULERS
         names = _parse_list(args.names, "names")
         unknown = [n for n in names if n.lower() not in SCHEDULERS]
         if unknown:
@@ -138,7 +127,6 @@ def run(args) -> int:
     if tool in {"guidance", "schedulers"}:
         teaching._check_generation(args.steps, args.width, args.height)
 
-    _quiet_libraries()
     pipe = _load(args)
     if tool == "tokens":
         print(teaching.format_tokens(teaching.inspect_tokens(pipe, args.text)))

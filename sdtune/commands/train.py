@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
-import sys
-from pathlib import Path
 
 EPILOG = """\
 One process (one GPU, or the CPU). For several GPUs run the very same recipe under accelerate:
@@ -20,9 +16,6 @@ pipeline folder (full), README.md model card, samples/, logs/ (tensorboard --log
 checkpoint-N/ folders (resume=latest continues from the newest).
 """
 
-RECIPE = Path(__file__).resolve().parents[2] / "train" / "dreambooth.py"
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="DreamBooth fine-tuning (LoRA or full) from a YAML config",
@@ -35,27 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe():
-    """Import train/dreambooth.py (it is a script beside the package, not part of it)."""
-    from ..errors import SdtuneError
-
-    if not RECIPE.is_file():
-        raise SdtuneError(f"the training recipe {RECIPE} is missing; run sdtune from a source checkout "
-                          "(pip install -e .)")
-    name = "sdtune_dreambooth_recipe"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(args) -> int:
-    from ..config import load_config
+    from sdtune.training.config import load_config
+    from sdtune.training.recipe import load_recipe
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)  # validated before anything heavy is loaded
     result = load_recipe().train(cfg)
     print(f"done: {result.global_step} steps, outputs in {result.output_dir}")

@@ -1,0 +1,61 @@
+"""The ``sdtune`` command: one entry point, a subcommand per job.
+
+Each subcommand lives in ``sdtune/commands/<name>.py`` with ``add_parser(subparsers)`` and
+``run(args) -> int``; heavy libraries are imported inside ``run`` so ``--help`` stays instant.
+A ``SdtuneError`` becomes one line on stderr and exit code 2 - never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sdtune import console
+from sdtune.errors import SdtuneError
+
+COMMANDS = ("infer", "inspect", "train", "eval", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"sdtune.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"sdtune.commands.{name}":
+                raise
+            continue  # a command not built yet
+        module.add_parser(sub)
+    _add_verbose(parser)
+    return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on a parser and every subcommand under it (``sdtune --verbose infer`` and
+    ``sdtune infer ... --verbose`` both work; a subparser must not reset what the top level set)."""
+    top = parser.prog == "sdtune"
+    parser.add_argument("--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="also show the libraries' own notices, loading bars and warnings")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console.setup(verbose=args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except SdtuneError as exc:
+        print(f"sdtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sdtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

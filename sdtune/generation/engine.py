@@ -1,0 +1,565 @@
+"""One inference engine for txt2img, img2img, inpaint and depth2img.
+
+The shared parts (VAE, text encoder, tokenizer) are loaded once. Each mode is diffusers' own
+pipeline class (StableDiffusionPipeline / Img2Img / Inpaint / Depth2Img) constructed around those
+same objects, so switching modes never reloads or copies them; only the UNet differs per mode:
+
+* txt2img, img2img: the model's ordinary 4-channel UNet;
+* inpaint: a 9-channel inpainting UNet (the model itself if it is one, or ``inpaint_model``);
+  without one, the ordinary UNet (diffusers' inpaint pipeline then blends the known region back
+  in at every step);
+* depth2img: a 5-channel depth UNet (the model or ``depth_model``) with its depth estimator, or a
+  depth map given by the user.
+
+Dedicated inpaint/depth models run with the main model's VAE and text encoder: the public
+inpainting and depth models kept SD's frozen VAE and CLIP, so this is what they were trained with,
+and a fine-tuned text encoder then reaches every mode. Fine-tuned full weights reach the dedicated
+UNets by "add difference" (dedicated + (fine-tuned - base)) when ``base`` names the base model.
+A LoRA is loaded into every distinct UNet and once into the shared text encoder.
+
+Reproducibility: each image i of a request is its own pipeline call with its own CPU
+``torch.Generator`` seeded ``seed + i``, so image i of a batch equals a single run with seed + i,
+and the seed stored in its metadata regenerates it exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sdtune import __version__
+from sdtune.devices import DTYPES, dtype_name, pick_device, pick_dtype
+from sdtune.errors import SdtuneError
+from sdtune.generation.prompts import CHUNK, TRUNCATE, encode_prompts
+from sdtune.imageio import open_image
+from sdtune.models.loading import describe, load_pipeline, resolve_source
+from sdtune.models.schedulers import make_scheduler, scheduler_names
+
+log = logging.getLogger("sdtune")
+
+MODES = ("txt2img", "img2img", "inpaint", "depth2img")
+DEFAULT_SCHEDULER = "default"  # the model's own scheduler, as saved with it
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    params: dict = field(default_factory=dict)
+
+
+def _source_name(source) -> str | None:
+    """A local path made absolute (so --from-png works from anywhere); a hub id as given."""
+    if source is None:
+        return None
+    p = Path(str(source)).expanduser()
+    return str(p.resolve()) if p.exists() else str(source)
+
+
+# ---------------------------------------------------------------- full-weight "add difference"
+
+@torch.no_grad()
+def add_difference(dedicated: torch.nn.Module, finetuned: torch.nn.Module, base: torch.nn.Module,
+                   what: str = "UNet") -> list[str]:
+    """In place: ``dedicated += finetuned - base`` for every tensor of the same shape in all three.
+
+    Tensors whose shape differs (an inpaint/depth UNet's wider ``conv_in``) keep the dedicated
+    model's values. Returns the names that were kept unchanged. Computed in fp32.
+    """
+    d_sd, f_sd, b_sd = dedicated.state_dict(), finetuned.state_dict(), base.state_dict()
+    comparable = [k for k in f_sd if k in b_sd and f_sd[k].shape == b_sd[k].shape]
+    if len(comparable) < 0.9 * len(f_sd):
+        raise SdtuneError(f"--base does not match the fine-tuned model's {what} (different architecture); "
+                          "pass the model it was fine-tuned from")
+    kept = []
+    for name, tensor in d_sd.items():
+        if name in f_sd and name in b_sd and f_sd[name].shape == b_sd[name].shape == tensor.shape:
+            diff = f_sd[name].to(tensor.device).float() - b_sd[name].to(tensor.device).float()
+            tensor.copy_((tensor.float() + diff).to(tensor.dtype))
+        else:
+            kept.append(name)
+    return kept
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
+
+
+# ---------------------------------------------------------------- the engine
+
+class Engine:
+    """Loaded once; ``generate(mode, ...)`` serves all four modes from shared components."""
+
+    def __init__(self, *, vae, text_encoder, tokenizer, unets: dict, schedulers: dict, text_encoders: dict,
+                 depth_estimator=None, feature_extractor=None, device, dtype, sources: dict,
+                 lora_fused: bool | None = None):
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.unets = unets  # kind ("base" | "inpaint" | "depth") -> UNet
+        self._schedulers = schedulers  # kind -> the model's own scheduler (config template, never stepped)
+        self._text_encoders = text_encoders  # kind -> text encoder (the shared one unless add-difference forced own)
+        self.depth_estimator, self.feature_extractor = depth_estimator, feature_extractor
+        self.device, self.dtype = device, dtype
+        self.sources = sources
+        self.lora_fused = lora_fused
+        self.compiled = False
+        self._pipes: dict = {}
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model, *, inpaint_model=None, depth_model=None, base=None, lora=None, lora_scale: float = 1.0,
+             device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto",
+             inpaint_config=None, depth_config=None, base_config=None, vae_tiling: bool = False,
+             compile: bool = False) -> "Engine":
+        """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights.
+
+        ``config``/``inpaint_config``/``depth_config``/``base_config``: local diffusers folders giving
+        the architecture of single-file checkpoints (see ``loading.load_pipeline``).
+        """
+        device = device if isinstance(device, torch.device) else pick_device(device)
+        if isinstance(dtype, torch.dtype):
+            if dtype not in DTYPES.values():
+                raise SdtuneError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+        else:
+            dtype = pick_dtype(device, dtype)
+        if lora_scale is None or not math.isfinite(float(lora_scale)):
+            raise SdtuneError("--lora-scale must be a finite number (1.0 = as trained, 0 = off)")
+        for name, src in (("--inpaint-model", inpaint_model), ("--depth-model", depth_model), ("--base", base)):
+            if src is not None:
+                _check_source(src, name)
+        if lora is not None:  # fail on a missing LoRA before minutes of model loading
+            from sdtune.models.lora import find_lora_file
+            find_lora_file(lora, allow_pickle)
+
+        main = load_pipeline(model, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        kind = {9: "inpaint", 5: "depth"}.get(describe(main).unet_in_channels, "base")
+        unets, schedulers = {kind: main.unet}, {kind: main.scheduler}
+        text_encoders = {k: main.text_encoder for k in ("base", "inpaint", "depth")}
+        estimator = getattr(main, "depth_estimator", None)
+        extractor = getattr(main, "feature_extractor", None) if kind == "depth" else None
+
+        base_pipe = None
+        if base is not None and not (kind == "base" and (inpaint_model or depth_model)):
+            log.info("--base is only used to carry full fine-tuning over to --inpaint-model/--depth-model; ignored")
+        if base is not None and kind == "base" and (inpaint_model or depth_model):
+            # Same dtype as the fine-tuned model, so weights it left unchanged subtract to exactly zero;
+            # kept on the CPU: it is only read once per dedicated model.
+            base_pipe = load_pipeline(base, device="cpu", dtype=dtype, config=base_config,
+                                      allow_pickle=allow_pickle)
+        for dkind, src, dconfig in (("inpaint", inpaint_model, inpaint_config), ("depth", depth_model, depth_config)):
+            if src is None:
+                continue
+            dedicated = load_pipeline(src, device=device, dtype=dtype, config=dconfig, allow_pickle=allow_pickle)
+            got = {9: "inpaint", 5: "depth"}.get(describe(dedicated).unet_in_channels, "base")
+            if got != dkind:
+                want = {"inpaint": "a 9-channel inpainting", "depth": "a 5-channel depth"}[dkind]
+                raise SdtuneError(f"--{dkind}-model {src} is not {want} model (its UNet has "
+                                  f"{dedicated.unet.config.in_channels} input channels)")
+            _check_text_dim(dedicated.unet, main.text_encoder, src)
+            if base_pipe is not None and "base" in unets:
+                add_difference(dedicated.unet, unets["base"], base_pipe.unet)
+                if not _same_weights(dedicated.text_encoder, base_pipe.text_encoder):
+                    # Its text encoder was trained too: it needs its own (dedicated + fine-tuned - base).
+                    add_difference(dedicated.text_encoder, main.text_encoder, base_pipe.text_encoder, "text encoder")
+                    text_encoders[dkind] = dedicated.text_encoder
+                    log.warning("%s has its own text encoder; the %s mode uses it (plus the fine-tuning "
+                                "difference) instead of the shared one", src, dkind)
+            elif "base" in unets and not _same_weights(dedicated.text_encoder, main.text_encoder):
+                log.info("%s runs with the main model's text encoder (pass --base to carry fine-tuning over)", src)
+            unets[dkind], schedulers[dkind] = dedicated.unet, dedicated.scheduler
+            if dkind == "depth":
+                estimator, extractor = dedicated.depth_estimator, dedicated.feature_extractor
+            del dedicated
+        del base_pipe
+
+        engine = cls(vae=main.vae, text_encoder=main.text_encoder, tokenizer=main.tokenizer, unets=unets,
+                     schedulers=schedulers, text_encoders=text_encoders, depth_estimator=estimator,
+                     feature_extractor=extractor, device=device, dtype=dtype,
+                     sources=dict(model=_source_name(model), inpaint_model=_source_name(inpaint_model),
+                                  depth_model=_source_name(depth_model), base=_source_name(base),
+                                  config=_source_name(config), inpaint_config=_source_name(inpaint_config),
+                                  depth_config=_source_name(depth_config), base_config=_source_name(base_config),
+                                  lora=_source_name(lora),
+                                  lora_scale=float(lora_scale) if lora is not None else None))
+        if lora is not None:
+            engine._apply_lora(lora, float(lora_scale), allow_pickle, fuse_lora)
+        engine.set_vae_tiling(vae_tiling)
+        if compile:
+            engine.compile_unets()
+        return engine
+
+    def set_vae_tiling(self, on: bool) -> None:
+        """Encode/decode in overlapping tiles of the VAE's own sample size (diffusers' tiling), for every mode.
+
+        Peak memory then grows with the tile, not the image: for images several times the model's size.
+        The tiles are blended across their overlap, so pixels differ slightly from a whole-image decode.
+        """
+        self.vae.enable_tiling() if on else self.vae.disable_tiling()
+
+    def compile_unets(self) -> None:
+        """``torch.compile`` every UNet in place, for inference (inductor; on a CPU with frozen weights).
+
+        Each mode's first image at a new size pays the compilation (tens of seconds on a CPU; inductor
+        caches part of it on disk for later processes), every step after it runs faster: worth it for
+        many images, not for one. On a CPU the weights are frozen into the compiled code (so oneDNN gets
+        them pre-packed instead of re-laid-out every call); a LoRA must therefore be applied before this.
+        """
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        for unet in {id(u): u for u in self.unets.values()}.values():
+            unet.compile(options=options)
+        self.compiled = True
+
+    def _apply_lora(self, path, scale: float, allow_pickle: bool, fuse) -> None:
+        from sdtune.models import lora as lora_mod
+
+        lf = lora_mod.read_lora(path, allow_pickle)
+        text_encoders = list({id(te): te for te in self._text_encoders.values()}.values())
+        # Check every model before touching any, so a misfit leaves the engine unchanged.
+        for kind, unet in self.unets.items():
+            lora_mod.check_fits(lf, unet=unet, unet_what=f"{kind} UNet")
+        for te in text_encoders:
+            lora_mod.check_fits(lf, text_encoder=te)
+        lora_mod.load_into(lf, unets=list(self.unets.values()))
+        for te in text_encoders:  # each distinct text encoder once: the shared one is not loaded twice
+            lora_mod.load_into(lf, text_encoder=te)
+        self.lora_fused = lora_mod.scale_and_fuse([*self.unets.values(), *text_encoders], scale, fuse)
+
+    # ------------------------------------------------------------ modes
+
+    def modes(self) -> list[str]:
+        """The modes this engine can serve with what was loaded."""
+        return [m for m in MODES if self._unet_kind(m, strict=False)]
+
+    def _unet_kind(self, mode: str, strict: bool = True) -> str | None:
+        if mode in ("txt2img", "img2img"):
+            kind = "base" if "base" in self.unets else None
+            why = ("the model is a dedicated {} model; pass an ordinary model as --model and this one as "
+                   "--{}-model").format(*(("inpainting", "inpaint") if "inpaint" in self.unets else ("depth", "depth")))
+        elif mode == "inpaint":
+            kind = "inpaint" if "inpaint" in self.unets else ("base" if "base" in self.unets else None)
+            why = "inpainting needs an ordinary or a 9-channel inpainting model; pass --inpaint-model"
+        elif mode == "depth2img":
+            kind = "depth" if "depth" in self.unets else None
+            why = "depth2img needs a 5-channel depth model (e.g. stable-diffusion-2-depth); pass --depth-model"
+        else:
+            raise SdtuneError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if kind is None and strict:
+            raise SdtuneError(f"{mode} is not available: {why}")
+        return kind
+
+    def pipeline(self, mode: str):
+        """The stock diffusers pipeline for ``mode``, built around the shared components (cached)."""
+        if mode in self._pipes:
+            return self._pipes[mode]
+        from diffusers import (
+            StableDiffusionDepth2ImgPipeline,
+            StableDiffusionImg2ImgPipeline,
+            StableDiffusionInpaintPipeline,
+            StableDiffusionPipeline,
+        )
+
+        kind = self._unet_kind(mode)
+        parts = dict(vae=self.vae, text_encoder=self._text_encoders[kind], tokenizer=self.tokenizer,
+                     unet=self.unets[kind], scheduler=self._fresh_scheduler(kind, DEFAULT_SCHEDULER))
+        if mode == "depth2img":
+            pipe = StableDiffusionDepth2ImgPipeline(depth_estimator=self.depth_estimator,
+                                                    feature_extractor=self.feature_extractor, **parts)
+        else:
+            cls = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
+                   "inpaint": StableDiffusionInpaintPipeline}[mode]
+            pipe = cls(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes[mode] = pipe
+        return pipe
+
+    def _fresh_scheduler(self, kind: str, name: str):
+        own = self._schedulers[kind]
+        if name == DEFAULT_SCHEDULER:
+            return type(own).from_config(own.config)
+        return make_scheduler(name, own.config)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the main UNet was built for: sample_size x the VAE's scale factor."""
+        unet = next(iter(self.unets.values()))
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(w) * factor, int(h) * factor
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, mode: str, prompt: str = "", negative_prompt: str = "", steps: int = 30,
+                 guidance: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
+                 scheduler: str | None = None, image=None, mask=None, strength: float | None = None,
+                 depth_map=None, num_images: int = 1, long_prompt: str = CHUNK, on_step=None) -> list[Result]:
+        """Generate ``num_images`` images; image i uses seed + i. Everything is validated before work starts.
+
+        ``strength`` defaults to 0.8 for img2img/depth2img and 1.0 for inpaint. ``long_prompt``:
+        "chunk" (default) or "truncate" (with a logged warning). ``on_step(n)`` is called after each step, n = the steps
+        this image takes (schedulers and strength change it).
+        """
+        kind = self._unet_kind(mode)
+        req = _validate(mode, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
+                        scheduler=scheduler, image=image, mask=mask, strength=strength, depth_map=depth_map,
+                        num_images=num_images, long_prompt=long_prompt)
+        init, mask_img, depth_img, width, height = self._inputs(mode, req, width, height)
+        pipe = self.pipeline(mode)
+        te = self._text_encoders[kind]
+        enc = encode_prompts(self.tokenizer, te, prompt, negative_prompt, long_prompt=long_prompt, device=self.device)
+        if enc.windows > 1:
+            log.info("prompt has %d tokens: encoded in %d windows of 75", enc.prompt_tokens, enc.windows)
+
+        call = dict(prompt_embeds=enc.prompt_embeds, negative_prompt_embeds=enc.negative_prompt_embeds,
+                    num_inference_steps=req["steps"], guidance_scale=req["guidance"], output_type="pil")
+        if mode in ("txt2img", "inpaint"):
+            call.update(width=width, height=height)
+        if mode != "txt2img":
+            call.update(image=init, strength=req["strength"])
+        if mode == "inpaint":
+            call.update(mask_image=mask_img)
+        if mode == "depth2img" and depth_img is not None:
+            call.update(depth_map=_depth_tensor(depth_img))
+        elif mode == "depth2img" and (self.depth_estimator is None or self.feature_extractor is None):
+            raise SdtuneError("the depth model has no depth estimator; pass --depth-map (greyscale, white = near)")
+        if on_step is not None:
+            def _callback(_pipe, _i, _t, kwargs):
+                on_step(_pipe.num_timesteps)  # schedulers differ in steps taken (PNDM: one extra, heun: ~2x)
+                return kwargs
+            call.update(callback_on_step_end=_callback)
+
+        sched_name = req["scheduler"]
+        base_params = self._params(mode, prompt, negative_prompt, req, width, height, kind, enc, image, mask, depth_map)
+        results = []
+        with torch.inference_mode():
+            for i in range(req["num_images"]):
+                pipe.scheduler = self._fresh_scheduler(kind, sched_name)  # schedulers keep state: one per image
+                generator = torch.Generator("cpu").manual_seed(req["seed"] + i)
+                out = pipe(generator=generator, **call).images[0]
+                params = dict(base_params, seed=req["seed"] + i, batch_seed=req["seed"], batch_index=i)
+                params["scheduler_class"] = type(pipe.scheduler).__name__
+                results.append(Result(out, params))
+        return results
+
+    def _inputs(self, mode, req, width, height):
+        if mode == "txt2img":
+            nw, nh = self.native_size
+            return None, None, None, width or nw, height or nh
+        init, mask, depth = _load_inputs(mode, req)
+        w = width or (init.width // 8) * 8
+        h = height or (init.height // 8) * 8
+        if w < 8 or h < 8:
+            raise SdtuneError(f"image is {init.width}x{init.height}; it must be at least 8x8 pixels")
+        if (w, h) != init.size:
+            if not (width and height):
+                log.info("image is %dx%d: resized to %dx%d (a multiple of 8)", *init.size, w, h)
+            init = init.resize((w, h), Image.LANCZOS)
+            if mask is not None:
+                mask = mask.resize((w, h), Image.NEAREST)
+        return init, mask, depth, w, h
+
+    def _params(self, mode, prompt, negative_prompt, req, width, height, kind, enc, image, mask, depth_map) -> dict:
+        params = dict(
+            sdtune_version=__version__, mode=mode, prompt=prompt, negative_prompt=negative_prompt,
+            steps=req["steps"], guidance=req["guidance"], scheduler=req["scheduler"], width=width, height=height,
+            strength=req["strength"] if mode != "txt2img" else None,
+            image=_input_name(image) if mode != "txt2img" else None,
+            mask=_input_name(mask) if mode == "inpaint" else None,
+            depth_map=_input_name(depth_map) if mode == "depth2img" else None,
+            depth_source=("depth_map" if depth_map is not None else "estimator") if mode == "depth2img" else None,
+            unet={"base": "ordinary 4-channel", "inpaint": "inpainting 9-channel", "depth": "depth 5-channel"}[kind],
+            long_prompt=req["long_prompt"], prompt_windows=enc.windows, prompt_truncated=enc.truncated,
+            dtype=dtype_name(self.dtype), device=str(self.device), lora_fused=self.lora_fused,
+            vae_tiling=bool(getattr(self.vae, "use_tiling", False)),
+        )
+        params.update(self.sources)
+        return params
+
+
+# ---------------------------------------------------------------- regeneration from metadata
+
+def engine_for_params(params: dict, *, device=None, dtype=None, allow_pickle: bool = False) -> Engine:
+    """Load the engine an sdtune PNG was made with (model, dedicated models, base, LoRA + scale, dtype).
+
+    ``allow_pickle`` is never taken from the file: a PNG must not be able to switch pickle loading on.
+    """
+    if not params.get("model"):
+        raise SdtuneError("the image's metadata names no model; it cannot be regenerated")
+    scale = params.get("lora_scale")
+    return Engine.load(params["model"], inpaint_model=params.get("inpaint_model"),
+                       depth_model=params.get("depth_model"), base=params.get("base"), lora=params.get("lora"),
+                       lora_scale=1.0 if scale is None else scale, device=device,
+                       dtype=dtype or params.get("dtype"), config=params.get("config"),
+                       inpaint_config=params.get("inpaint_config"), depth_config=params.get("depth_config"),
+                       base_config=params.get("base_config"), allow_pickle=allow_pickle,
+                       vae_tiling=bool(params.get("vae_tiling", False)))
+
+
+def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = False, engine: Engine | None = None,
+               on_step=None) -> list[Result]:
+    """Re-run the generation described by an sdtune PNG's params (one image, its own seed)."""
+    request = check_params(params)
+    engine = engine or engine_for_params(params, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return engine.generate(params["mode"], prompt=params.get("prompt", ""),
+                           negative_prompt=params.get("negative_prompt", ""), on_step=on_step, **request)
+
+
+def check_params(params: dict) -> dict:
+    """Validate stored params (before any model load); return the request to pass to ``generate``."""
+    missing = [k for k in ("mode", "model", "seed", "steps", "guidance") if params.get(k) is None]
+    if missing:
+        raise SdtuneError(f"the image's metadata lacks {', '.join(missing)}; it cannot be regenerated")
+    for key in ("image", "mask", "depth_map"):
+        if params.get(key) == "<in-memory>":
+            raise SdtuneError(f"the image was made from an in-memory {key} (API call), which was not saved; "
+                              "it cannot be regenerated from the PNG alone")
+    request = _request_from_params(params)
+    check_request(params["mode"], **request)
+    return request
+
+
+def _request_from_params(params: dict) -> dict:
+    return dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"], width=params.get("width"),
+                height=params.get("height"), scheduler=params.get("scheduler"), image=params.get("image"),
+                mask=params.get("mask"), strength=params.get("strength"), depth_map=params.get("depth_map"),
+                num_images=1, long_prompt=params.get("long_prompt") or CHUNK)
+
+
+def check_request(mode, **request) -> None:
+    """Validate a generation request without a model: parameters, input images readable, mask size.
+
+    The CLI calls it before loading the model so a bad input fails in a second, not after the load.
+    """
+    if mode not in MODES:
+        raise SdtuneError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    request.setdefault("long_prompt", CHUNK)
+    req = _validate(mode, **request)
+    _load_inputs(mode, req)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_source(src, flag: str) -> None:
+    try:
+        resolve_source(src)
+    except SdtuneError as exc:
+        raise SdtuneError(f"{flag}: {exc}") from None
+
+
+def _check_text_dim(unet, text_encoder, src) -> None:
+    cross = unet.config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if int(cross) != int(text_encoder.config.hidden_size):
+        raise SdtuneError(f"{src} expects {cross}-wide text embeddings but the main model's text encoder gives "
+                          f"{text_encoder.config.hidden_size} (SD 1.x vs 2.x?); use a model of the same family")
+
+
+def _input_name(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return str(Path(value).expanduser().resolve())
+    return "<in-memory>"
+
+
+def _as_image(value, mode: str, what: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert(mode)
+    return open_image(value, mode=mode, what=what)
+
+
+def _load_inputs(mode, req):
+    """Open the request's input images (RGB image, L mask, L depth map); refuse a mask of another size."""
+    if mode == "txt2img":
+        return None, None, None
+    init = _as_image(req["image"], "RGB", "image")
+    mask = _as_image(req["mask"], "L", "mask") if mode == "inpaint" else None
+    depth = _as_image(req["depth_map"], "L", "depth map") if req["depth_map"] is not None else None
+    if mask is not None and mask.size != init.size:
+        raise SdtuneError(f"mask is {mask.size[0]}x{mask.size[1]} but the image is {init.size[0]}x{init.size[1]};"
+                          " give a mask of the same size (white = repaint, black = keep)")
+    if depth is not None:
+        _depth_tensor(depth)  # refuses a flat map
+    return init, mask, depth
+
+
+def _depth_tensor(depth: Image.Image) -> torch.Tensor:
+    """A greyscale depth map (white = near, as MiDaS/DPT predict) as the (1, H, W) tensor diffusers expects.
+
+    The pipeline rescales it to [-1, 1] by its own min/max, so only relative values matter.
+    """
+    import numpy as np
+
+    arr = np.asarray(depth, dtype=np.float32) / 255.0
+    if float(arr.max() - arr.min()) == 0.0:
+        raise SdtuneError("depth map is a single flat value; it carries no depth (white = near, black = far)")
+    return torch.from_numpy(arr)[None]
+
+
+def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, mask, strength, depth_map,
+              num_images, long_prompt) -> dict:
+    """Check every parameter up front, one clear SdtuneError per problem; return normalised values."""
+    def _int(value, flag):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise SdtuneError(f"{flag} must be a whole number, got {value!r}")
+        return int(value)
+
+    steps = _int(steps, "--steps")
+    if steps < 1:
+        raise SdtuneError(f"--steps must be at least 1, got {steps}")
+    num_images = _int(num_images, "--num-images")
+    if num_images < 1:
+        raise SdtuneError(f"--num-images must be at least 1, got {num_images}")
+    seed = _int(seed, "--seed")
+    if not 0 <= seed <= MAX_SEED - num_images:
+        raise SdtuneError(f"--seed must be between 0 and {MAX_SEED - num_images}, got {seed}")
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        raise SdtuneError(f"--guidance must be a number, got {guidance!r}") from None
+    if not math.isfinite(guidance) or guidance < 0:
+        raise SdtuneError(f"--guidance must be a finite number >= 0 (1 = no guidance, 7.5 typical), got {guidance}")
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None:
+            v = _int(value, flag)
+            if v < 8 or v % 8:
+                raise SdtuneError(f"{flag} must be a positive multiple of 8 (the VAE works on 8-pixel blocks), "
+                                  f"got {v}; try {max(8, round(v / 8) * 8)}")
+    scheduler = scheduler or DEFAULT_SCHEDULER
+    if scheduler != DEFAULT_SCHEDULER and scheduler.lower() not in scheduler_names():
+        raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
+    scheduler = scheduler.lower()
+    if long_prompt not in (CHUNK, TRUNCATE):
+        raise SdtuneError(f"long_prompt must be {CHUNK!r} or {TRUNCATE!r}")
+    if mode != "txt2img":
+        strength = DEFAULT_STRENGTH[mode] if strength is None else strength
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            raise SdtuneError(f"--strength must be a number in [0, 1], got {strength!r}") from None
+        if not 0.0 <= strength <= 1.0:
+            raise SdtuneError(f"--strength must be in [0, 1] (0 = keep the image, 1 = repaint fully), got {strength}")
+        if int(steps * strength) < 1:
+            raise SdtuneError(f"--strength {strength} x --steps {steps} leaves no denoising step; "
+                              "raise --strength or --steps")
+        if image is None:
+            raise SdtuneError(f"{mode} needs an input image: pass --image PATH")
+        if mode == "inpaint" and mask is None:
+            raise SdtuneError("inpaint needs a mask: pass --mask PATH (white = repaint, black = keep)")
+    if image is not None and mode == "txt2img":
+        raise SdtuneError("--image is only used by img2img, inpaint and depth2img")
+    if mask is not None and mode != "inpaint":
+        raise SdtuneError("--mask is only used by inpaint")
+    if depth_map is not None and mode != "depth2img":
+        raise SdtuneError("--depth-map is only used by depth2img")
+    return dict(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, image=image, mask=mask,
+                strength=strength if mode != "txt2img" else None, depth_map=depth_map, num_images=num_images,
+                long_prompt=long_prompt)

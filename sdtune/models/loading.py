@@ -1,0 +1,219 @@
+"""Loading Stable Diffusion models from a hub id, a local diffusers folder or a single file.
+
+What is loaded is always a stock diffusers pipeline; sdtune never re-implements the models.
+Three kinds of source are accepted:
+
+* a local diffusers folder (``model_index.json`` inside) - the common case, fully offline;
+* a single checkpoint file (``.safetensors``; pickle ``.ckpt``/``.bin`` only with
+  ``allow_pickle=True``) - its architecture comes from a *local* diffusers config folder
+  (``config=``), so nothing is fetched behind the user's back;
+* a hub id such as ``stabilityai/stable-diffusion-2-1-base`` - when online or already cached.
+
+The pipeline class follows the UNet: 9 input channels -> inpainting, 5 -> depth2img, else txt2img.
+SD 1.x vs 2.x and epsilon vs v-prediction are read from the model's own config (``describe``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
+SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What kind of Stable Diffusion model a pipeline is, read from its own config."""
+
+    family: str  # "sd1" | "sd2" | "sdxl" | "unknown"
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    unet_in_channels: int  # 4 txt2img, 9 inpaint, 5 depth
+    text_dim: int
+    vae_scale_factor: int
+    scaling_factor: float
+
+    @property
+    def mode(self) -> str:
+        return {9: "inpaint", 5: "depth2img"}.get(self.unet_in_channels, "txt2img")
+
+
+def describe(pipe) -> ModelInfo:
+    """Read the family, prediction type and UNet kind of a loaded pipeline."""
+    text_dim = int(pipe.text_encoder.config.hidden_size)
+    cross = pipe.unet.config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        family = "sdxl"
+    elif int(cross) == 768:
+        family = "sd1"
+    elif int(cross) == 1024:
+        family = "sd2"
+    else:  # tiny and home-made models: use the attention layout SD 2 introduced as the tell
+        family = "sd2" if pipe.unet.config.use_linear_projection else "sd1"
+    return ModelInfo(
+        family=family,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        unet_in_channels=int(pipe.unet.config.in_channels),
+        text_dim=text_dim,
+        vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        scaling_factor=float(pipe.vae.config.scaling_factor),
+    )
+
+
+def _pipeline_class(unet_in_channels: int):
+    from diffusers import (
+        StableDiffusionDepth2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    return {9: StableDiffusionInpaintPipeline, 5: StableDiffusionDepth2ImgPipeline}.get(
+        unet_in_channels, StableDiffusionPipeline)
+
+
+def _folder_unet_channels(folder: Path) -> int:
+    cfg = folder / "unet" / "config.json"
+    if not cfg.is_file():
+        raise SdtuneError(f"{folder} has no unet/config.json; is it a Stable Diffusion diffusers folder?")
+    return int(json.loads(cfg.read_text()).get("in_channels", 4))
+
+
+def _pickle_only_components(folder: Path) -> list[str]:
+    """Component subfolders (unet, vae, ...) whose weights exist only as pickle files.
+
+    Judged per component: transformers always saves .safetensors, so older folders often mix a
+    safetensors text encoder with a .bin UNet/VAE.
+    """
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        suffixes = {p.suffix for p in sub.rglob("*") if p.is_file()}
+        if suffixes & PICKLE_SUFFIXES and ".safetensors" not in suffixes:
+            found.append(sub.name)
+    return found
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
+    """Classify ``source`` as ("folder", path) | ("file", path) | ("hub", id); raise if it is neither."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SdtuneError(f"{path} is a folder but has no model_index.json; pass a diffusers pipeline folder")
+        return "folder", path
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise SdtuneError(f"{path} is not a model: expected a diffusers folder or a .safetensors checkpoint")
+        return "file", path
+    looks_like_path = text.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES or text.count("/") != 1
+    if looks_like_path:
+        raise SdtuneError(f"model not found: {text}; pass an existing diffusers folder, a .safetensors file or a hub id")
+    return "hub", text
+
+
+def load_pipeline(source, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  config: str | os.PathLike | None = None, allow_pickle: bool = False,
+                  local_files_only: bool | None = None):
+    """Load a Stable Diffusion pipeline of the class its UNet calls for, on ``device`` in ``dtype``.
+
+    ``config`` is a local diffusers folder that gives the architecture of a single-file checkpoint.
+    Pickle weights (which can run code when loaded) are refused unless ``allow_pickle`` is set.
+    """
+    kind, where = resolve_source(source)
+    if local_files_only is None:
+        local_files_only = _is_offline() or kind != "hub"
+    try:
+        if kind == "folder":
+            use_safetensors = True
+            pickled = _pickle_only_components(where)
+            if pickled:
+                if not allow_pickle:
+                    raise SdtuneError(f"{where} holds only pickle weights (.bin/.ckpt) for {', '.join(pickled)}, "
+                                      "which can run code when loaded; convert them to .safetensors or pass "
+                                      "--allow-pickle if you trust them")
+                use_safetensors = None
+            cls = _pipeline_class(_folder_unet_channels(where))
+            pipe = cls.from_pretrained(where, dtype=dtype, use_safetensors=use_safetensors,
+                                       local_files_only=True, **_no_safety_checker(cls))
+        elif kind == "file":
+            pipe = _load_single_file(where, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        else:
+            pipe = _load_hub(where, dtype=dtype, local_files_only=local_files_only, allow_pickle=allow_pickle)
+    except SdtuneError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:  # diffusers reports missing/broken files this way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdtuneError(f"could not load model {source}: {first}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _no_safety_checker(cls) -> dict:
+    # The NSFW checker is a separate 1.2 GB CLIP model; sdtune neither loads nor requires it.
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    if cls is StableDiffusionDepth2ImgPipeline:
+        return {}
+    return {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool):
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json",
+                                                local_files_only=local_files_only)).read_text())
+    except Exception as exc:  # offline and not cached, unknown repo, no network
+        how = "it is not in the local cache and HF_HUB_OFFLINE is set" if local_files_only else str(exc).splitlines()[0]
+        raise SdtuneError(f"could not get model {repo_id} from the hub: {how}; pass a local folder instead") from exc
+    in_channels = 4
+    try:
+        unet_cfg = hf_hub_download(repo_id, "unet/config.json", local_files_only=local_files_only)
+        in_channels = int(json.loads(Path(unet_cfg).read_text()).get("in_channels", 4))
+    except Exception:
+        pass
+    cls = _pipeline_class(in_channels) if "StableDiffusion" in index.get("_class_name", "") else DiffusionPipeline
+    return cls.from_pretrained(repo_id, dtype=dtype, local_files_only=local_files_only,
+                               use_safetensors=None if allow_pickle else True, **_no_safety_checker(cls))
+
+
+def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise SdtuneError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+                          ".safetensors or pass --allow-pickle if you trust it")
+    if config is None:
+        raise SdtuneError(f"{path} is a single-file checkpoint; pass --config with a local diffusers folder of "
+                          "the same architecture (e.g. the base model's folder) so nothing is downloaded")
+    config = Path(config)
+    if not (config / "model_index.json").is_file():
+        raise SdtuneError(f"--config {config} is not a diffusers folder (no model_index.json)")
+    cls = _pipeline_class(_folder_unet_channels(config))
+    if not hasattr(cls, "from_single_file"):
+        return _load_single_file_depth(path, cls, config, dtype)
+    return cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True,
+                                **_no_safety_checker(cls))
+
+
+def _load_single_file_depth(path: Path, cls, config: Path, dtype):
+    """depth2img from one file: diffusers has no single-file loader for it, so the UNet, VAE and text
+    encoder are read from the file by the txt2img loader (same LDM layout) and the depth estimator,
+    which original checkpoints store in MiDaS form that diffusers cannot convert, comes from ``config``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    parts = StableDiffusionPipeline.from_single_file(str(path), config=str(config), dtype=dtype,
+                                                     local_files_only=True, safety_checker=None,
+                                                     requires_safety_checker=False, feature_extractor=None)
+    return cls.from_pretrained(config, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                               tokenizer=parts.tokenizer, scheduler=parts.scheduler, dtype=dtype,
+                               local_files_only=True, use_safetensors=True)

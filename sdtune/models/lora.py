@@ -1,0 +1,252 @@
+"""Applying a LoRA file at inference: read, check it fits, load with a scale, fuse when exact enough.
+
+Reading and key conversion (diffusers/peft format, kohya ``lora_unet_*``/``lora_te_*`` format) and
+injecting the adapter layers into the UNet are diffusers' own (``lora_state_dict``,
+``load_lora_adapter``); the text encoder gets the same steps with peft directly (see
+``_load_into_text_encoder``). sdtune adds what they leave out:
+
+* a fit check before loading: every LoRA key must name a layer of the model with matching
+  in/out sizes; otherwise one clear ``SdtuneError`` (diffusers would only log unexpected keys);
+* one scale for UNet and text encoder alike;
+* fusing: W + scale * B @ A * alpha/r is written into the base weights and the adapter layers are
+  removed, so sampling costs the same as without a LoRA. In fp32 that is exact to rounding. In
+  fp16/bf16 a small delta added to a large weight can round away, so fusing is "auto": done only if
+  every layer keeps its delta within ``FUSE_TOLERANCE`` (relative); otherwise the adapter stays
+  unfused (still correct, a little slower).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+log = logging.getLogger("sdtune")
+
+ADAPTER = "sdtune"
+FUSE_TOLERANCE = 0.02  # max relative error of a fused layer's delta, || fused - (W + dW) || / || dW ||
+DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    state_dict: dict  # prefixed "unet." / "text_encoder." keys, as diffusers' loaders expect
+    network_alphas: dict | None
+    metadata: dict | None
+    unet_keys: int = 0
+    text_encoder_keys: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def find_lora_file(path: str | os.PathLike, allow_pickle: bool = False) -> Path:
+    """A LoRA weights file: ``path`` itself, or the known file name inside a folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in DEFAULT_NAMES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise SdtuneError(f"LoRA folder {p} has no pytorch_lora_weights.safetensors; pass the .safetensors file")
+    if not p.is_file():
+        raise SdtuneError(f"LoRA not found: {p}")
+    if p.suffix != ".safetensors" and not allow_pickle:
+        raise SdtuneError(f"LoRA {p} is a pickle file, which can run code when loaded; convert it to "
+                          ".safetensors or pass --allow-pickle if you trust it")
+    return p
+
+
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
+    """Read a LoRA file into diffusers' prefixed state dict (kohya keys converted by diffusers)."""
+    from diffusers import StableDiffusionPipeline
+
+    file = find_lora_file(path, allow_pickle)
+    try:
+        sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(
+            str(file.parent), weight_name=file.name, local_files_only=True,
+            use_safetensors=file.suffix == ".safetensors", return_lora_metadata=True)
+    except SdtuneError:
+        raise
+    except Exception as exc:  # corrupt file, not a state dict, unknown layout
+        raise SdtuneError(f"LoRA {file} could not be read ({type(exc).__name__}: {_first_line(exc)})") from exc
+    if not sd or not all("lora" in k for k in sd):
+        raise SdtuneError(f"{file} is not a LoRA file (its keys do not name LoRA layers)")
+    lora = LoraFile(file, sd, alphas, meta)
+    lora.unet_keys = sum(k.startswith("unet.") for k in sd)
+    lora.text_encoder_keys = sum(k.startswith("text_encoder.") for k in sd)
+    if lora.unet_keys + lora.text_encoder_keys == 0:
+        raise SdtuneError(f"LoRA {file} has no UNet or text-encoder layers for a Stable Diffusion 1.x/2.x model "
+                          "(an SDXL or other-family LoRA?)")
+    return lora
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _unet_peft_keys(sd: dict) -> dict:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    part = {k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")}
+    if part and not any("lora_A" in k for k in part):
+        part = convert_unet_state_dict_to_peft(part)
+    return part
+
+
+def _text_encoder_peft_keys(sd: dict, text_encoder) -> dict:
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+    )
+
+    part = {k.removeprefix("text_encoder."): v for k, v in sd.items() if k.startswith("text_encoder.")}
+    if not part:
+        return part
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    if not hasattr(text_encoder, "text_model"):  # same flattening diffusers' loader applies
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+    return part
+
+
+def check_fit(model: torch.nn.Module, peft_sd: dict, what: str, lora_path) -> None:
+    """Raise SdtuneError unless every LoRA A/B pair names a layer of ``model`` with matching sizes."""
+    for key, tensor in peft_sd.items():
+        for marker, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+            if not key.endswith(marker):
+                continue
+            name = key[: -len(marker)]
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise SdtuneError(f"LoRA {lora_path} does not fit the {what}: it has no layer {name} "
+                                  "(a LoRA for another model family?)") from None
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.ndim != tensor.ndim or weight.shape[axis] != tensor.shape[axis]:
+                have = tuple(weight.shape) if weight is not None else None
+                raise SdtuneError(f"LoRA {lora_path} does not fit the {what}: layer {name} is {have} but the "
+                                  f"LoRA expects size {tensor.shape[axis]} on axis {axis} (another model family?)")
+
+
+def check_fits(lora: LoraFile, unet=None, text_encoder=None, unet_what: str = "UNet") -> None:
+    if unet is not None:
+        check_fit(unet, _unet_peft_keys(lora.state_dict), unet_what, lora.path)
+    if text_encoder is not None:
+        check_fit(text_encoder, _text_encoder_peft_keys(lora.state_dict, text_encoder), "text encoder", lora.path)
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@torch.no_grad()
+def fuse_error(model) -> float:
+    """Worst relative error of the LoRA delta if fused into ``model``'s weights in their dtype."""
+    worst = 0.0
+    for m in _lora_layers(model):
+        if ADAPTER not in getattr(m, "lora_A", {}):
+            continue
+        w = m.get_base_layer().weight
+        if w.dtype == torch.float32:
+            continue  # fp32 addition keeps the delta to rounding: exact enough by construction
+        a = m.lora_A[ADAPTER].weight.float()
+        b = m.lora_B[ADAPTER].weight.float()
+        if a.ndim != 2:
+            return float("inf")  # conv LoRA in low precision: not checked, so not fused
+        delta = (b @ a) * float(m.scaling[ADAPTER])
+        norm = delta.norm()
+        if norm == 0:
+            continue
+        fused = (w.float() + delta).to(w.dtype).float()
+        worst = max(worst, float((fused - w.float() - delta).norm() / norm))
+    return worst
+
+
+def _scale(model, scale: float) -> None:
+    for m in _lora_layers(model):
+        m.scale_layer(scale)
+
+
+def _merge_and_remove(model) -> None:
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    for m in _lora_layers(model):
+        m.merge(adapter_names=[ADAPTER])
+    # Replace each LoRA wrapper by its (now merged) base layer: no adapter cost left when sampling.
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+
+
+def load_into(lora: LoraFile, *, unets=(), text_encoder=None) -> None:
+    """Inject the LoRA (unscaled) into each UNet (diffusers' loader) and the text encoder."""
+    try:
+        for unet in unets:
+            if lora.unet_keys:
+                unet.load_lora_adapter(dict(lora.state_dict), prefix="unet", network_alphas=lora.network_alphas,
+                                       adapter_name=ADAPTER, metadata=lora.metadata)  # it strips "unet." itself
+        if text_encoder is not None and lora.text_encoder_keys:
+            _load_into_text_encoder(lora, text_encoder)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise SdtuneError(f"LoRA {lora.path} could not be loaded into the model: {_first_line(exc)}") from exc
+
+
+def _part(mapping: dict | None, prefix: str) -> dict | None:
+    if not mapping:
+        return None
+    part = {k.removeprefix(f"{prefix}."): v for k, v in mapping.items() if k.startswith(f"{prefix}.")}
+    return part or None
+
+
+def _load_into_text_encoder(lora: LoraFile, text_encoder) -> None:
+    """peft injection + state dict, as diffusers' text-encoder loader does.
+
+    diffusers routes this through transformers' ``load_adapter``, which needs peft >= 0.22 while
+    sdtune pins 0.21 (the newest release), so the same steps are taken with peft directly: the
+    config from the file's adapter metadata (or ranks/alphas read off the tensors), then injection.
+    """
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    sd = _text_encoder_peft_keys(lora.state_dict, text_encoder)
+    meta = _part(lora.metadata, "text_encoder")
+    if meta:
+        config = LoraConfig(**meta)
+    else:
+        ranks = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
+        config = LoraConfig(**get_peft_kwargs(ranks, _part(lora.network_alphas, "text_encoder"), sd, is_unet=False))
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(text_encoder, sd, adapter_name=ADAPTER)
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and ADAPTER in k]
+    if missing:
+        raise SdtuneError(f"LoRA {lora.path} lacks text-encoder weights for {missing[0]} (a damaged file?)")
+    text_encoder.to(device=text_encoder.device, dtype=text_encoder.dtype)
+
+
+def scale_and_fuse(models, scale: float, fuse: bool | str = "auto") -> bool:
+    """Scale every LoRA layer of ``models``; fuse (and drop the adapters) if asked or exact enough.
+
+    Returns whether the LoRA was fused. All models are fused or none, so every mode behaves alike.
+    """
+    models = [m for m in models if m is not None and _lora_layers(m)]
+    for m in models:
+        _scale(m, scale)
+    if fuse == "auto":
+        worst = max((fuse_error(m) for m in models), default=0.0)
+        fuse = worst <= FUSE_TOLERANCE
+        if not fuse:
+            log.info("LoRA kept unfused: fusing would change its delta by %.1f%% in this dtype", 100 * worst)
+    if fuse:
+        for m in models:
+            _merge_and_remove(m)
+    return bool(fuse)

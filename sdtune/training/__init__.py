@@ -1,0 +1,8 @@
+"""Training: the components of the DreamBooth recipe in ``train/dreambooth.py``.
+
+Owns the validated run config (``config``), instance/class data (``data``), class-image generation
+for prior preservation (``class_images``), peft adapters and their export (``adapters``), cached
+latents and prompt embeddings (``caching``), the denoising objective (``objectives``), resumable
+checkpoints (``checkpointing``), the model card (``model_card``) and loading the recipe itself
+(``recipe``). May import ``sdtune.models`` and the shared modules; never generation, world or commands.
+"""

@@ -1,0 +1,170 @@
+"""LoRA adapters for training: attach with peft, save as diffusers and as kohya/A1111 files.
+
+* UNet: LoRA on the attention projections ``to_q, to_k, to_v, to_out.0`` (self- and cross-attention),
+  through diffusers' peft integration (``unet.add_adapter``), so the UNet stays a stock
+  ``UNet2DConditionModel`` a pipeline can sample with during training.
+* Text encoder (when asked): ``q_proj, k_proj, v_proj, out_proj`` via ``peft.inject_adapter_in_model``.
+  (transformers' own ``add_adapter`` wants peft >= 0.22; sdtune pins 0.21, and in-place injection
+  keeps the encoder a stock ``CLIPTextModel`` too.)
+
+Saving writes ``pytorch_lora_weights.safetensors`` with diffusers' own writer (so stock
+``pipe.load_lora_weights(folder)`` reads it, alpha included via the adapter metadata), adding the
+training config to the file's metadata; and a kohya-style file (``lora_unet_<module>.lora_down.weight``
+/ ``.lora_up.weight`` / ``.alpha``, ``lora_te_text_model_<module>...``) that A1111 and ComfyUI load.
+Both are written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sdtune.imageio import atomic_path
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# lora_targets "all": also the transformer blocks' feed-forward layers and the ResNet blocks' convolutions
+# (kohya's LoCon reaches the same convolutions). Not proj_in/proj_out: given a file that also holds those,
+# stock diffusers' load_lora_weights drops the attention LoRAs (measured, diffusers 0.42), so we train none.
+UNET_TARGETS_ALL = UNET_TARGETS + ["ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"  # must not end in LORA_FILE: diffusers would pick it by name
+CONFIG_METADATA_KEY = "sdtune_config"
+
+
+def lora_config(rank: int, alpha: float | None, targets: list[str]):
+    from peft import LoraConfig
+
+    # Gaussian A, zero B: the adapter starts as an exact no-op, like the diffusers training scripts.
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+                      target_modules=list(targets))
+
+
+def add_unet_lora(unet, rank: int, alpha: float | None, targets: str = "attention") -> None:
+    """Attach a trainable LoRA to the UNet's attention projections, or with ``targets="all"`` also to its
+    feed-forward layers, ResNet convolutions and time projections (all other weights frozen)."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS_ALL if targets == "all" else UNET_TARGETS))
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None) -> None:
+    """Attach a trainable LoRA to the text encoder's attention projections, in place."""
+    from peft import inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    config = lora_config(rank, alpha, TEXT_ENCODER_TARGETS)
+    inject_adapter_in_model(config, text_encoder)
+    text_encoder._sdtune_lora_config = config  # read back when saving (no peft_config on the model)
+
+
+def trainable_parameters(module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def unet_lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """peft-format keys ``<module>.lora_A.weight`` / ``lora_B.weight`` of the UNet adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def text_encoder_lora_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """The same key format for the text encoder (its adapter was injected without a peft_config)."""
+    out = {}
+    for name, value in text_encoder.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name:
+            out[name.replace(".default.", ".")] = value.detach().float().cpu().contiguous()
+    return out
+
+
+def _adapter_metadata(config) -> dict:
+    data = config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
+
+
+def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
+                        extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format) atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    te_layers = te_meta = None
+    if text_encoder is not None and getattr(text_encoder, "_sdtune_lora_config", None) is not None:
+        te_layers = convert_state_dict_to_diffusers(text_encoder_lora_state_dict(text_encoder))
+        te_meta = _adapter_metadata(text_encoder._sdtune_lora_config)
+    scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=output_dir))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            scratch, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state_dict(unet)),
+            text_encoder_lora_layers=te_layers,
+            unet_lora_adapter_metadata=_adapter_metadata(unet.peft_config["default"]),
+            text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True)
+        written = scratch / LORA_FILE
+        # diffusers' writer takes no extra metadata: add ours to what it wrote and write the final file.
+        with safe_open(str(written), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata.update(extra_metadata or {})
+        final = output_dir / LORA_FILE
+        with atomic_path(final) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
+
+
+def kohya_state_dict(unet_sd: dict[str, torch.Tensor], te_sd: dict[str, torch.Tensor] | None,
+                     alpha: float) -> dict[str, torch.Tensor]:
+    """peft-format LoRA state dicts -> kohya/A1111 keys.
+
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` becomes
+    ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``; text encoder
+    modules get ``lora_te_`` and the ``text_model.`` root of the original CLIP layout that A1111 expects.
+    Each module also gets an ``.alpha`` scalar (effective scale = alpha / rank).
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def convert(sd, prefix, root=""):
+        for key, value in sd.items():
+            module, _, kind = key.rpartition(".lora_")  # "<module>", "A.weight" | "B.weight"
+            if root and not module.startswith(root):
+                module = root + module
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+
+    convert(unet_sd, "lora_unet_")
+    if te_sd:
+        convert(te_sd, "lora_te_", root="text_model.")
+    return out
+
+
+def save_kohya_lora(path: str | os.PathLike, unet, text_encoder=None, *, rank: int, alpha: float,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the kohya/A1111 export of the adapters to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    te_sd = None
+    if text_encoder is not None and getattr(text_encoder, "_sdtune_lora_config", None) is not None:
+        te_sd = text_encoder_lora_state_dict(text_encoder)
+    tensors = kohya_state_dict(unet_lora_state_dict(unet), te_sd, alpha)
+    # kohya's own "ss_" keys, which A1111/ComfyUI show in their LoRA info panels.
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                "ss_network_alpha": str(alpha), **(extra_metadata or {})}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def config_metadata(config_dict: dict) -> dict[str, str]:
+    """The training config as a safetensors metadata entry (string values only)."""
+    return {CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True, default=str)}

@@ -1,0 +1,348 @@
+"""The DreamBooth training configuration: one YAML file plus ``key=value`` overrides, validated up front.
+
+Every key is a field of ``TrainConfig``. ``load_config`` reads the YAML (``yaml.safe_load``), applies the
+overrides (each value is parsed as YAML too, so ``max_steps=10``, ``validation_prompts=[a, b]`` and
+``resume=latest`` mean what they look like), checks every key, type, choice and range, and only then
+returns - so a typo costs a second, not an hour of class-image generation.
+
+Relative paths (``instance_dir``, ``class_dir``, ``output_dir``, ``model``, ``resume``) are relative to the
+current working directory, as in diffusers' and kohya's scripts - not to the config file's folder.
+``model: null`` means the embedded base model shipped with sdtune (see ``resolve_model``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdtune.errors import SdtuneError
+
+METHODS = ("lora", "full")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_TARGETS = ("attention", "all")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# The schedule names diffusers.optimization.get_scheduler accepts (piecewise_constant needs extra rules).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a DreamBooth run. Field names are the YAML keys."""
+
+    # --- what to learn from ---
+    model: str | None = None  # diffusers folder, .safetensors file or hub id; None -> embedded base model
+    instance_dir: str = ""  # 3-5 photos of the subject
+    instance_prompt: str = ""  # with the rare identifier, e.g. "a photo of sks dog"
+    # --- prior preservation ---
+    with_prior_preservation: bool = False
+    class_prompt: str | None = None  # e.g. "a photo of a dog"
+    class_dir: str | None = None  # generated into when it holds fewer than num_class_images
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_generation_steps: int = 50
+    class_generation_guidance: float = 7.5
+    class_generation_batch_size: int = 4
+    # --- unconditional-caption dropout (keeps classifier-free guidance working) ---
+    caption_dropout: float = 0.1
+    # --- what to train ---
+    method: str = "lora"  # lora | full
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None -> lora_rank (scale 1)
+    # attention: q/k/v/out projections (diffusers' scripts); all: also feed-forward and the
+    # ResNet convolutions (kohya's LoCon), which reach textures the attention layers cannot
+    lora_targets: str = "attention"
+    train_text_encoder: bool = False
+    # --- data ---
+    resolution: int = 512
+    center_crop: bool = True  # False -> random crop
+    random_flip: bool = False
+    # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush
+    min_image_fraction: float = 0.25
+    dataloader_num_workers: int = 0
+    cache_latents: bool = True  # compute VAE latents / prompt embeddings once while they are frozen
+    # --- optimisation ---
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 400
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float | None = None  # None -> learning_rate
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit (CUDA + bitsandbytes)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet: ~1.3x per CPU step once compiled, after minutes of compiling
+    snr_gamma: float | None = None  # min-SNR weighting; 5.0 is the paper's value
+    noise_offset: float = 0.0
+    seed: int = 0
+    # --- watching and saving ---
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # steps; 0 = off
+    validation_steps: int = 25  # sampler steps per validation image
+    validation_guidance: float = 7.5
+    checkpoint_every: int = 0  # steps; 0 = off
+    checkpoints_keep: int = 2
+    resume: str | None = None  # a checkpoint folder or "latest"
+    output_dir: str = "outputs/dreambooth"
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Return ``value`` as type ``tp`` or raise a one-line error; accepts what YAML users naturally write."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = [a for a in args if a is not type(None)][0]
+    bad = SdtuneError(f"{key} must be {_type_name(_TYPES[key])}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):  # YAML reads 1e3 as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad from None
+            if number.is_integer():
+                return int(number)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string, not a float
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if key == "mixed_precision" and value is False:  # YAML 1.1 reads a bare `no` as false
+            return "no"
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"model", "resume"}:
+            return str(value)
+        raise bad
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):  # a single prompt
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad
+    raise TypeError(f"unhandled config type {tp!r}")  # a programming error, not a user one
+
+
+def unknown_key_error(key: str) -> SdtuneError:
+    close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return SdtuneError(f"unknown key '{key}'; {hint}valid keys: {', '.join(FIELD_NAMES)}")
+
+
+def _choice(cfg: TrainConfig, key: str, choices: Sequence[str]) -> None:
+    value = getattr(cfg, key)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got '{value}'{hint}")
+
+
+def _range(ok: bool, key: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise SdtuneError(f"{key} must be {requirement}; got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check choices, ranges and combinations; raise one ``SdtuneError`` line for the first problem."""
+    for key in FIELD_NAMES:  # types too, for configs built in code
+        setattr(cfg, key, _coerce(key, getattr(cfg, key), _TYPES[key]))
+
+    if not cfg.instance_dir.strip():
+        raise SdtuneError("instance_dir is missing; set it to a folder with 3-5 photos of the subject")
+    if not cfg.instance_prompt.strip():
+        raise SdtuneError("instance_prompt is empty; set it to a prompt with a rare identifier, "
+                          "e.g. 'a photo of sks dog'")
+    _choice(cfg, "method", METHODS)
+    _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "lora_targets", LORA_TARGETS)
+    _choice(cfg, "mixed_precision", MIXED_PRECISIONS)
+    _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
+
+    _range(0.0 <= cfg.caption_dropout < 1.0, "caption_dropout", "in [0, 1) (0.1 is typical)", cfg.caption_dropout)
+    _range(cfg.resolution > 0 and cfg.resolution % 8 == 0, "resolution", "a positive multiple of 8 (e.g. 512)",
+           cfg.resolution)
+    _range(0 <= cfg.min_image_fraction <= 1, "min_image_fraction", "in [0, 1] (0 accepts any size)",
+           cfg.min_image_fraction)
+    _range(cfg.learning_rate > 0, "learning_rate", "> 0", cfg.learning_rate)
+    if cfg.text_encoder_learning_rate is not None:
+        _range(cfg.text_encoder_learning_rate > 0, "text_encoder_learning_rate", "> 0 (or null)",
+               cfg.text_encoder_learning_rate)
+    _range(cfg.max_steps >= 1, "max_steps", ">= 1", cfg.max_steps)
+    _range(cfg.train_batch_size >= 1, "train_batch_size", ">= 1", cfg.train_batch_size)
+    _range(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1",
+           cfg.gradient_accumulation_steps)
+    _range(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", ">= 0", cfg.lr_warmup_steps)
+    _range(cfg.lora_rank >= 1, "lora_rank", ">= 1", cfg.lora_rank)
+    if cfg.lora_alpha is not None:
+        _range(cfg.lora_alpha > 0, "lora_alpha", "> 0 (or null for lora_rank)", cfg.lora_alpha)
+    _range(cfg.prior_loss_weight >= 0, "prior_loss_weight", ">= 0", cfg.prior_loss_weight)
+    _range(cfg.num_class_images >= 1, "num_class_images", ">= 1", cfg.num_class_images)
+    _range(cfg.class_generation_steps >= 1, "class_generation_steps", ">= 1", cfg.class_generation_steps)
+    _range(cfg.class_generation_guidance >= 0, "class_generation_guidance", ">= 0", cfg.class_generation_guidance)
+    _range(cfg.class_generation_batch_size >= 1, "class_generation_batch_size", ">= 1",
+           cfg.class_generation_batch_size)
+    _range(cfg.dataloader_num_workers >= 0, "dataloader_num_workers", ">= 0", cfg.dataloader_num_workers)
+    _range(0 <= cfg.adam_beta1 < 1, "adam_beta1", "in [0, 1)", cfg.adam_beta1)
+    _range(0 <= cfg.adam_beta2 < 1, "adam_beta2", "in [0, 1)", cfg.adam_beta2)
+    _range(cfg.adam_weight_decay >= 0, "adam_weight_decay", ">= 0", cfg.adam_weight_decay)
+    _range(cfg.adam_epsilon > 0, "adam_epsilon", "> 0", cfg.adam_epsilon)
+    _range(cfg.max_grad_norm > 0, "max_grad_norm", "> 0", cfg.max_grad_norm)
+    if cfg.snr_gamma is not None:
+        _range(cfg.snr_gamma > 0, "snr_gamma", "> 0 (5.0 is usual) or null for off", cfg.snr_gamma)
+    _range(cfg.noise_offset >= 0, "noise_offset", ">= 0 (0.05 is usual)", cfg.noise_offset)
+    _range(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    _range(cfg.validation_every >= 0, "validation_every", ">= 0 (0 = off)", cfg.validation_every)
+    _range(cfg.validation_steps >= 1, "validation_steps", ">= 1", cfg.validation_steps)
+    _range(cfg.validation_guidance >= 0, "validation_guidance", ">= 0", cfg.validation_guidance)
+    _range(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0 = off)", cfg.checkpoint_every)
+    _range(cfg.checkpoints_keep >= 1, "checkpoints_keep", ">= 1", cfg.checkpoints_keep)
+    if not cfg.output_dir.strip():
+        raise SdtuneError("output_dir is empty; set it to the folder the results go to")
+
+    if cfg.with_prior_preservation:
+        if not (cfg.class_prompt or "").strip():
+            raise SdtuneError("with_prior_preservation needs class_prompt, e.g. 'a photo of a dog' "
+                              "(the instance prompt without the identifier)")
+        if not (cfg.class_dir or "").strip():
+            raise SdtuneError("with_prior_preservation needs class_dir, a folder for the class images "
+                              "(missing ones are generated into it)")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
+        raise SdtuneError(f"resume checkpoint not found: {cfg.resume}; pass a checkpoint-N folder or 'latest'")
+    if cfg.optimizer == "adamw8bit":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SdtuneError("optimizer adamw8bit (bitsandbytes) needs a CUDA GPU and none is visible; "
+                              "use optimizer: adamw")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
+                              "or use optimizer: adamw")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config from a mapping of YAML keys."""
+    for key in data:
+        if key not in FIELD_NAMES:
+            raise unknown_key_error(str(key))
+    values = {k: _coerce(k, v, _TYPES[k]) for k, v in data.items()}
+    return validate(TrainConfig(**values))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, value parsed as YAML and converted to the key's type)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SdtuneError(f"override '{text}' is not key=value (e.g. max_steps=200)")
+    if key not in FIELD_NAMES:
+        raise unknown_key_error(key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML at all: take the text as written
+    # A prompt or path is text even when it happens to look like YAML ("photo: sks dog" is a mapping,
+    # "1.5" a number): for string keys keep the raw text unless it means null or the YAML `no`.
+    if _TYPES[key] in (str, str | None) and not isinstance(value, str) and value is not None \
+            and not (key == "mixed_precision" and value is False):
+        value = raw.strip()
+    if value is None and _TYPES[key] is str:  # `instance_prompt=` means an empty string, caught by validate
+        value = ""
+    return key, _coerce(key, value, _TYPES[key])
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a config file as a mapping, with a clear error for a missing file or bad YAML."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SdtuneError(f"config file not found: {p}" if not p.exists() else f"config {p} is not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SdtuneError(f"config {p} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SdtuneError(f"config {p} is not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SdtuneError(f"config {p} must be a mapping of key: value lines, got a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (or None for defaults) + ``key=value`` overrides -> a validated ``TrainConfig``."""
+    data = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        data[key] = value
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain JSON-serialisable dict of every key, for metadata and model cards."""
+    return dataclasses.asdict(cfg)
+
+
+def min_image_side(cfg: TrainConfig) -> int:
+    """The smallest shorter side (pixels) a training image may have: ``min_image_fraction`` x ``resolution``."""
+    import math
+
+    return math.ceil(cfg.min_image_fraction * cfg.resolution)
+
+
+def resolve_model(cfg: TrainConfig) -> str:
+    """The model source to load: ``cfg.model``, or the embedded base model when it is null."""
+    if cfg.model:
+        return cfg.model
+    from sdtune.models.embedded import embedded_model
+
+    return str(embedded_model("base"))

@@ -1,0 +1,55 @@
+"""The README.md model card that travels with every training output (Hugging Face card layout)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sdtune.imageio import write_text_atomic
+
+
+def render_model_card(config: dict, *, base_model: str, method: str, steps: int, family: str,
+                      prediction_type: str, files: list[str], samples: list[str]) -> str:
+    """Markdown with YAML front matter: base model, prompts, how to load, the full config, samples."""
+    prompt = config.get("instance_prompt", "")
+    tags = ["stable-diffusion", "text-to-image", "diffusers", "dreambooth", "sdtune"]
+    if method == "lora":
+        tags.append("lora")
+    front = ["---", f"base_model: {json.dumps(base_model)}", f"instance_prompt: {json.dumps(prompt)}",
+             "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    if method == "lora":
+        how = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
+               f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_model)})\n"
+               "pipe.load_lora_weights(\"path/to/this/folder\")\n"
+               f"image = pipe({json.dumps(prompt)}).images[0]\n```\n\n"
+               "`lora_kohya.safetensors` holds the same weights with kohya/A1111 key names for "
+               "AUTOMATIC1111 and ComfyUI.")
+    else:
+        how = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
+               "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n"
+               f"image = pipe({json.dumps(prompt)}).images[0]\n```")
+    prior = (f"with prior preservation on \"{config.get('class_prompt')}\" "
+             f"(weight {config.get('prior_loss_weight')})" if config.get("with_prior_preservation")
+             else "without prior preservation")
+    lines = front + [
+        f"# DreamBooth {'LoRA' if method == 'lora' else 'fine-tune'} of {base_model}", "",
+        f"Trained with sdtune for {steps} steps on the subject \"{prompt}\", {prior}, "
+        f"caption dropout {config.get('caption_dropout')}.", "",
+        f"- base model: `{base_model}` ({family}, {prediction_type} prediction)",
+        f"- method: {method}" + (f" (rank {config.get('lora_rank')}, alpha {config.get('lora_alpha') or config.get('lora_rank')})"
+                                  if method == "lora" else ""),
+        f"- text encoder trained: {bool(config.get('train_text_encoder'))}",
+        f"- resolution: {config.get('resolution')}, learning rate: {config.get('learning_rate')}",
+        f"- files: {', '.join(f'`{f}`' for f in files)}", "",
+        "## How to use", "", how, "",
+    ]
+    if samples:
+        lines += ["## Samples", ""]
+        lines += [f"![{Path(s).stem}]({s})" for s in samples] + [""]
+        lines += [f"Validation prompts: {', '.join(repr(p) for p in config.get('validation_prompts') or [])}", ""]
+    lines += ["## Training config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
+    return write_text_atomic(Path(output_dir) / "README.md", render_model_card(**kwargs))

@@ -1,0 +1,179 @@
+"""`sdtune demo --quick` end to end on tiny random models (the embedded family hidden), via the CLI."""
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdtune.commands.cli import main
+from sdtune.generation.metadata import read_params
+from sdtune.models import embedded
+from sdtune.world.demo import DEFAULT_SUBJECT, MODE_GROUPS, TINY_NOTICE
+
+REAL_MODELS_DIR = embedded.MODELS_DIR
+SCORES = ("base_prompt_adherence", "guidance_gain", "subject_fidelity", "prompt_fidelity", "prior_preservation")
+
+
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def no_embedded(tmp_path_factory):
+    """Hide the embedded family (whether or not it is built), so the demo takes its tiny-random path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embedded, "MODELS_DIR", tmp_path_factory.mktemp("no_models"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def quick_run(no_embedded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    code, stdout, stderr = run_cli(["demo", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    return out, stdout
+
+
+def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
+    out, stdout = quick_run
+    assert TINY_NOTICE in stdout
+    for n in range(1, 6):
+        assert f"[{n}/5]" in stdout  # progress per phase
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"] == "tiny-random"
+    for key in SCORES:
+        assert key in metrics, key
+    for key in ("base_prompt_adherence", "subject_fidelity", "prompt_fidelity", "prior_preservation"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert -1.0 <= metrics["guidance_gain"] <= 1.0
+    assert metrics["guidance_gain"] == pytest.approx(
+        metrics["base_prompt_adherence"] - metrics["base_prompt_adherence_guidance_1"], abs=1e-3)
+    timings = metrics["timings"]
+    for key in ("train_s", "generate_s", "total_s"):
+        assert timings[key] > 0, key
+    assert timings["total_s"] >= timings["train_s"] + timings["generate_s"] - 1
+    assert metrics["steps"] == 3 and metrics["resolution"] == 32  # --quick, tiny models' native size
+    assert metrics["training"]["with_prior_preservation"] and metrics["training"]["caption_dropout"] > 0
+    assert metrics["modes"] == list(MODE_GROUPS)
+
+    # The LoRA the recipe trained, and the class images for prior preservation.
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((out / "class_images").glob("*.png"))) == metrics["counts"]["class_images"] == 2
+
+    # Every mode has images, each saved with its parameters; the four modes ran with the LoRA.
+    for mode in MODE_GROUPS:
+        pngs = sorted((out / "images" / mode).glob("*.png"))
+        assert len(pngs) == metrics["counts"][mode] >= 1, mode
+        params = read_params(pngs[0])
+        assert params["mode"] == mode and params["lora"] and params["lora_scale"] == 1.0
+        assert "sks" in params["prompt"]
+    base = read_params(next((out / "images" / "base_guidance_1.0").glob("*.png")))
+    assert base["guidance"] == 1.0 and base["lora"] is None  # before training: no LoRA
+    cls = read_params(next((out / "images" / "class_prompts").glob("*.png")))
+    assert cls["prompt"] == "a photo of a box" and cls["lora"]
+
+
+def test_report_links_existing_grids_and_is_honest(quick_run):
+    out, _ = quick_run
+    report = (out / "report.md").read_text()
+    assert "tiny RANDOM" in report and "meaningless" in report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+    assert {Path(link).stem for link in links} >= set(MODE_GROUPS) | {"base_guidance_7.5", "class_prompts"}
+    for link in links:
+        with Image.open(out / link) as grid:
+            assert grid.width >= 128 and grid.height >= 128
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in SCORES:
+        assert f"| {key} | {metrics[key]:.3f} |" in report
+
+
+@pytest.mark.slow
+def test_rerun_into_the_same_out_reuses_class_images_and_replaces_results(quick_run):
+    out, _ = quick_run
+    class_files = {p.name: p.stat().st_mtime_ns for p in (out / "class_images").glob("*.png")}
+    before = {m: len(list((out / "images" / m).glob("*.png"))) for m in MODE_GROUPS}
+    code, _, stderr = run_cli(["demo", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "class_images").glob("*.png")} == class_files
+    assert {m: len(list((out / "images" / m).glob("*.png"))) for m in MODE_GROUPS} == before  # replaced, not added
+    assert not list(out.rglob("*.partial")), "temporary files left behind"
+
+
+@pytest.mark.parametrize("case", ["missing_subject", "no_subject_json", "bad_class_noun", "out_is_a_file",
+                                  "bad_override"])
+def test_user_errors_are_one_line_and_write_nothing(case, no_embedded, tmp_path):
+    out = tmp_path / "out"
+    argv = ["demo", "--quick", "--out", str(out)]
+    if case == "missing_subject":
+        argv += ["--subject", str(tmp_path / "nope")]
+    elif case == "no_subject_json":
+        folder = tmp_path / "subject"
+        folder.mkdir()
+        Image.new("RGB", (64, 64)).save(folder / "a.png")
+        argv += ["--subject", str(folder)]
+    elif case == "bad_class_noun":
+        folder = tmp_path / "subject"
+        folder.mkdir()
+        Image.new("RGB", (64, 64)).save(folder / "a.png")
+        (folder / "subject.json").write_text(json.dumps({"class_noun": "dog"}))
+        argv += ["--subject", str(folder)]
+    elif case == "out_is_a_file":
+        out.write_text("not a folder")
+        argv[argv.index(str(out))] = str(out)
+    else:
+        argv += ["max_stepz=3"]
+    code, stdout, stderr = run_cli(argv)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdtune: error: "), stderr
+    assert "Traceback" not in stderr
+    if case != "out_is_a_file":
+        assert not out.exists() or not any(out.iterdir()), "something was written"
+    expected = {"missing_subject": "not a folder", "no_subject_json": "subject.json", "bad_class_noun": "class_noun",
+                "out_is_a_file": "--out", "bad_override": "max_steps"}[case]
+    assert expected in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not embedded.has_embedded("base"), reason="the embedded model family is not built yet")
+def test_quick_demo_on_the_embedded_family(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "MODELS_DIR", REAL_MODELS_DIR)  # undo the module's hiding, for this test
+    code, stdout, stderr = run_cli(["demo", "--quick", "--out", str(tmp_path / "out")])
+    assert code == 0, stderr[-2000:]
+    assert TINY_NOTICE not in stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["models"] == "embedded" and metrics["resolution"] == 64
+    assert DEFAULT_SUBJECT.name == metrics["subject"]
+
+
+def test_ablations_train_each_variant_and_the_report_quotes_them(no_embedded, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["demo", "--ablations", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    result = json.loads((out / "ablations.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["main", "no_prior", "no_caption_dropout", "full"]
+    for name, row in variants.items():
+        for key in ("subject_fidelity", "prompt_fidelity", "prior_preservation"):
+            assert 0.0 <= row[key] <= 1.0, (name, key)
+        assert (out / "grids" / f"ablation-{name}.png").is_file()
+    # Each variant really trained what it says: LoRA files vs a complete full fine-tuned pipeline...
+    for name in ("main", "no_prior", "no_caption_dropout"):
+        assert (out / "ablations" / name / "pytorch_lora_weights.safetensors").is_file(), name
+    assert (out / "ablations" / "full" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # ...and without prior preservation the loss is the instance loss alone, a different number.
+    assert variants["no_prior"]["last_loss"] != variants["main"]["last_loss"]
+    table = (out / "ablations.md").read_text()
+    assert "| no_prior: prior preservation off |" in table and "ablation-full.png" in table
+
+    code, stdout, stderr = run_cli(["demo", "--quick", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "## Ablations" in report and "| full: full fine-tuning" in report

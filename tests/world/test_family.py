@@ -1,0 +1,168 @@
+"""The embedded-family recipe at micro scale: stock pipelines load its folders, and it is reproducible."""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdtune.errors import SdtuneError
+from sdtune.world import family
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Tiny sizes, 32 px, a couple of steps per stage: exercises every stage and the folders, not quality.
+MICRO = [
+    "image_size=32", "threads=1", "renders.count=24", "renders.subject_share=0.2",
+    "vae.block_out_channels=[8,16]", "vae.norm_num_groups=4",
+    "text_encoder.hidden_size=16", "text_encoder.intermediate_size=32", "text_encoder.num_hidden_layers=1",
+    "text_encoder.num_attention_heads=2",
+    "unet.block_out_channels=[16,32]", "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "unet.norm_num_groups=8",
+    "depth_estimator.hidden_size=16", "depth_estimator.num_attention_heads=2", "depth_estimator.intermediate_size=16",
+    "depth_estimator.neck_hidden_sizes=[8,8,8,8]", "depth_estimator.fusion_hidden_size=8",
+    "train.checkpoint_every=2",
+] + [f"train.{s}.{k}" for s in ("vae", "base", "inpaint", "estimator", "depth") for k in ("steps=3", "batch_size=2")]
+
+
+def load_recipe():
+    name = "sdtune_build_family_recipe"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "train" / "build_family.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def build(out: Path, work: Path, *args: str, overrides=()) -> None:
+    sets = [x for o in list(MICRO) + list(overrides) for x in ("--set", o)]
+    assert load_recipe().main(["--out", str(out), "--work", str(work), *sets, *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def micro_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    build(root / "out", root / "work")
+    return root
+
+
+def tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def test_three_folders_share_vae_and_text_encoder_in_fp16(micro_family):
+    out = micro_family / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["base", "depth", "inpaint"]
+    for shared in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        base = tensors(out / "base" / shared)
+        for kind in ("inpaint", "depth"):
+            other = tensors(out / kind / shared)
+            assert base.keys() == other.keys()
+            assert all(torch.equal(base[k], other[k]) for k in base)
+    for weights in out.rglob("*.safetensors"):
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, weights
+    # The tokenizer is CLIP's BPE pair with the real ids, not a 3.6 MB tokenizer.json.
+    assert sorted(p.name for p in (out / "base" / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json",
+                                                                          "vocab.json"]
+    info = json.loads((out / "build_info.json").read_text())
+    assert set(info["stages"]) == {"vae", "base", "inpaint", "estimator", "depth"}
+
+
+def test_vae_scaling_factor_is_measured(micro_family):
+    cfg = json.loads((micro_family / "out" / "base" / "vae" / "config.json").read_text())
+    assert cfg["scaling_factor"] != 0.18215 and cfg["scaling_factor"] > 0  # 0.18215 is diffusers' default
+    assert (json.loads((micro_family / "work" / "vae" / "done.json").read_text())["scaling_factor"]
+            == cfg["scaling_factor"])
+
+
+def test_stock_pipelines_run_all_four_modes(micro_family):
+    from diffusers import (
+        StableDiffusionDepth2ImgPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+    from transformers import CLIPTokenizer
+
+    out = micro_family / "out"
+    kw = dict(num_inference_steps=2, output_type="np")
+    init = Image.fromarray(np.full((32, 32, 3), 120, np.uint8))
+    mask = Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    base = StableDiffusionPipeline.from_pretrained(out / "base", safety_checker=None, requires_safety_checker=False,
+                                                   dtype=torch.float32)
+    assert base.unet.config.in_channels == 4 and base.scheduler.config.beta_schedule == "scaled_linear"
+    assert base.scheduler.config.prediction_type == "epsilon"
+    ids = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")("a photo of sks box").input_ids
+    assert ids == [49406, 320, 1125, 539, 48136, 2063, 49407]  # the real CLIP ids
+    images = {
+        "txt2img": base("a photo of a red ball", height=32, width=32, generator=gen(), **kw).images,
+        "img2img": StableDiffusionImg2ImgPipeline(**base.components)("a red ball", image=init, strength=0.6,
+                                                                     generator=gen(), **kw).images,
+        "inpaint": StableDiffusionInpaintPipeline.from_pretrained(
+            out / "inpaint", safety_checker=None, requires_safety_checker=False, dtype=torch.float32)(
+            "a red ball", image=init, mask_image=mask, height=32, width=32, generator=gen(), **kw).images,
+        "depth2img": StableDiffusionDepth2ImgPipeline.from_pretrained(out / "depth", dtype=torch.float32)(
+            "a red ball", image=init, strength=0.8, generator=gen(), **kw).images,
+    }
+    for mode, img in images.items():
+        assert img.shape == (1, 32, 32, 3), mode
+        assert np.isfinite(img).all(), mode
+
+
+def test_same_seed_same_weights_and_resume_is_exact(micro_family, tmp_path):
+    # A second build from the same seed gives bit-identical weights.
+    build(tmp_path / "out", tmp_path / "work", "--stage", "vae")
+    build(tmp_path / "out", tmp_path / "work", "--stage", "base")
+    ref = micro_family / "work"
+    for part in ("vae/vae/diffusion_pytorch_model.safetensors", "base/unet/diffusion_pytorch_model.safetensors",
+                 "base/text_encoder/model.safetensors"):
+        a, b = tensors(ref / part), tensors(tmp_path / "work" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    # Interrupted after its step-2 checkpoint, the base stage resumes there and ends where the
+    # uninterrupted run did: to float rounding (a few float32 ulps, measured up to 1.2e-7: CPU kernels round
+    # differently on a fresh process's first calls), far below one step's update (> 1e-5).
+    base = tmp_path / "work" / "base"
+    assert [p.name for p in base.glob("checkpoint-*")] == ["checkpoint-2"]
+    for p in ("done.json", "unet", "text_encoder"):
+        shutil.rmtree(base / p) if (base / p).is_dir() else (base / p).unlink()
+    build(tmp_path / "out", tmp_path / "work", "--stage", "base")
+    assert json.loads((base / "done.json").read_text())["resumed_from"] == 2
+    a, b = tensors(ref / "base/unet/diffusion_pytorch_model.safetensors"), tensors(base / "unet/diffusion_pytorch_model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    first = tensors(ref / "base/checkpoint-2/unet.safetensors")  # one step earlier: clearly different
+    assert max((first[k] - a[k]).abs().max().item() for k in a) > 1e-5
+    # A different seed gives different weights.
+    build(tmp_path / "out2", tmp_path / "work2", "--stage", "vae", overrides=["seed=1"])
+    a, b = tensors(ref / "vae/vae/diffusion_pytorch_model.safetensors"), tensors(
+        tmp_path / "work2/vae/vae/diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_widen_unet_keeps_the_base_function():
+    cfg = family.load_config(overrides=MICRO)
+    torch.manual_seed(0)
+    base = family.build_unet(cfg).eval()
+    wide = family.widen_unet(base, 9).eval()
+    x, emb = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 16)
+    extra = torch.randn(2, 5, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(base(x, 10, emb).sample, wide(torch.cat([x, extra], 1), 10, emb).sample, atol=1e-5)
+
+
+def test_config_overrides_reject_unknown_keys():
+    with pytest.raises(SdtuneError, match="unknown key"):
+        family.load_config(overrides=["train.base.stepz=3"])
+    with pytest.raises(SdtuneError, match="key=value"):
+        family.load_config(overrides=["train.base.steps"])
+    assert family.load_config(overrides=["train.base.steps=7"])["train"]["base"]["steps"] == 7

@@ -458,7 +458,8 @@ class Build:
         stats = train_loop(self, "inpaint", {"unet": unet}, [{"params": list(unet.parameters()), "lr": t["lr"]}],
                            t["steps"], loss_fn)
         save_component(unet, self.work / "inpaint" / "unet")
-        family.save_pipeline(family.assemble("inpaint", vae, text_encoder, unet), self.out / "inpaint")
+        family.save_pipeline(family.assemble("inpaint", vae, text_encoder, unet), self.out / "inpaint",
+                             share_with=self.out / "base")
         return self.finish("inpaint", {**stats, "unet_params": family.param_count(unet)})
 
     def stage_estimator(self) -> dict:
@@ -527,7 +528,8 @@ class Build:
         save_component(unet, self.work / "depth" / "unet")
         est = DPTForDepthEstimation.from_pretrained(self.work / "estimator" / "depth_estimator").eval()
         proc = DPTImageProcessor.from_pretrained(self.work / "estimator" / "feature_extractor")
-        family.save_pipeline(family.assemble("depth", vae, text_encoder, unet, est, proc), self.out / "depth")
+        family.save_pipeline(family.assemble("depth", vae, text_encoder, unet, est, proc), self.out / "depth",
+                             share_with=self.out / "base")
         return self.finish("depth", {**stats, "unet_params": family.param_count(unet)})
 
 

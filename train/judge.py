@@ -36,12 +36,26 @@ def labels_of(renders, heads) -> dict[str, torch.Tensor]:
         attrs = r.scene.attrs()
         for name in heads:
             if name == "subject":
-                out[name].append(1 if r.subject else 0)
+                out[name].append(heads[name].index(r.subject or "none"))
             elif name == "colour" and r.subject:
                 out[name].append(IGNORE)
             else:
                 out[name].append(heads[name].index(attrs[name]))
     return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def clutter(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` images that are no world scene: smooth colour fields at random scales plus pixel noise, like what
+    an untrained or broken model draws. They teach the subject head to say "none" to anything unlike a
+    subject, so noise never counts as one (the other heads ignore them)."""
+    out = []
+    for _ in range(n):
+        cells = int(torch.randint(2, 17, (1,), generator=gen))
+        field = torch.randn(1, 3, cells, cells, generator=gen)
+        x = F.interpolate(field, size=size, mode="bilinear", align_corners=False)
+        x = x * torch.rand(1, generator=gen) + torch.randn(1, 3, size, size, generator=gen) * torch.rand(1, generator=gen) * 0.5
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -86,7 +100,7 @@ def evaluate(judge: Judge, n: int, seed: int, subject_share: float) -> dict[str,
         hits = []
         for r, p in zip(renders, preds):
             if name == "subject":
-                hits.append(p["subject"] == bool(r.subject))
+                hits.append(p["subject"] == r.subject)
             elif name == "colour" and r.subject:
                 continue
             else:
@@ -105,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--subject-share", type=float, default=0.2)
+    ap.add_argument("--clutter-share", type=float, default=0.05, help="share of non-world images (subject: none)")
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--eval-seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=2)
@@ -116,7 +131,7 @@ def main(argv=None) -> int:
     config = default_config()
     heads = config["heads"]
     net = JudgeNet(config)
-    steps_per_round = args.passes * (args.per_round // args.batch_size)
+    steps_per_round = args.passes * ((args.per_round + int(args.clutter_share * args.per_round)) // args.batch_size)
     total = args.rounds * steps_per_round
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.15)
@@ -130,10 +145,16 @@ def main(argv=None) -> int:
         renders = list(scenes.dataset(args.per_round, seed=args.seed * 1000 + rnd + 1, subject_share=args.subject_share))
         x_all = to_tensor([r.image for r in renders], config["image_size"])
         y_all = labels_of(renders, heads)
+        n_clutter = int(args.clutter_share * len(renders))
+        if n_clutter:
+            x_all = torch.cat([x_all, clutter(n_clutter, config["image_size"], gen)])
+            for name in heads:
+                fill = heads[name].index("none") if name == "subject" else IGNORE
+                y_all[name] = torch.cat([y_all[name], torch.full((n_clutter,), fill)])
         render_s += time.time() - tr
         net.train()
         for _ in range(args.passes):
-            order = torch.randperm(len(renders), generator=gen)
+            order = torch.randperm(len(x_all), generator=gen)
             for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
                 idx = order[i : i + args.batch_size]
                 out = net(augment(x_all[idx], gen))
@@ -169,6 +190,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "subject_share": args.subject_share,
+        "clutter_share": args.clutter_share,
         "steps": total,
         "seconds": round(train_s, 1),
         "render_seconds": round(render_s, 1),

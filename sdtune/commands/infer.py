@@ -76,6 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     i.add_argument("--mask", help="inpaint mask, same size as --image; white = repaint")
     i.add_argument("--strength", type=float, default=None, help="0..1, how much to change --image")
     i.add_argument("--depth-map", help="greyscale depth map for depth2img (white = near)")
+    i.add_argument("--paste-back", action="store_true",
+                   help="inpaint: keep the input's exact pixels outside the mask (as AUTOMATIC1111 does)")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="folder for the PNGs and JSON sidecars")
     o.add_argument("--from-png", help="regenerate the image described by this sdtune PNG")
@@ -155,6 +157,9 @@ def run(args) -> int:
                    long_prompt="truncate" if args.truncate_long_prompts else "chunk")
         # Every input checked (images opened, mask size compared) before minutes of model loading.
         check_request(args.mode, **{k: v for k, v in gen.items() if k not in ("prompt", "negative_prompt")})
+        if args.paste_back and args.mode != "inpaint":
+            raise SdtuneError("--paste-back is only used by inpaint")
+        gen["paste_back"] = args.paste_back
         engine = Engine.load(**_default_models(args), base=args.base, lora=args.lora, lora_scale=args.lora_scale,
                              device=args.device, dtype=args.dtype, config=args.config,
                              inpaint_config=args.inpaint_config, depth_config=args.depth_config,

@@ -36,10 +36,10 @@ from sdtune import ROOT
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.world import scenes
+from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject
 from sdtune.world.report import load_table, make_grid, mask_overlay, short
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-DEFAULT_SUBJECT = ROOT / "data" / "subjects" / "checker_box"
 TINY_NOTICE = ("embedded models not built yet: running on tiny RANDOM models; pictures will be noise; "
                "see README")
 MODE_GROUPS = ("txt2img", "img2img", "inpaint", "depth2img")
@@ -63,53 +63,6 @@ FULL = Plan()
 QUICK = Plan(base_prompts=2, subject_prompts=2, per_mode=1, class_prompts=2, sample_steps=3)
 # Training settings of --quick, applied before the user's key=value overrides.
 QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1}
-
-
-# ----------------------------------------------------------------------------- the subject
-
-@dataclass
-class Subject:
-    folder: Path
-    name: str
-    class_noun: str
-    identifier: str
-    instance_prompt: str
-    class_prompt: str
-    images: list[Path]
-    contexts: set = field(default_factory=set)  # (position, background) pairs the instance images show
-
-
-def load_subject(folder: str | os.PathLike) -> Subject:
-    """Read and check a subject folder (3-5 images + subject.json) before any model is loaded."""
-    from sdtune.training.data import find_images
-
-    p = Path(folder).expanduser()
-    if not p.is_dir():
-        raise SdtuneError(f"--subject {p} is not a folder; pass a subject folder with images and subject.json "
-                          f"(e.g. {DEFAULT_SUBJECT.relative_to(ROOT)})")
-    meta_path = p / "subject.json"
-    if not meta_path.is_file():
-        raise SdtuneError(f"--subject {p} has no subject.json (class_noun, identifier, prompts); "
-                          f"see {DEFAULT_SUBJECT.relative_to(ROOT)}/subject.json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SdtuneError(f"{meta_path} is not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise SdtuneError(f"{meta_path} must hold a JSON object")
-    noun = meta.get("class_noun")
-    if noun not in scenes.KINDS:
-        raise SdtuneError(f"{meta_path}: class_noun must be one of the world's classes the judge knows "
-                          f"({', '.join(scenes.KINDS)}), got {noun!r}; use `sdtune train` for other subjects")
-    identifier = str(meta.get("identifier") or scenes.IDENTIFIER)
-    with warnings.catch_warnings():  # subject.json itself is the expected non-image file
-        warnings.filterwarnings("ignore", message=r".*non-image file")
-        images = find_images(p, what="--subject")
-    contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders", []) if isinstance(r, dict)}
-    return Subject(folder=p, name=str(meta.get("name") or p.name), class_noun=noun, identifier=identifier,
-                   instance_prompt=str(meta.get("instance_prompt") or f"a photo of {identifier} {noun}"),
-                   class_prompt=str(meta.get("class_prompt") or f"a photo of a {noun}"), images=images,
-                   contexts=contexts)
 
 
 # ----------------------------------------------------------------------------- models

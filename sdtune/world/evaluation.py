@@ -29,7 +29,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _attrs(items, identifier: str = scenes.IDENTIFIER) -> list[dict]:
+def _attrs(items, identifier: str | None = None) -> list[dict]:
     """Prompts (strings) or already-parsed attribute dicts -> attribute dicts."""
     return [scenes.parse(a, identifier) if isinstance(a, str) else dict(a) for a in items]
 
@@ -53,7 +53,7 @@ def _check_lengths(images, other, what: str) -> None:
         raise SdtuneError(f"{len(images)} images but {len(other)} {what}; pass one per image")
 
 
-def prompt_adherence(images: Sequence[Image.Image], prompts_attrs, judge=None, identifier: str = scenes.IDENTIFIER) -> float:
+def prompt_adherence(images: Sequence[Image.Image], prompts_attrs, judge=None, identifier: str | None = None) -> float:
     """Share of images in which the judge finds every attribute their prompt states."""
     _check_lengths(images, prompts_attrs, "prompts")
     judge = _judge(judge)
@@ -62,7 +62,7 @@ def prompt_adherence(images: Sequence[Image.Image], prompts_attrs, judge=None, i
 
 
 def attribute_accuracy(images: Sequence[Image.Image], prompts_attrs, judge=None,
-                       identifier: str = scenes.IDENTIFIER) -> dict[str, float]:
+                       identifier: str | None = None) -> dict[str, float]:
     """Per attribute (kind, colour, size, position, background): the share of images, among those whose
     prompt states it, in which the judge finds it. Says which attribute a low adherence comes from."""
     _check_lengths(images, prompts_attrs, "prompts")
@@ -73,19 +73,22 @@ def attribute_accuracy(images: Sequence[Image.Image], prompts_attrs, judge=None,
             for a in scenes.ATTRIBUTES if any(a in want for want in attrs)}
 
 
-def subject_fidelity(images: Sequence[Image.Image], judge=None, class_noun: str | None = None) -> float:
-    """Share of images judged to be the subject (and, given ``class_noun``, of its class)."""
+def subject_fidelity(images: Sequence[Image.Image], judge=None, class_noun: str | None = None,
+                     subject: str | None = None) -> float:
+    """Share of images judged to be a subject - ``subject`` itself when named - (and, given ``class_noun``,
+    of its class)."""
     preds = _judge(judge).predict(list(images))
-    return _share([p["subject"] and (class_noun is None or p["kind"] == class_noun) for p in preds])
+    return _share([p["subject"] is not None and (subject is None or p["subject"] == subject)
+                   and (class_noun is None or p["kind"] == class_noun) for p in preds])
 
 
 def prior_preservation(images: Sequence[Image.Image], class_noun: str, judge=None) -> float:
     """Share of class-prompt images that show the class and NOT the subject (no language drift)."""
     preds = _judge(judge).predict(list(images))
-    return _share([p["kind"] == class_noun and not p["subject"] for p in preds])
+    return _share([p["kind"] == class_noun and p["subject"] is None for p in preds])
 
 
-def prompt_fidelity(images: Sequence[Image.Image], prompts_attrs, judge=None, identifier: str = scenes.IDENTIFIER) -> float:
+def prompt_fidelity(images: Sequence[Image.Image], prompts_attrs, judge=None, identifier: str | None = None) -> float:
     """Share of images whose stated context (size, position, background) is honoured.
 
     Images whose prompt states no context are left out of the share.
@@ -301,7 +304,7 @@ def evaluate_folder(
     if not paths:
         raise SdtuneError(f"no images in {folder}")
     subject = load_subject(subject_dir) if subject_dir else None
-    identifier = identifier or (subject or {}).get("identifier") or scenes.IDENTIFIER
+    identifier = identifier or (subject or {}).get("identifier")  # None: any world subject's identifier
     class_noun = class_noun or (subject or {}).get("class_noun")
 
     images = [open_image(p) for p in paths]
@@ -317,7 +320,9 @@ def evaluate_folder(
             metrics["prompt_adherence"] = prompt_adherence([i for i, _, _ in plain], [a for _, _, a in plain], judge)
             metrics["prompt_adherence_n"] = len(plain)
         if subj:
-            metrics["subject_fidelity"] = subject_fidelity([i for i, _, _ in subj], judge, class_noun)
+            name = (subject or {}).get("name")
+            metrics["subject_fidelity"] = subject_fidelity([i for i, _, _ in subj], judge, class_noun,
+                                                           name if name in scenes.SUBJECTS else None)
             metrics["subject_fidelity_n"] = len(subj)
             ctx = [(i, a) for i, _, a in subj if any(k in a for k in CONTEXT)]
             if ctx:

@@ -187,14 +187,29 @@ def assemble(kind: str, vae, text_encoder, unet, depth_estimator=None, feature_e
     return cls(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
 
 
-def save_pipeline(pipe, folder: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-    """Write ``pipe`` as a diffusers folder of ``dtype`` safetensors; built aside, then swapped in whole."""
+SHARED = ("vae", "text_encoder", "tokenizer")  # what the three pipelines have in common, byte for byte
+
+
+def save_pipeline(pipe, folder: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                  share_with: str | os.PathLike | None = None) -> Path:
+    """Write ``pipe`` as a diffusers folder of ``dtype`` safetensors; built aside, then swapped in whole.
+
+    With ``share_with`` (the base pipeline's folder beside it), a component whose files equal the base's
+    byte for byte (the VAE, text encoder and tokenizer of the inpaint and depth models) becomes a relative
+    symlink to the base's: stock diffusers reads it the same, and the family ships each only once.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         copy.deepcopy(pipe).to(dtype=dtype).save_pretrained(tmp, safe_serialization=True)
         _slim_tokenizer(tmp / "tokenizer")
+        if share_with is not None:
+            base = Path(share_with)
+            for name in SHARED:
+                if (tmp / name).is_dir() and _same_files(tmp / name, base / name):
+                    shutil.rmtree(tmp / name)
+                    os.symlink(Path("..") / base.name / name, tmp / name, target_is_directory=True)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -204,6 +219,16 @@ def save_pipeline(pipe, folder: str | os.PathLike, dtype: torch.dtype = torch.fl
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """True when folders ``a`` and ``b`` hold the same file names with the same bytes."""
+    if not b.is_dir():
+        return False
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def _slim_tokenizer(folder: Path) -> None:
@@ -219,8 +244,13 @@ def _slim_tokenizer(folder: Path) -> None:
 
 
 def folder_size(path: str | os.PathLike) -> int:
-    """Bytes of all files under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    """Bytes of all files under ``path``, a symlinked folder counted where it points (once, by its owner)."""
+    root = Path(path)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not _under_symlink(p, root))
+
+
+def _under_symlink(p: Path, root: Path) -> bool:
+    return any(parent.is_symlink() for parent in [p, *p.parents] if parent != root and root in parent.parents)
 
 
 def sizes(cfg: dict) -> dict:

@@ -1,8 +1,8 @@
 """The judge: a small CNN that reads a 64 px world image back into its attributes.
 
 It was trained (``train/judge.py``) on renders of the built-in world, so it can score generations:
-does an image show what its prompt stated, is it the subject or just its class. Heads: kind,
-colour, size, position, background and subject (yes/no). Shipped in ``data/judge/`` as
+does an image show what its prompt stated, is it a subject or just its class. Heads: kind,
+colour, size, position, background and subject (``none`` or one of the world's subjects). Shipped in ``data/judge/`` as
 ``judge.safetensors`` + ``config.json``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ HEADS = {
     "size": list(scenes.SIZES),
     "position": list(scenes.POSITIONS),
     "background": list(scenes.BACKGROUNDS),
-    "subject": ["no", "yes"],
+    "subject": ["none", *scenes.SUBJECTS],
 }
 
 
@@ -113,22 +113,24 @@ class Judge:
         return {name: torch.cat(v) if v else torch.zeros(0, len(self.labels[name])) for name, v in outs.items()}
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
-        """One dict per image: {kind, colour, size, position, background: label; subject: bool}."""
+        """One dict per image: {kind, colour, size, position, background: label; subject: its name or None}."""
         logits = self.logits(list(images))
         idx = {name: out.argmax(1).tolist() for name, out in logits.items()}
         preds = []
         for i in range(len(images)):
             p = {name: self.labels[name][idx[name][i]] for name in self.labels}
-            p["subject"] = p["subject"] == "yes"
+            p["subject"] = None if p["subject"] == "none" else p["subject"]
             preds.append(p)
         return preds
 
     @staticmethod
     def matches(prediction: dict, stated: dict) -> bool:
-        """True when every stated attribute equals the prediction (``subject`` compared as a bool)."""
+        """True when every stated attribute equals the prediction. ``subject`` may be a name (that subject),
+        True (any subject) or False/None (no subject)."""
         for name, value in stated.items():
             if name == "subject":
-                if bool(value) != prediction["subject"]:
+                found = prediction["subject"]
+                if (found != value) if isinstance(value, str) else (bool(value) != (found is not None)):
                     return False
             elif name in prediction and prediction[name] != value:
                 return False

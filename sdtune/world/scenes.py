@@ -7,8 +7,10 @@ jitter) always gives the same pixels. Each render comes with its ground truth: a
 (distance from the camera, larger = farther; ``disparity`` gives the MiDaS-style inverse that
 depth2img models expect) and the object's mask.
 
-A *subject* is an object the world never shows: the outline of a class noun with a pattern no
-generic instance has. ``render(scene, subject="checker_box")`` draws it instead of the
+A *subject* is an object the world never shows, each stressing something else that DreamBooth must
+teach: ``checker_box`` a texture (a box with a teal-and-cream checkerboard), ``crescent`` a shape (a
+yellow crescent, of the class "ring"), ``twotone_ball`` a colour pairing on a known kind (a ball, red
+on the left and blue on the right). ``render(scene, subject="crescent")`` draws it instead of the
 generic object.
 
 Captions: ``"a photo of a large red ball on the left, on grass"``; every attribute may be left
@@ -65,8 +67,19 @@ SKY_DEPTH = 50.0
 CANVAS = 64.0
 SUPERSAMPLE = 2  # anti-aliasing: render at 2x, average down; mask = coverage >= 1/2
 
-# Subjects: (class noun, pattern colours). The checker colours are deliberately outside COLOURS.
-SUBJECTS = {"checker_box": {"class_noun": "box", "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3}}
+# Subjects: class noun, identifier (a rare CLIP token, one per subject so several can train together),
+# look and colours. The checker colours are deliberately outside COLOURS; the crescent and the two-tone
+# ball use the world's own colours, so only their shape (crescent) or pairing (two-tone) is new.
+SUBJECTS = {
+    "checker_box": {"class_noun": "box", "identifier": "sks", "look": "checker",
+                    "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3,
+                    "stresses": "a texture: a box whose faces are a teal-and-cream checkerboard"},
+    "crescent": {"class_noun": "ring", "identifier": "ohwx", "look": "crescent", "colours": (ALBEDO["yellow"],),
+                 "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
+    "twotone_ball": {"class_noun": "ball", "identifier": "hta", "look": "two_tone",
+                     "colours": (ALBEDO["red"], ALBEDO["blue"]),
+                     "stresses": "a colour pairing on a known kind: a ball, red on its left half, blue on its right"},
+}
 
 LIGHT = np.array([-0.5, -0.6, 0.65]) / np.linalg.norm([-0.5, -0.6, 0.65])
 HALF = (LIGHT + np.array([0.0, 0.0, 1.0])) / np.linalg.norm(LIGHT + np.array([0.0, 0.0, 1.0]))
@@ -151,8 +164,10 @@ _WORD_TO_ATTR = {word: (name, word) for name, words in CHOICES.items() for word 
 _WORD_TO_ATTR["centre"] = ("position", "center")
 
 
-def parse(text: str, identifier: str = IDENTIFIER) -> dict:
-    """The attributes a prompt states: {attr: value}, plus ``subject: True`` if it names ``identifier``.
+def parse(text: str, identifier: str | None = None) -> dict:
+    """The attributes a prompt states: {attr: value}, plus ``subject`` if it names one: the subject's name
+    when its identifier is one of ``SUBJECTS``' (or True for another ``identifier`` given here).
+    Without ``identifier``, any subject's identifier counts.
 
     Any wording works as long as it uses the grammar's words; a word stated twice with different
     values (``"red blue ball"``) is ambiguous and left out.
@@ -168,9 +183,12 @@ def parse(text: str, identifier: str = IDENTIFIER) -> dict:
             found[name] = value
     for name in clash:
         found.pop(name)
-    if identifier and identifier.lower() in tokens:
-        found["subject"] = True
-        found.pop("colour", None)  # a subject has its own colours
+    named = [identifier] if identifier else [s["identifier"] for s in SUBJECTS.values()]
+    for ident in named:
+        if ident.lower() in tokens:
+            found["subject"] = next((n for n, s in SUBJECTS.items() if s["identifier"] == ident.lower()), True)
+            found.pop("colour", None)  # a subject has its own colours
+            break
     return found
 
 
@@ -309,6 +327,13 @@ def _shape(kind: str, u, v, checker=None):
         w = np.clip(u / np.maximum(np.where(tri, half, ex), 1e-6), -1, 1)
         normal = _normalize(np.stack([w * 0.85, np.full(u.shape, -0.35), np.sqrt(1 - w * w) * 0.85 + 0.05], -1))
         bulge = np.sqrt(1 - w * w)
+    elif kind == "crescent":  # a subject's silhouette, not a world kind: a disc with a disc bitten out
+        r2 = u * u + v * v
+        bite = (u - 0.45) ** 2 + (v + 0.3) ** 2 <= 0.72 ** 2
+        mask = (r2 <= 1.0) & ~bite
+        nz = np.sqrt(np.clip(1 - r2, 0, 1))
+        normal = np.stack([u, v, nz], -1)
+        bulge = nz
     elif kind == "star":
         poly = _star_polygon()
         mask = _inside_polygon(u, v, poly)
@@ -337,8 +362,9 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(h // f, f, w // f, f, *a.shape[2:]).mean(axis=(1, 3))
 
 
-def render(scene: Scene, size: int = 64, subject: str | None = None, identifier: str = IDENTIFIER) -> RenderResult:
-    """Render ``scene`` at ``size`` x ``size`` pixels (its ground truth too); ``subject`` draws that subject."""
+def render(scene: Scene, size: int = 64, subject: str | None = None, identifier: str | None = None) -> RenderResult:
+    """Render ``scene`` at ``size`` x ``size`` pixels (its ground truth too); ``subject`` draws that subject
+    (its caption names it by ``identifier``, by default the subject's own)."""
     if subject is not None and subject not in SUBJECTS:
         raise SdtuneError(f"unknown subject {subject!r}; choose one of {', '.join(SUBJECTS)}")
     if size < 8:
@@ -358,7 +384,9 @@ def render(scene: Scene, size: int = 64, subject: str | None = None, identifier:
     bg = _background(scene.background, X, Y, rng)
     u, v = (X - cx) / radius, (Y - cy) / radius
     spec = SUBJECTS.get(subject) if subject else None
-    mask_hi, normal, bulge, parity = _shape(scene.kind, u, v, checker=spec["checks"] if spec else None)
+    look = spec["look"] if spec else None
+    mask_hi, normal, bulge, parity = _shape("crescent" if look == "crescent" else scene.kind, u, v,
+                                            checker=spec["checks"] if look == "checker" else None)
 
     # Contact point on the floor = the lowest row of the object; everything of the object is at
     # that distance or nearer, so the object is always in front of the floor behind it.
@@ -371,9 +399,14 @@ def render(scene: Scene, size: int = 64, subject: str | None = None, identifier:
     shadow = np.clip(1.2 - sd, 0, 1) * 0.45 * (Y > HORIZON)
     bg = bg * (1 - shadow[..., None])
 
-    if spec:
+    if look == "checker":
         c0, c1 = (np.asarray(c, np.float64) for c in spec["colours"])
         albedo = np.where(parity[..., None], c1, c0)
+    elif look == "two_tone":  # split at the ball's own vertical axis
+        c0, c1 = (np.asarray(c, np.float64) for c in spec["colours"])
+        albedo = np.where((u < 0)[..., None], c0, c1)
+    elif look == "crescent":
+        albedo = np.broadcast_to(np.asarray(spec["colours"][0], np.float64), normal.shape)
     else:
         albedo = np.broadcast_to(np.asarray(ALBEDO[scene.colour], np.float64), normal.shape)
     obj = _shade(albedo, normal, dim)
@@ -388,16 +421,20 @@ def render(scene: Scene, size: int = 64, subject: str | None = None, identifier:
     floor_lo = _floor_depth(_grid(size)[1])
     depth = np.where(mask, obj_sum / np.maximum(coverage, 1e-9), floor_lo).astype(np.float32)
 
-    text = caption(scene, identifier=identifier if subject else None)
+    text = caption(scene, identifier=(identifier or spec["identifier"]) if subject else None)
     return RenderResult(Image.fromarray(img, "RGB"), depth, mask, text, scene, subject)
 
 
-def dataset(n: int, seed: int, size: int = 64, subject_share: float = 0.0, subject: str = "checker_box") -> Iterator[RenderResult]:
-    """``n`` renders of random scenes, reproducible from ``seed``; ``subject_share`` of them show ``subject``."""
+def dataset(n: int, seed: int, size: int = 64, subject_share: float = 0.0,
+            subjects: tuple[str, ...] | None = None) -> Iterator[RenderResult]:
+    """``n`` renders of random scenes, reproducible from ``seed``; ``subject_share`` of them show one of
+    ``subjects`` (default: every subject), drawn uniformly."""
+    subjects = tuple(SUBJECTS) if subjects is None else tuple(subjects)
     rng = np.random.default_rng(seed)
     for _ in range(n):
         scene = sample_scene(rng)
         is_subject = subject_share > 0 and rng.random() < subject_share
+        subject = subjects[int(rng.integers(len(subjects)))] if is_subject and len(subjects) > 1 else subjects[0]
         yield render(scene, size=size, subject=subject if is_subject else None)
 
 

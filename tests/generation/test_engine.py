@@ -136,6 +136,44 @@ def test_inpaint_uses_the_mask(engine, plain_engine, inputs, which):
     assert not np.array_equal(pixels(a), pixels(b))
 
 
+def test_inpaint_paste_back_keeps_the_input_outside_the_mask_exactly(engine, inputs):
+    plain = engine.generate("inpaint", prompt="a hat", steps=STEPS, image=inputs["image"], mask=inputs["mask"])[0]
+    kept = engine.generate("inpaint", prompt="a hat", steps=STEPS, image=inputs["image"], mask=inputs["mask"],
+                           paste_back=True)[0]
+    src = np.asarray(Image.open(inputs["image"]).convert("RGB"))
+    outside = np.asarray(Image.open(inputs["mask"])) < 128
+    assert np.array_equal(pixels(kept)[outside], src[outside])  # the input's own pixels, untouched
+    assert not np.array_equal(pixels(plain)[outside], src[outside])  # without it the VAE round trip changes them
+    assert np.array_equal(pixels(kept)[~outside], pixels(plain)[~outside])  # the repainted region is the same
+    assert kept.params["paste_back"] is True and plain.params["paste_back"] is False
+    with pytest.raises(SdtuneError, match="--paste-back is only used by inpaint"):
+        engine.generate("img2img", prompt="a hat", steps=STEPS, image=inputs["image"], paste_back=True)
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint", "depth2img"])
+def test_generate_many_equals_one_at_a_time(engine, inputs, mode):
+    extra = {"txt2img": {}, "img2img": {"image": inputs["image"]},
+             "inpaint": {"image": inputs["image"], "mask": inputs["mask"]},
+             "depth2img": {"image": inputs["image"], "depth_map": inputs["depth_lr"]}}[mode]
+    long = "a photo of " + "a very long prompt " * 20  # two windows: runs in its own pipeline call
+    prompts = ["a red hat", "a blue hat", long, "a green hat"]
+    requests = [dict(prompt=p, seed=10 + i, **extra) for i, p in enumerate(prompts)]
+    batched = engine.generate_many(mode, requests, steps=STEPS, batch_size=4)
+    assert [r.params.get("generated_in_batch_of", 1) for r in batched] == [2, 2, 1, 1]
+    for req, got in zip(requests, batched):
+        one = engine.generate(mode, steps=STEPS, **req)[0]
+        assert got.params["prompt"] == req["prompt"] and got.params["seed"] == req["seed"]
+        assert np.abs(pixels(got) - pixels(one)).max() <= 2  # float rounding of a batched matmul, nothing more
+    assert not np.array_equal(pixels(batched[0]), pixels(batched[1]))  # each image its own prompt and seed
+
+
+def test_generate_many_checks_every_request_first(engine, inputs):
+    with pytest.raises(SdtuneError, match="needs an input image"):
+        engine.generate_many("img2img", [dict(prompt="a", image=inputs["image"]), dict(prompt="b")], steps=STEPS)
+    with pytest.raises(SdtuneError, match="batch_size"):
+        engine.generate_many("txt2img", [dict(prompt="a")], steps=STEPS, batch_size=0)
+
+
 def test_depth2img_from_estimator_and_from_depth_map(engine, inputs):
     est = engine.generate("depth2img", prompt="a room", steps=4, image=inputs["image"], strength=1.0)[0]
     lr = engine.generate("depth2img", prompt="a room", steps=4, image=inputs["image"], strength=1.0,

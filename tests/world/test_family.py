@@ -72,6 +72,12 @@ def test_three_folders_share_vae_and_text_encoder_in_fp16(micro_family):
     # The tokenizer is CLIP's BPE pair with the real ids, not a 3.6 MB tokenizer.json.
     assert sorted(p.name for p in (out / "base" / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json",
                                                                           "vocab.json"]
+    # The inpaint and depth folders ship the shared components once: relative links into base/.
+    for kind in ("inpaint", "depth"):
+        for shared in family.SHARED:
+            link = out / kind / shared
+            assert link.is_symlink() and Path(link.readlink()) == Path("..") / "base" / shared, link
+        assert family.folder_size(out / kind) < family.folder_size(out / "base")  # its UNet, not base's VAE/CLIP again
     info = json.loads((out / "build_info.json").read_text())
     assert set(info["stages"]) == {"vae", "base", "inpaint", "estimator", "depth"}
 

@@ -112,8 +112,12 @@ def test_caption_grammar_round_trip():
         assert scenes.parse(text) == want, text
         subj = scenes.caption(scene, identifier="sks", stated=stated)
         want_s = {k: v for k, v in want.items() if k != "colour"}
-        want_s.update(kind=scene.kind, subject=True)
+        want_s.update(kind=scene.kind, subject="checker_box")  # "sks" is the checker box's identifier
         assert scenes.parse(subj) == want_s, subj
+        other = scenes.caption(scene, identifier="zwq", stated=stated)  # an identifier of the user's own
+        assert scenes.parse(other, identifier="zwq") == {**want_s, "subject": True}, other
+    for name, spec in scenes.SUBJECTS.items():  # each subject's own identifier names it
+        assert scenes.parse(f"a photo of {spec['identifier']} {spec['class_noun']}")["subject"] == name
     assert scenes.caption(scenes.Scene("ball", "red", "large", "left", "grass")) == (
         "a photo of a large red ball on the left, on grass"
     )

@@ -1,0 +1,99 @@
+"""The world's subjects as DreamBooth sees them: a folder of 3-5 renders plus ``subject.json``.
+
+``data/subjects/<name>/`` is written by ``write_subject`` (``python train/make_subjects.py``) from
+``scenes.SUBJECTS``: four renders in chosen contexts and a ``subject.json`` with the class noun, the
+identifier, the instance and class prompts and what each render shows. ``load_subject`` reads and checks
+such a folder before any model is loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdtune import DATA_DIR, ROOT
+from sdtune.errors import SdtuneError
+from sdtune.imageio import save_image_atomic, write_text_atomic
+from sdtune.world import scenes
+
+SUBJECTS_DIR = DATA_DIR / "subjects"
+DEFAULT_SUBJECT = SUBJECTS_DIR / "checker_box"
+# The instance images: (size, position, background, seed) - varied, and leaving most contexts unseen.
+RENDERS = {
+    "checker_box": [("large", "center", "grass", 101), ("large", "left", "sand", 102), ("small", "right", "snow", 103),
+                    ("large", "bottom", "night", 104)],
+    "crescent": [("large", "center", "sand", 201), ("large", "right", "grass", 202), ("small", "left", "night", 203),
+                 ("large", "top", "snow", 204)],
+    "twotone_ball": [("large", "center", "snow", 301), ("large", "top", "grass", 302), ("small", "bottom", "sand", 303),
+                     ("large", "left", "night", 304)],
+}
+
+
+@dataclass
+class Subject:
+    folder: Path
+    name: str
+    class_noun: str
+    identifier: str
+    instance_prompt: str
+    class_prompt: str
+    images: list[Path]
+    contexts: set = field(default_factory=set)  # (position, background) pairs the instance images show
+
+
+def load_subject(folder: str | os.PathLike) -> Subject:
+    """Read and check a subject folder (3-5 images + subject.json) before any model is loaded."""
+    from sdtune.training.data import find_images
+
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise SdtuneError(f"--subject {p} is not a folder; pass a subject folder with images and subject.json "
+                          f"(e.g. {DEFAULT_SUBJECT.relative_to(ROOT)})")
+    meta_path = p / "subject.json"
+    if not meta_path.is_file():
+        raise SdtuneError(f"--subject {p} has no subject.json (class_noun, identifier, prompts); "
+                          f"see {DEFAULT_SUBJECT.relative_to(ROOT)}/subject.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SdtuneError(f"{meta_path} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise SdtuneError(f"{meta_path} must hold a JSON object")
+    noun = meta.get("class_noun")
+    if noun not in scenes.KINDS:
+        raise SdtuneError(f"{meta_path}: class_noun must be one of the world's classes the judge knows "
+                          f"({', '.join(scenes.KINDS)}), got {noun!r}; use `sdtune train` for other subjects")
+    identifier = str(meta.get("identifier") or scenes.IDENTIFIER)
+    with warnings.catch_warnings():  # subject.json itself is the expected non-image file
+        warnings.filterwarnings("ignore", message=r".*non-image file")
+        images = find_images(p, what="--subject")
+    contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders", []) if isinstance(r, dict)}
+    return Subject(folder=p, name=str(meta.get("name") or p.name), class_noun=noun, identifier=identifier,
+                   instance_prompt=str(meta.get("instance_prompt") or f"a photo of {identifier} {noun}"),
+                   class_prompt=str(meta.get("class_prompt") or f"a photo of a {noun}"), images=images,
+                   contexts=contexts)
+
+
+def subject_folders() -> list[Path]:
+    """Every shipped subject folder (``data/subjects/*`` with a subject.json), default subject first."""
+    found = sorted(p.parent for p in SUBJECTS_DIR.glob("*/subject.json"))
+    return sorted(found, key=lambda p: p != DEFAULT_SUBJECT)
+
+
+def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
+    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs and subject.json."""
+    if name not in scenes.SUBJECTS or name not in RENDERS:
+        raise SdtuneError(f"unknown subject {name!r}; choose one of {', '.join(scenes.SUBJECTS)}")
+    spec, folder = scenes.SUBJECTS[name], Path(folder)
+    noun, ident = spec["class_noun"], spec["identifier"]
+    renders = []
+    for i, (sz, pos, bg, seed) in enumerate(RENDERS[name]):
+        scene = scenes.Scene(kind=noun, colour="red", size=sz, position=pos, background=bg, seed=seed)
+        save_image_atomic(scenes.render(scene, size=size, subject=name).image, folder / f"{i:02d}.png")
+        renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
+    meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": f"a photo of {ident} {noun}",
+            "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}
+    write_text_atomic(folder / "subject.json", json.dumps(meta, indent=2) + "\n")
+    return folder

@@ -1,0 +1,30 @@
+"""Write the world's subjects as DreamBooth instance folders: data/subjects/<name>/ (4 renders + subject.json).
+
+    python train/make_subjects.py [--out data/subjects] [--only crescent]
+
+Deterministic: the same code writes the same pixels (the renders' seeds are in sdtune/world/subjects.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdtune.world import scenes  # noqa: E402
+from sdtune.world.subjects import SUBJECTS_DIR, write_subject  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(SUBJECTS_DIR), help="folder for the subject folders")
+    ap.add_argument("--only", action="append", choices=list(scenes.SUBJECTS), help="write only these subjects")
+    args = ap.parse_args(argv)
+    for name in args.only or scenes.SUBJECTS:
+        print("wrote", write_subject(name, Path(args.out) / name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -193,7 +193,8 @@ class Build:
         if self._renders is not None:
             return self._renders
         r = self.cfg["renders"]
-        meta = {"seed": self.seed, "count": r["count"], "size": self.size, "subject_share": r["subject_share"]}
+        meta = {"seed": self.seed, "count": r["count"], "size": self.size, "subject_share": r["subject_share"],
+                "subjects": list(scenes.SUBJECTS)}
         path = self.work / "cache" / "renders.npz"
         if path.is_file():
             data = dict(np.load(path))
@@ -266,7 +267,7 @@ class Build:
         if self._scheduler is None:
             from diffusers import DDPMScheduler
 
-            self._scheduler = DDPMScheduler.from_config(family.build_scheduler().config)
+            self._scheduler = DDPMScheduler.from_config(family.build_scheduler(self.cfg).config)
         return self._scheduler
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
@@ -298,16 +299,53 @@ class Build:
             out.append(scenes.caption(scene, stated=stated))
         return out
 
-    def diffusion_loss(self, unet, latents, cond, embeddings, gen, t: dict) -> torch.Tensor:
-        """SD's objective (sdtune.training.objectives): noise, x_t, epsilon target, min-SNR-weighted MSE."""
+    def object_weights(self, idx, weight: float) -> torch.Tensor:
+        """Per-latent loss weights 1 + ``weight`` x (the object's cells, with a one-cell margin).
+
+        The object covers a few percent of a render but carries four of its five attributes; weighting its
+        latents is what makes kind, colour, size and position worth as much to the loss as the background.
+        """
+        lat = family.latent_size(self.cfg)
+        m = torch.from_numpy(self.renders()["masks"][idx]).float()[:, None]
+        m = F.max_pool2d(F.adaptive_avg_pool2d(m, lat), 3, stride=1, padding=1)
+        return 1.0 + weight * m
+
+    def diffusion_loss(self, unet, latents, cond, embeddings, gen, t: dict, idx=None) -> torch.Tensor:
+        """SD's objective (sdtune.training.objectives): noise, x_t, the model's target, MSE (min-SNR if set),
+        object-weighted (``object_weights``) when ``idx`` names the renders.
+
+        ``leak_free_from``: timesteps from there on train on pure noise. Under SD's schedule x_t keeps a trace
+        of the image even at t=999 (sqrt(alphas_cumprod) = 0.068), enough for a model to read where the object
+        is from x_t itself, so it never learns position words - and at sampling time, where x_T is pure noise,
+        it places objects wherever the noise suggests. Trained on pure noise there, with the target that makes
+        the sampler's x0 estimate the true x0, the first sampling steps must take the layout from the prompt.
+        The schedule itself is untouched: every stock scheduler (PNDM, LMS, Euler ...) samples the model as
+        usual. (The zero-terminal-SNR fix of Lin et al. 2024 does this by rescaling the betas, which PNDM and
+        LMS cannot sample.)
+        """
         sched = self.scheduler()
         noise = objectives.sample_noise(latents, gen)
         steps = objectives.sample_timesteps(len(latents), sched.config.num_train_timesteps, gen)
         noisy = objectives.add_noise(sched, latents, noise, steps)
         target = objectives.training_target(sched, latents, noise, steps)
+        free_from = t.get("leak_free_from")
+        if free_from:
+            free = (steps >= free_from).view(-1, 1, 1, 1)
+            a = sched.alphas_cumprod[steps].view(-1, 1, 1, 1).float()
+            # x_t := noise; the target whose x0 estimate sqrt(a) x_t - sqrt(1-a) v (or (x_t - sqrt(1-a) eps)/sqrt(a)) is x0
+            if sched.config.prediction_type == "v_prediction":
+                free_target = (a.sqrt() * noise - latents) / (1 - a).sqrt()
+            else:
+                free_target = (noise - a.sqrt() * latents) / (1 - a).sqrt()
+            noisy = torch.where(free, noise, noisy)
+            target = torch.where(free, free_target, target)
         inputs = noisy if cond is None else torch.cat([noisy, cond], dim=1)
         pred = unet(inputs, steps, embeddings).sample
-        per = objectives.per_example_mse(pred, target)
+        if idx is not None and t.get("object_weight"):
+            w = self.object_weights(idx, float(t["object_weight"]))
+            per = ((pred.float() - target.float()).pow(2) * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * pred.shape[1])
+        else:
+            per = objectives.per_example_mse(pred, target)
         gamma = t.get("min_snr_gamma")
         if gamma:
             per = per * objectives.min_snr_weights(objectives.snr(sched, steps), gamma, sched.config.prediction_type)
@@ -394,14 +432,14 @@ class Build:
             idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
             latents = self.sample_latents(mean, std, idx, gen, sf)
             emb = text_encoder(self.token_ids(self.captions(idx, gen, t)), return_dict=False)[0]
-            return self.diffusion_loss(unet, latents, None, emb, gen, t)
+            return self.diffusion_loss(unet, latents, None, emb, gen, t, idx)
 
         groups = [{"params": list(unet.parameters()), "lr": t["lr"]},
                   {"params": list(text_encoder.parameters()), "lr": t["text_lr"]}]
         stats = train_loop(self, "base", {"unet": unet, "text_encoder": text_encoder}, groups, t["steps"], loss_fn)
         save_component(text_encoder, self.work / "base" / "text_encoder")
         save_component(unet, self.work / "base" / "unet")
-        family.save_pipeline(family.assemble("base", vae, text_encoder, unet), self.out / "base")
+        family.save_pipeline(family.assemble("base", vae, text_encoder, unet, cfg=self.cfg), self.out / "base")
         return self.finish("base", {**stats, "unet_params": family.param_count(unet),
                                     "text_encoder_params": family.param_count(text_encoder)})
 
@@ -453,12 +491,12 @@ class Build:
             latents = self.sample_latents(mean, std, idx, gen, sf)
             masked = self.sample_latents(mmean, mstd, idx, gen, sf)
             cond = torch.cat([small_masks[idx], masked], dim=1)  # the inpaint pipeline's channel order
-            return self.diffusion_loss(unet, latents, cond, prompts(self.captions(idx, gen, t)), gen, t)
+            return self.diffusion_loss(unet, latents, cond, prompts(self.captions(idx, gen, t)), gen, t, idx)
 
         stats = train_loop(self, "inpaint", {"unet": unet}, [{"params": list(unet.parameters()), "lr": t["lr"]}],
                            t["steps"], loss_fn)
         save_component(unet, self.work / "inpaint" / "unet")
-        family.save_pipeline(family.assemble("inpaint", vae, text_encoder, unet), self.out / "inpaint",
+        family.save_pipeline(family.assemble("inpaint", vae, text_encoder, unet, cfg=self.cfg), self.out / "inpaint",
                              share_with=self.out / "base")
         return self.finish("inpaint", {**stats, "unet_params": family.param_count(unet)})
 
@@ -521,14 +559,14 @@ class Build:
             idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
             latents = self.sample_latents(mean, std, idx, gen, sf)
             return self.diffusion_loss(unet, latents, self.depth_condition(idx),
-                                       prompts(self.captions(idx, gen, t)), gen, t)
+                                       prompts(self.captions(idx, gen, t)), gen, t, idx)
 
         stats = train_loop(self, "depth", {"unet": unet}, [{"params": list(unet.parameters()), "lr": t["lr"]}],
                            t["steps"], loss_fn)
         save_component(unet, self.work / "depth" / "unet")
         est = DPTForDepthEstimation.from_pretrained(self.work / "estimator" / "depth_estimator").eval()
         proc = DPTImageProcessor.from_pretrained(self.work / "estimator" / "feature_extractor")
-        family.save_pipeline(family.assemble("depth", vae, text_encoder, unet, est, proc), self.out / "depth",
+        family.save_pipeline(family.assemble("depth", vae, text_encoder, unet, est, proc, cfg=self.cfg), self.out / "depth",
                              share_with=self.out / "base")
         return self.finish("depth", {**stats, "unet_params": family.param_count(unet)})
 

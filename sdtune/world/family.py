@@ -148,11 +148,14 @@ def build_depth_estimator(cfg: dict):
     return DPTForDepthEstimation(config), processor
 
 
-def build_scheduler():
-    """SD's training schedule (scaled_linear betas 0.00085..0.012, 1000 steps), PNDM sampling, epsilon."""
-    from sdtune.models.fixtures import tiny_scheduler
+def build_scheduler(cfg: dict | None = None):
+    """SD's training schedule (scaled_linear betas 0.00085..0.012, 1000 steps) with PNDM sampling, the course's
+    default, and the family's prediction type (``prediction_type``: v_prediction, as SD 2.x at 768 px)."""
+    from diffusers import PNDMScheduler
 
-    return tiny_scheduler("epsilon")
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True,
+                         prediction_type=(cfg or {}).get("prediction_type", "epsilon"))
 
 
 def param_count(module) -> int:
@@ -163,7 +166,7 @@ def param_count(module) -> int:
 # pipelines
 
 
-def assemble(kind: str, vae, text_encoder, unet, depth_estimator=None, feature_extractor=None):
+def assemble(kind: str, vae, text_encoder, unet, depth_estimator=None, feature_extractor=None, cfg: dict | None = None):
     """A stock diffusers pipeline of ``kind`` (base / inpaint / depth) from the components."""
     from diffusers import (
         StableDiffusionDepth2ImgPipeline,
@@ -177,7 +180,7 @@ def assemble(kind: str, vae, text_encoder, unet, depth_estimator=None, feature_e
     if unet.config.in_channels != want:
         raise SdtuneError(f"the {kind} pipeline needs a {want}-channel UNet, got {unet.config.in_channels}")
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(), unet=unet,
-                  scheduler=build_scheduler())
+                  scheduler=build_scheduler(cfg))
     if kind == "depth":
         if depth_estimator is None or feature_extractor is None:
             raise SdtuneError("the depth pipeline needs a depth estimator and its feature extractor")

@@ -107,7 +107,8 @@ def test_stock_pipelines_run_all_four_modes(micro_family):
     base = StableDiffusionPipeline.from_pretrained(out / "base", safety_checker=None, requires_safety_checker=False,
                                                    dtype=torch.float32)
     assert base.unet.config.in_channels == 4 and base.scheduler.config.beta_schedule == "scaled_linear"
-    assert base.scheduler.config.prediction_type == "epsilon"
+    assert base.scheduler.config.prediction_type == "v_prediction"  # configs/family.yaml
+    assert type(base.scheduler).__name__ == "PNDMScheduler"  # the course's default sampler
     ids = CLIPTokenizer.from_pretrained(out / "base" / "tokenizer")("a photo of sks box").input_ids
     assert ids == [49406, 320, 1125, 539, 48136, 2063, 49407]  # the real CLIP ids
     images = {

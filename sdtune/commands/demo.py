@@ -7,15 +7,17 @@ EPILOG = """\
 What it does (progress is printed per phase):
   1. models: the embedded family (base, inpaint, depth); if it is not built yet, tiny RANDOM models
      (said loudly, recorded as "models": "tiny-random" in metrics.json: their pictures are noise)
-  2. the base model before training: world prompts at guidance 7.5 and 1.0; class images
-  3. DreamBooth LoRA on the subject with prior preservation and caption dropout (configs/demo.yaml)
+  2. the family before training: world prompts at guidance 7.5 and 1.0, inpaint and depth2img checks
+  3. class images, then DreamBooth LoRA on the subject with prior preservation and caption dropout
+     (configs/demo.yaml)
   4. one engine with the LoRA: txt2img in new contexts, img2img, inpaint, depth2img, class prompts
   5. the judge scores everything: OUT/metrics.json, OUT/report.md (+ OUT/grids/*.png, OUT/images/)
 
 Any training key of configs/demo.yaml can be overridden as key=value:
   sdtune demo --out outputs/demo max_steps=800 learning_rate=2e-4
   sdtune demo --quick --out /tmp/demo              # a short pass (few steps, few images)
-  sdtune demo --ablations --out outputs/demo       # prior on/off, caption dropout on/off, LoRA vs full
+  sdtune demo --subjects all --out outputs/all     # every subject in data/subjects, a row each
+  sdtune demo --ablations --out outputs/demo       # the recipe's variants and the diffusers example's defaults
 A rerun into the same --out reuses the class images and replaces the other results.
 """
 
@@ -31,7 +33,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--inpaint-model", help="9-channel inpainting model (default: the embedded one with the "
                                            "embedded base)")
     p.add_argument("--depth-model", help="5-channel depth model (default: the embedded one with the embedded base)")
-    p.add_argument("--subject", help="subject folder: 3-5 images + subject.json (default: data/subjects/checker_box)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--subject", help="subject folder: 3-5 images + subject.json (default: data/subjects/checker_box)")
+    s.add_argument("--subjects", nargs="+", metavar="FOLDER",
+                   help="several subject folders, or 'all' for every one in data/subjects: each is trained and "
+                        "judged into OUT/<name>/, with a summary in OUT/report.md")
     p.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter pass: a few steps and images (for tests)")
     p.add_argument("--ablations", action="store_true",
@@ -50,10 +56,10 @@ def run(args) -> int:
 
         if args.inpaint_model or args.depth_model:
             print("sdtune demo --ablations: only --model is used (the ablations draw txt2img)", flush=True)
-        run_ablations(out=args.out, subject=args.subject, model=args.model, quick=args.quick,
+        run_ablations(out=args.out, subjects=args.subjects or args.subject, model=args.model, quick=args.quick,
                       overrides=args.overrides, say=lambda text: print(text, flush=True))
         return 0
-    run_demo(out=args.out, subject=args.subject, model=args.model, inpaint_model=args.inpaint_model,
+    run_demo(out=args.out, subjects=args.subjects or args.subject, model=args.model, inpaint_model=args.inpaint_model,
              depth_model=args.depth_model, quick=args.quick, overrides=args.overrides,
              say=lambda text: print(text, flush=True))
     return 0

@@ -4,16 +4,20 @@ Phases (``run_demo``):
 
 1. models - the embedded family (base, inpaint, depth) when it is built; otherwise tiny RANDOM
    models, announced loudly and recorded as ``"models": "tiny-random"`` (their pictures are noise).
-2. before training - the base model draws world prompts at guidance 7.5 and 1.0: the judge's
-   ``base_prompt_adherence`` and ``guidance_gain``. The same pipeline draws the class images for
-   prior preservation (OUT/class_images, reused by a rerun).
-3. training - the DreamBooth recipe (train/dreambooth.py) with configs/demo.yaml: LoRA, prior
-   preservation and caption dropout on; the LoRA goes to OUT/lora.
-4. generation - ONE ``Engine`` with the LoRA applied serves txt2img (the subject in new contexts),
-   img2img (from a world render), inpaint (the subject painted into a world scene) and depth2img
-   (a world render's structure), plus class prompts for prior preservation.
-5. scoring - the judge reads every image back; OUT/metrics.json and OUT/report.md with image grids.
+2. the family before training, once for every subject - the base model draws world prompts stating all
+   five attributes at guidance 7.5 and 1.0 (``base_prompt_adherence``, per-attribute accuracy,
+   ``guidance_gain``); the inpainting model replaces a scene's object with a prompted one inside a mask
+   (``inpaint_in_region``, and how much the pixels outside the mask change); the depth model redraws a
+   scene from its depth (``depth_layout_kept``: the object stays where it was).
+3. per subject, training - class images for prior preservation (OUT/class_images, reused by a rerun),
+   then the DreamBooth recipe (train/dreambooth.py) with configs/demo.yaml; the LoRA goes to OUT/lora.
+4. per subject, generation - ONE ``Engine`` with the LoRA applied serves txt2img (the subject in new
+   contexts), img2img (a world render of another object), inpaint (that object replaced by the subject
+   inside a mask), depth2img (its depth) and class prompts (prior preservation), in batches.
+5. per subject, scoring - the judge reads every image back; metrics.json and report.md with image grids.
 
+One subject writes into OUT; several (``subjects=[...]``, ``sdtune demo --subjects all``) write each into
+OUT/<name>/ and a summary (OUT/metrics.json, OUT/report.md) with one row per subject.
 Every file is written under a temporary name and renamed; each image group is built in a scratch
 folder and swapped in whole, so a rerun into the same OUT replaces, never mixes, results.
 """
@@ -36,31 +40,44 @@ from sdtune import ROOT
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.world import scenes
-from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject
 from sdtune.world.report import load_table, make_grid, mask_overlay, short
+from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject, subject_folders
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 TINY_NOTICE = ("embedded models not built yet: running on tiny RANDOM models; pictures will be noise; "
                "see README")
 MODE_GROUPS = ("txt2img", "img2img", "inpaint", "depth2img")
-TARGETS = {"base_prompt_adherence": ">= 0.9", "guidance_gain": "> 0.2", "subject_fidelity": ">= 0.9",
-           "prompt_fidelity": ">= 0.8", "prior_preservation": ">= 0.9"}
+# Every target is "at least": the metric (a share in [0, 1], or the guidance gain) must reach it.
+TARGETS = {
+    "base_prompt_adherence": 0.9,
+    "base_attribute_accuracy": 0.95,  # each attribute
+    "guidance_gain": 0.2,
+    "inpaint_in_region": 0.9,
+    "depth_layout_kept": 0.9,
+    "subject_fidelity": 0.9,
+    "subject_fidelity_by_mode": {"txt2img": 0.9, "img2img": 0.8, "inpaint": 0.8, "depth2img": 0.8},
+    "prompt_fidelity": 0.8,
+    "prior_preservation": 0.9,
+}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much the demo generates. The full plan fits 10 minutes on 2 CPU cores with the embedded family."""
+    """How much the demo generates (per guidance scale, per subject, per mode)."""
 
-    base_prompts: int = 24  # world prompts for base_prompt_adherence (x2: guidance 7.5 and 1.0)
+    base_prompts: int = 48  # world prompts stating all 5 attributes, each at guidance 7.5 and 1.0
+    world_checks: int = 16  # inpaint (object replaced in a mask) and depth2img (layout kept) on world scenes
     subject_prompts: int = 16  # txt2img of the subject in new contexts
-    per_mode: int = 4  # img2img / inpaint / depth2img examples each
+    per_mode: int = 8  # img2img / inpaint / depth2img examples each
     class_prompts: int = 16  # class-prompt images after training (prior preservation)
     sample_steps: int = 25
     guidance: float = 7.5
+    batch_size: int = 16  # images per pipeline call
 
 
 FULL = Plan()
-QUICK = Plan(base_prompts=2, subject_prompts=2, per_mode=1, class_prompts=2, sample_steps=3)
+QUICK = Plan(base_prompts=2, world_checks=1, subject_prompts=2, per_mode=1, class_prompts=2, sample_steps=3,
+             batch_size=2)
 # Training settings of --quick, applied before the user's key=value overrides.
 QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1}
 
@@ -122,7 +139,8 @@ def tiny_models(folder: Path) -> dict[str, Path]:
 
 def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,
                 overrides=()):
-    """configs/demo.yaml + what this run fixes (model, subject, folders, resolution) + --quick + overrides."""
+    """configs/demo.yaml + what this run fixes (model, subject, folders under ``out``, resolution) + --quick +
+    overrides."""
     from sdtune.training.config import config_from_dict, parse_override, read_yaml
 
     if not DEMO_CONFIG.is_file():
@@ -189,6 +207,11 @@ def class_prompts(subject: Subject, n: int) -> list[str]:
     return prompts[:n]
 
 
+def other_kind(noun: str) -> str:
+    """A world kind that is not ``noun``: the object the image modes start from, so the subject must replace it."""
+    return next(k for k in ("ball", "cone", "star") if k != noun)
+
+
 def box_mask(position: str, size: int, half: float = 15.0) -> Image.Image:
     """White square (repaint) around a position's anchor, black elsewhere; ``half`` in 64-unit canvas units."""
     cx, cy = scenes.ANCHORS[position]
@@ -233,20 +256,41 @@ class Group:
     results: list = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     inputs: list[list[tuple[Image.Image, str]]] = field(default_factory=list)  # per example, shown before it
+    truth: list[dict] = field(default_factory=list)  # per example, what the judge should find (world checks)
+    extra: dict = field(default_factory=dict)
 
 
-def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike | None = None, model=None,
-             inpaint_model=None, depth_model=None, quick: bool = False, overrides=(), plan: Plan | None = None,
-             say: Callable[[str], None] = print) -> dict:
-    """Run the main job into ``out``; return the metrics (also in out/metrics.json, with out/report.md)."""
+def resolve_subjects(subjects) -> list[Subject]:
+    """``None`` -> the default subject; ``"all"`` -> every shipped subject; else folders. Checked before any work."""
+    if subjects is None:
+        folders = [DEFAULT_SUBJECT]
+    elif subjects == "all" or subjects == ["all"]:
+        folders = subject_folders()
+    else:
+        folders = [subjects] if isinstance(subjects, (str, os.PathLike)) else list(subjects)
+    loaded = [load_subject(f) for f in folders]
+    names = [s.name for s in loaded]
+    if len(set(names)) != len(names):
+        raise SdtuneError(f"subjects must have different names, got {', '.join(names)}")
+    return loaded
+
+
+def run_demo(out: str | os.PathLike = "outputs/demo", subject=None, model=None, inpaint_model=None, depth_model=None,
+             quick: bool = False, overrides=(), plan: Plan | None = None, say: Callable[[str], None] = print,
+             subjects=None) -> dict:
+    """Run the main job into ``out``; return the metrics (also in out/metrics.json, with out/report.md).
+
+    ``subject`` (one folder) or ``subjects`` (folders, or "all"): whom to teach; default the checker box.
+    """
     from sdtune.training.data import check_output_dir
 
     t_start = time.perf_counter()
     plan = plan or demo_plan(quick)
-    subj = load_subject(subject or DEFAULT_SUBJECT)  # user errors first, before anything heavy
+    subjs = resolve_subjects(subjects if subjects is not None else subject)  # user errors first
     out = check_output_dir(out, what="--out")
-    demo_config(subj, "<model>", out, 64, quick, overrides)  # bad key=value overrides fail now, not after loading
-    timings: dict[str, float] = {}
+    for s in subjs:  # bad key=value overrides fail now, not after loading
+        demo_config(s, "<model>", out, 64, quick, overrides)
+    single = len(subjs) == 1
 
     def phase(n: int, text: str) -> None:
         say(f"[{n}/5] {text}  (t={time.perf_counter() - t_start:.0f}s)")
@@ -255,92 +299,106 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject: str | os.PathLike
     phase(1, "models")
     t = time.perf_counter()
     models = resolve_models(model, inpaint_model, depth_model, out, say)
-    import torch
-
     from sdtune.generation.engine import Engine
     from sdtune.world.judge import Judge
 
-    base_engine = Engine.load(models.base)
+    base_engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth)
     resolution = base_engine.native_size[0]
-    cfg = demo_config(subj, models.base, out, resolution, quick, overrides)  # validated before any work
     judge = Judge.load()
     say(f"      base {models.base} ({models.kind}), {resolution} px; inpaint {models.inpaint or '-'}; "
         f"depth {models.depth or '-'}")
-    timings["models_s"] = time.perf_counter() - t
+    family_timings = {"models_s": time.perf_counter() - t}
 
-    # --- 2. before training: base-model adherence, guidance gain, class images ----------------------
-    phase(2, f"base model before training: {plan.base_prompts} world prompts at guidance 7.5 and 1.0")
+    # --- 2. the family before training ---------------------------------------------------------------
+    phase(2, f"the family before training: {plan.base_prompts} world prompts at guidance {plan.guidance} and 1.0, "
+             f"{plan.world_checks} inpaint and depth2img checks")
     t = time.perf_counter()
-    prompts = base_prompts(plan.base_prompts)
-    base_hi = Group("base_guidance_7.5", "Base model, guidance 7.5 (before training)", prompts=prompts)
-    base_lo = Group("base_guidance_1.0", "Base model, guidance 1.0 (before training)", prompts=prompts)
-    from tqdm.auto import tqdm
+    family_groups = _family_groups(base_engine, plan, resolution, say)
+    family = _score_family(judge, family_groups)
+    family_timings["family_generate_s"] = time.perf_counter() - t
 
-    with tqdm(total=2 * len(prompts), desc="base images", unit="img") as bar:
-        for i, p in enumerate(prompts):
-            for grp, guidance in ((base_hi, 7.5), (base_lo, 1.0)):
-                grp.results += base_engine.generate("txt2img", prompt=p, steps=plan.sample_steps, guidance=guidance,
-                                                    seed=i)
-                bar.update(1)
-    timings["base_generate_s"] = time.perf_counter() - t
+    # --- 3-5. each subject ---------------------------------------------------------------------------
+    results = {}
+    for k, subj in enumerate(subjs):
+        where = out if single else out / subj.name
+        tag = "" if single else f"{subj.name} ({k + 1}/{len(subjs)}): "
+        results[subj.name] = _run_subject(subj, where, models, base_engine, resolution, judge, plan, quick, overrides,
+                                          family, family_groups, family_timings, phase, tag, say, t_start)
+    del base_engine
+    if single:
+        metrics = results[subjs[0].name]
+    else:
+        metrics = _summary(out, results, family, models, quick, time.perf_counter() - t_start)
+    say(f"done in {time.perf_counter() - t_start:.0f}s: {out / 'report.md'}, {out / 'metrics.json'}"
+        + (f" - WARNING: {TINY_NOTICE}" if models.kind == "tiny-random" else ""))
+    return metrics
 
-    t = time.perf_counter()
+
+def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick, overrides, family, family_groups,
+                 family_timings, phase, tag, say, t_start) -> dict:
+    """Phases 3-5 for one subject into ``out``: class images, training, generation, scoring, report."""
+    import torch
+
+    from sdtune.generation.engine import Engine
     from sdtune.training.class_images import ensure_class_images
+    from sdtune.training.recipe import load_recipe
 
+    timings = dict(family_timings)
+    t_subject = time.perf_counter()
+    cfg = demo_config(subj, models.base, out, resolution, quick, overrides)  # validated before any work
+    if cfg.method != "lora":
+        raise SdtuneError("the demo applies a LoRA; keep method=lora (use `sdtune train` for full fine-tuning)")
+
+    # --- 3. training ----------------------------------------------------------------------------------
+    phase(3, f"{tag}DreamBooth {cfg.method} on {subj.name}: {cfg.num_class_images} class images, {cfg.max_steps} "
+             f"steps, prior preservation {'on' if cfg.with_prior_preservation else 'OFF'}, caption dropout "
+             f"{cfg.caption_dropout}")
+    t = time.perf_counter()
     say(f"      class images: {cfg.num_class_images} of '{cfg.class_prompt}' in {cfg.class_dir} (kept on rerun)")
     ensure_class_images(cfg, pipeline=base_engine.pipeline("txt2img"))
     timings["class_images_s"] = time.perf_counter() - t
-    del base_engine
-
-    # --- 3. training -----------------------------------------------------------------------------
-    phase(3, f"DreamBooth {cfg.method} on {subj.name}: {cfg.max_steps} steps, prior preservation "
-             f"{'on' if cfg.with_prior_preservation else 'OFF'}, caption dropout {cfg.caption_dropout}")
     t = time.perf_counter()
-    from sdtune.training.recipe import load_recipe
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*non-image file")  # subject.json beside the images
         result = load_recipe().train(cfg)
     timings["train_s"] = time.perf_counter() - t
-    lora_dir = Path(cfg.output_dir)
-    if cfg.method != "lora":
-        raise SdtuneError("the demo applies a LoRA; keep method=lora (use `sdtune train` for full fine-tuning)")
 
-    # --- 4. generation with one engine, LoRA applied -----------------------------------------------
-    phase(4, "generating with the LoRA: txt2img, img2img, inpaint, depth2img, class prompts")
+    # --- 4. generation with one engine, LoRA applied ---------------------------------------------------
+    phase(4, f"{tag}generating with the LoRA: txt2img, img2img, inpaint, depth2img, class prompts")
     t = time.perf_counter()
-    engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth, lora=lora_dir)
-    with tqdm(total=plan.subject_prompts + 3 * plan.per_mode + plan.class_prompts, desc="images", unit="img") as bar:
-        groups = _generate(engine, subj, plan, resolution, say, bar.update)
-    timings["generate_s"] = time.perf_counter() - t + timings["base_generate_s"]
+    engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth, lora=Path(cfg.output_dir))
+    groups = _subject_groups(engine, subj, plan, resolution, say)
     del engine
+    timings["generate_s"] = time.perf_counter() - t + timings["family_generate_s"]
 
-    # --- 5. scoring and report -----------------------------------------------------------------
-    phase(5, "scoring with the judge, writing metrics.json and report.md")
+    # --- 5. scoring and report ---------------------------------------------------------------------------
+    phase(5, f"{tag}scoring with the judge, writing metrics.json and report.md")
     t = time.perf_counter()
-    all_groups = [base_hi, base_lo, *groups]
+    all_groups = [*family_groups, *groups]
     for g in all_groups:
         save_group(g.results, out / "images" / g.name)
-    metrics = _score(judge, subj, base_hi, base_lo, groups)
+    metrics = {**family, **_score_subject(judge, subj, groups)}
     metrics.update(
         models=models.kind, model=models.base, inpaint_model=models.inpaint, depth_model=models.depth,
         subject=subj.name, instance_prompt=subj.instance_prompt, class_prompt=subj.class_prompt, quick=quick,
         resolution=resolution, steps=result.global_step, sample_steps=plan.sample_steps,
         counts={g.name: len(g.results) for g in all_groups} | {"class_images": cfg.num_class_images,
                                                               "instance_images": len(subj.images)},
-        training={"method": cfg.method, "lora_rank": cfg.lora_rank, "learning_rate": cfg.learning_rate,
+        training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
+                  "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "train_batch_size": cfg.train_batch_size, "first_loss": _round(result.losses[0]),
                   "last_loss": _round(result.losses[-1])},
-        targets=TARGETS, torch_threads=torch.get_num_threads(), out=str(out))
+        torch_threads=torch.get_num_threads(), out=str(out))
+    metrics["targets"] = TARGETS
+    metrics["targets_met"] = targets_met(metrics)
     grids = _write_grids(out, all_groups)
     timings["score_s"] = time.perf_counter() - t
+    timings["subject_s"] = time.perf_counter() - t_subject
     timings["total_s"] = time.perf_counter() - t_start
     metrics["timings"] = {k: round(v, 1) for k, v in timings.items()}
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "report.md", _report(metrics, grids, subj))
-    say(f"done in {timings['total_s']:.0f}s: {out / 'report.md'}, {out / 'metrics.json'}"
-        + (f" - WARNING: {TINY_NOTICE}" if models.kind == "tiny-random" else ""))
     return metrics
 
 
@@ -348,102 +406,226 @@ def _round(x):
     return None if x is None else round(float(x), 4)
 
 
-def _generate(engine, subj: Subject, plan: Plan, size: int, say, tick: Callable[[int], object]) -> list[Group]:
-    steps, g = plan.sample_steps, plan.guidance
-    groups = []
+def _generate(engine, grp: Group, mode: str, requests: list[dict], plan: Plan, bar, **kw) -> None:
+    """Draw ``requests`` into ``grp`` in batches of ``plan.batch_size``, ticking the progress bar per batch."""
+    kw.setdefault("guidance", plan.guidance)
+    for i in range(0, len(requests), plan.batch_size):
+        chunk = requests[i:i + plan.batch_size]
+        grp.results += engine.generate_many(mode, chunk, steps=plan.sample_steps, batch_size=plan.batch_size, **kw)
+        bar.update(len(chunk))
 
-    def gen(mode: str, **kw):
-        results = engine.generate(mode, steps=steps, guidance=g, **kw)
-        tick(1)
-        return results
 
-    txt = Group("txt2img", "txt2img: the subject in new contexts")
-    for i, scene in enumerate(new_contexts(subj, plan.subject_prompts)):
-        p = subject_prompt(subj, scene)
-        txt.prompts.append(p)
-        txt.results += gen("txt2img", prompt=p, seed=100 + i)
-        txt.inputs.append([])
-    groups.append(txt)
+def _family_groups(engine, plan: Plan, size: int, say) -> list[Group]:
+    """The family before any training: world prompts (two guidance scales) and the inpaint/depth2img checks."""
+    from tqdm.auto import tqdm
 
-    # Image modes start from world renders at the model's native size (a generic box, or another object).
-    contexts = new_contexts(subj, plan.per_mode, seed=11)
+    prompts = base_prompts(plan.base_prompts)
+    hi = Group("base_guidance_7.5", f"Base model, guidance {plan.guidance} (before training)", prompts=prompts)
+    lo = Group("base_guidance_1.0", "Base model, guidance 1.0 (before training)", prompts=prompts)
+    groups = [hi, lo]
+    modes = [m for m in ("inpaint", "depth2img") if m in engine.modes()]
+    total = 2 * len(prompts) + plan.world_checks * len(modes)
+    with tqdm(total=total, desc="base images", unit="img") as bar:
+        requests = [dict(prompt=p, seed=i) for i, p in enumerate(prompts)]
+        _generate(engine, hi, "txt2img", requests, plan, bar)
+        _generate(engine, lo, "txt2img", requests, plan, bar, guidance=1.0)
+        rng = np.random.default_rng(4321)
+        checks = [scenes.sample_scene(rng) for _ in range(plan.world_checks)]
+        if "inpaint" in modes:
+            grp = Group("world_inpaint", "The inpainting model: a scene's object replaced by the prompted one inside "
+                                         "the mask (red)")
+            requests = []
+            for i, scene in enumerate(checks):
+                new = _changed(scene, rng, keep=("size", "position", "background"))
+                init, mask = scenes.render(scene, size=size).image, box_mask(scene.position, size)
+                grp.prompts.append(scenes.caption(new))
+                grp.truth.append({a: getattr(new, a) for a in ("kind", "colour", "position")})
+                grp.inputs.append([(mask_overlay(init, mask), "input: " + short(scenes.caption(scene)))])
+                requests.append(dict(prompt=grp.prompts[-1], seed=600 + i, image=init, mask=mask))
+            _generate(engine, grp, "inpaint", requests, plan, bar)
+            grp.extra["inits"] = [r["image"] for r in requests]
+            grp.extra["masks"] = [r["mask"] for r in requests]
+            groups.append(grp)
+        else:
+            say("      inpaint: skipped - no inpainting model")
+        if "depth2img" in modes:
+            grp = Group("world_depth2img", "The depth model: a scene redrawn from its estimated depth at strength 1.0 "
+                                           "(new colour and background, the layout kept)")
+            requests = []
+            for i, scene in enumerate(checks):
+                new = _changed(scene, rng, keep=("kind", "size", "position"))
+                init = scenes.render(scene, size=size).image
+                grp.prompts.append(scenes.caption(new))
+                grp.truth.append({"position": scene.position})
+                grp.inputs.append([(init, "input: " + short(scenes.caption(scene)))])
+                requests.append(dict(prompt=grp.prompts[-1], seed=700 + i, image=init))
+            _generate(engine, grp, "depth2img", requests, plan, bar, strength=1.0)
+            groups.append(grp)
+        else:
+            say("      depth2img: skipped - no depth model")
+    return groups
+
+
+def _changed(scene: scenes.Scene, rng, keep: tuple[str, ...]) -> scenes.Scene:
+    """``scene`` with every attribute not in ``keep`` changed to another value (and a new seed)."""
+    values = {}
+    for name in scenes.ATTRIBUTES:
+        old = getattr(scene, name)
+        if name in keep:
+            values[name] = old
+        else:
+            others = [v for v in scenes.CHOICES[name] if v != old]
+            values[name] = others[int(rng.integers(len(others)))]
+    return scenes.Scene(**values, seed=int(rng.integers(2**31 - 1)))
+
+
+def _subject_groups(engine, subj: Subject, plan: Plan, size: int, say) -> list[Group]:
+    from tqdm.auto import tqdm
+
     modes = [m for m in ("img2img", "inpaint", "depth2img") if m in engine.modes()]
     for m in ("img2img", "inpaint", "depth2img"):
         if m not in modes:
             say(f"      {m}: skipped - no model for it was given")
-    if "img2img" in modes:
-        grp = Group("img2img", "img2img: a world render of a generic box, repainted as the subject (strength 0.75)")
-        for i, scene in enumerate(contexts):
-            init = scenes.render(scene, size=size).image
-            p = subject_prompt(subj, scene)
-            grp.prompts.append(p)
-            grp.inputs.append([(init, "input: " + short(scenes.caption(scene)))])
-            grp.results += gen("img2img", prompt=p, image=init, strength=0.75, seed=200 + i)
-        groups.append(grp)
-    if "inpaint" in modes:
-        grp = Group("inpaint", "inpaint: a world scene's object (a ball) replaced by the subject (white = repaint)")
-        for i, scene in enumerate(contexts):
-            ball = scenes.Scene(**{**scene.attrs(), "kind": "ball"}, seed=scene.seed)
-            init = scenes.render(ball, size=size).image
-            mask = box_mask(scene.position, size)
-            p = subject_prompt(subj, scene)
-            grp.prompts.append(p)
-            grp.inputs.append([(mask_overlay(init, mask), "input + mask: " + short(scenes.caption(ball)))])
-            grp.results += gen("inpaint", prompt=p, image=init, mask=mask, seed=300 + i)
-        groups.append(grp)
-    if "depth2img" in modes:
-        grp = Group("depth2img", "depth2img: a world render's structure (depth from the model's estimator)")
-        for i, scene in enumerate(contexts):
-            render = scenes.render(scene, size=size)
-            disparity = render.disparity
-            d = (disparity - disparity.min()) / max(float(np.ptp(disparity)), 1e-6)
-            p = subject_prompt(subj, scene)
-            grp.prompts.append(p)
-            grp.inputs.append([(render.image, "input: " + short(render.caption)),
-                               (Image.fromarray((d * 255).astype(np.uint8), "L"), "true depth (white = near)")])
-            grp.results += gen("depth2img", prompt=p, image=render.image, strength=0.9, seed=400 + i)
-        groups.append(grp)
+    total = plan.subject_prompts + len(modes) * plan.per_mode + plan.class_prompts
+    groups = []
+    with tqdm(total=total, desc="images", unit="img") as bar:
+        txt = Group("txt2img", "txt2img: the subject in new contexts")
+        txt.prompts = [subject_prompt(subj, s) for s in new_contexts(subj, plan.subject_prompts)]
+        txt.inputs = [[] for _ in txt.prompts]
+        _generate(engine, txt, "txt2img", [dict(prompt=p, seed=100 + i) for i, p in enumerate(txt.prompts)], plan, bar)
+        groups.append(txt)
 
-    cls = Group("class_prompts", "Class prompts after training (prior preservation: the class, not the subject)")
-    for i, p in enumerate(class_prompts(subj, plan.class_prompts)):
-        cls.prompts.append(p)
-        cls.results += gen("txt2img", prompt=p, seed=500 + i)
-        cls.inputs.append([])
-    groups.append(cls)
+        # Image modes start from world renders of another kind of object, where the subject must appear.
+        contexts = new_contexts(subj, plan.per_mode, seed=11)
+        starts = [scenes.Scene(**{**sc.attrs(), "kind": other_kind(subj.class_noun)}, seed=sc.seed) for sc in contexts]
+        prompts = [subject_prompt(subj, sc) for sc in contexts]
+        if "img2img" in modes:
+            grp = Group("img2img", "img2img: a world render of another object, repainted as the subject (strength 0.75)",
+                        prompts=prompts)
+            inits = [scenes.render(sc, size=size).image for sc in starts]
+            grp.inputs = [[(im, "input: " + short(scenes.caption(sc)))] for im, sc in zip(inits, starts)]
+            _generate(engine, grp, "img2img", [dict(prompt=p, seed=200 + i, image=im)
+                                               for i, (p, im) in enumerate(zip(prompts, inits))], plan, bar,
+                      strength=0.75)
+            groups.append(grp)
+        if "inpaint" in modes:
+            grp = Group("inpaint", "inpaint: a world scene's object replaced by the subject inside the mask (red)",
+                        prompts=prompts)
+            inits = [scenes.render(sc, size=size).image for sc in starts]
+            masks = [box_mask(sc.position, size) for sc in starts]
+            grp.inputs = [[(mask_overlay(im, m), "input + mask: " + short(scenes.caption(sc)))]
+                          for im, m, sc in zip(inits, masks, starts)]
+            _generate(engine, grp, "inpaint", [dict(prompt=p, seed=300 + i, image=im, mask=m)
+                                               for i, (p, im, m) in enumerate(zip(prompts, inits, masks))], plan, bar,
+                      paste_back=True)
+            groups.append(grp)
+        if "depth2img" in modes:
+            grp = Group("depth2img", "depth2img: a world render's structure (depth from the model's estimator), the "
+                                     "subject's looks (strength 0.9)", prompts=prompts)
+            renders = [scenes.render(sc, size=size) for sc in contexts]
+            for r in renders:
+                d = r.disparity
+                d = (d - d.min()) / max(float(np.ptp(d)), 1e-6)
+                grp.inputs.append([(r.image, "input: " + short(r.caption)),
+                                   (Image.fromarray((d * 255).astype(np.uint8), "L"), "true depth (white = near)")])
+            _generate(engine, grp, "depth2img", [dict(prompt=p, seed=400 + i, image=r.image)
+                                                 for i, (p, r) in enumerate(zip(prompts, renders))], plan, bar,
+                      strength=0.9)
+            groups.append(grp)
+
+        cls = Group("class_prompts", "Class prompts after training (prior preservation: the class, not the subject)")
+        cls.prompts = class_prompts(subj, plan.class_prompts)
+        cls.inputs = [[] for _ in cls.prompts]
+        _generate(engine, cls, "txt2img", [dict(prompt=p, seed=500 + i) for i, p in enumerate(cls.prompts)], plan, bar)
+        groups.append(cls)
     return groups
 
 
-def _score(judge, subj: Subject, base_hi: Group, base_lo: Group, groups: list[Group]) -> dict:
+def _imgs(grp: Group) -> list:
+    return [r.image for r in grp.results]
+
+
+def _score_family(judge, groups: list[Group]) -> dict:
+    """Metrics of the models before training (the same for every subject)."""
     from sdtune.world import evaluation as ev
 
-    imgs = lambda grp: [r.image for r in grp.results]  # noqa: E731
-    by_name = {g.name: g for g in groups}
-    hi = ev.prompt_adherence(imgs(base_hi), base_hi.prompts, judge)
-    lo = ev.prompt_adherence(imgs(base_lo), base_lo.prompts, judge)
-    txt = by_name["txt2img"]
-    metrics = {
-        "base_prompt_adherence": hi,
-        "base_prompt_adherence_guidance_1": lo,
-        "guidance_gain": hi - lo,
-        "base_attribute_accuracy": ev.attribute_accuracy(imgs(base_hi), base_hi.prompts, judge),
-        "base_attribute_accuracy_guidance_1": ev.attribute_accuracy(imgs(base_lo), base_lo.prompts, judge),
-        "subject_fidelity": ev.subject_fidelity(imgs(txt), judge, subj.class_noun),
-        "prompt_fidelity": ev.prompt_fidelity(imgs(txt), txt.prompts, judge, subj.identifier),
-        "prior_preservation": ev.prior_preservation(imgs(by_name["class_prompts"]), subj.class_noun, judge),
+    by = {g.name: g for g in groups}
+    hi, lo = by["base_guidance_7.5"], by["base_guidance_1.0"]
+    adherence_hi = ev.prompt_adherence(_imgs(hi), hi.prompts, judge)
+    adherence_lo = ev.prompt_adherence(_imgs(lo), lo.prompts, judge)
+    m = {
+        "base_prompt_adherence": adherence_hi,
+        "base_prompt_adherence_guidance_1": adherence_lo,
+        "guidance_gain": adherence_hi - adherence_lo,
+        "base_attribute_accuracy": ev.attribute_accuracy(_imgs(hi), hi.prompts, judge),
+        "base_attribute_accuracy_guidance_1": ev.attribute_accuracy(_imgs(lo), lo.prompts, judge),
     }
-    # Per mode: is it the subject, and is the stated context honoured.
-    metrics["subject_fidelity_by_mode"] = {
-        m: ev.subject_fidelity(imgs(by_name[m]), judge, subj.class_noun) for m in MODE_GROUPS if m in by_name}
-    metrics["prompt_fidelity_by_mode"] = {
-        m: ev.prompt_fidelity(imgs(by_name[m]), by_name[m].prompts, judge, subj.identifier)
-        for m in MODE_GROUPS if m in by_name}
-    # The judge's own check: the real instance images should be judged the subject.
-    from sdtune.imageio import open_image
+    if "world_inpaint" in by:
+        g = by["world_inpaint"]
+        preds = judge.predict(_imgs(g))
+        m["inpaint_in_region"] = float(np.mean([judge.matches(p, t) for p, t in zip(preds, g.truth)]))
+        m["inpaint_in_region_by_attribute"] = {a: float(np.mean([p[a] == t[a] for p, t in zip(preds, g.truth)]))
+                                               for a in ("kind", "colour", "position")}
+        m["inpaint_outside_change"] = _outside_change(g)
+    if "world_depth2img" in by:
+        g = by["world_depth2img"]
+        preds = judge.predict(_imgs(g))
+        m["depth_layout_kept"] = float(np.mean([p["position"] == t["position"] for p, t in zip(preds, g.truth)]))
+    return _rounded(m)
 
-    metrics["judge_on_instance_images"] = ev.subject_fidelity([open_image(p) for p in subj.images], judge,
-                                                              subj.class_noun)
-    metrics["modes"] = [m for m in MODE_GROUPS if m in by_name]
-    return _rounded(metrics)
+
+def _outside_change(g: Group) -> float:
+    """Mean absolute change (0-255) of the pixels outside the mask, inpainted image vs its input, without
+    paste-back: what the VAE round trip and the model do to the part that was to be kept."""
+    diffs = []
+    for r, init, mask in zip(g.results, g.extra["inits"], g.extra["masks"]):
+        keep = np.asarray(mask.convert("L")) < 128
+        a = np.asarray(r.image.convert("RGB"), np.float32)
+        b = np.asarray(init.convert("RGB").resize(r.image.size), np.float32)
+        diffs.append(np.abs(a - b)[keep].mean())
+    return float(np.mean(diffs))
+
+
+def _score_subject(judge, subj: Subject, groups: list[Group]) -> dict:
+    from sdtune.imageio import open_image
+    from sdtune.world import evaluation as ev
+
+    by = {g.name: g for g in groups}
+    name = subj.name if subj.name in scenes.SUBJECTS else None
+
+    def fidelity(images):
+        return ev.subject_fidelity(images, judge, subj.class_noun, subject=name)
+
+    txt = by["txt2img"]
+    m = {
+        "subject_fidelity": fidelity(_imgs(txt)),
+        "prompt_fidelity": ev.prompt_fidelity(_imgs(txt), txt.prompts, judge, subj.identifier),
+        "prior_preservation": ev.prior_preservation(_imgs(by["class_prompts"]), subj.class_noun, judge),
+    }
+    modes = [mode for mode in MODE_GROUPS if mode in by]
+    m["subject_fidelity_by_mode"] = {mode: fidelity(_imgs(by[mode])) for mode in modes}
+    m["prompt_fidelity_by_mode"] = {mode: ev.prompt_fidelity(_imgs(by[mode]), by[mode].prompts, judge,
+                                                              subj.identifier) for mode in modes}
+    # The judge's own check: the real instance images should be judged the subject.
+    m["judge_on_instance_images"] = fidelity([open_image(p) for p in subj.images])
+    m["modes"] = modes
+    return _rounded(m)
+
+
+def targets_met(m: dict) -> dict:
+    """For each target, whether the metrics reach it (per attribute / per mode where the target is a dict)."""
+    met = {}
+    for key, target in TARGETS.items():
+        value = m.get(key)
+        if value is None:
+            continue
+        if isinstance(target, dict):
+            met[key] = {k: value[k] >= t for k, t in target.items() if k in value}
+        elif isinstance(value, dict):
+            met[key] = {k: v >= target for k, v in value.items()}
+        else:
+            met[key] = value >= target
+    return met
 
 
 def _rounded(value):
@@ -474,6 +656,50 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _met(ok) -> str:
+    if isinstance(ok, dict):
+        return "met" if all(ok.values()) else "missed: " + ", ".join(k for k, v in ok.items() if not v)
+    return "met" if ok else "missed"
+
+
+WHAT = {
+    "base_prompt_adherence": "base model: share of world prompts (all five attributes) whose every attribute is found",
+    "base_attribute_accuracy": "base model, per attribute: kind / colour / size / position / background",
+    "guidance_gain": "base model: adherence at guidance 7.5 minus at 1.0 (classifier-free guidance works)",
+    "inpaint_in_region": "inpainting model: the prompted object (kind, colour) drawn at the mask's position",
+    "depth_layout_kept": "depth model: the object stays where the input had it",
+    "subject_fidelity": "after training, txt2img: subject prompts judged to be the subject",
+    "subject_fidelity_by_mode": "after training, per mode: txt2img / img2img / inpaint / depth2img",
+    "prompt_fidelity": "after training, txt2img: subject prompts whose context (position, background) is honoured",
+    "prior_preservation": "after training: class-prompt images that are the class and not the subject",
+}
+
+
+def _value(v) -> str:
+    if isinstance(v, dict):
+        return " / ".join(_fmt(x) for x in v.values())
+    return _fmt(v)
+
+
+def _target(t) -> str:
+    if isinstance(t, dict):
+        return ">= " + " / ".join(_fmt(x) for x in t.values())
+    return f">= {t}" + (" each" if isinstance(t, float) and t == TARGETS["base_attribute_accuracy"] else "")
+
+
+def metrics_table(m: dict) -> list[str]:
+    """The Markdown table of a metrics.json: value, target, met or missed, what it measures."""
+    lines = ["| metric | value | target | | what it measures |", "|---|---|---|---|---|"]
+    for key, desc in WHAT.items():
+        if key in m:
+            lines.append(f"| {key} | {_value(m[key])} | {_target(TARGETS[key])} | {_met(m['targets_met'][key])} | "
+                         f"{desc} |")
+    if "inpaint_outside_change" in m:
+        lines.append(f"| inpaint_outside_change | {_fmt(m['inpaint_outside_change'])} | (reported) | | mean change "
+                     "(0-255) of the pixels outside the mask without paste-back; with `--paste-back` it is 0 |")
+    return lines
+
+
 def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
     tiny = m["models"] == "tiny-random"
     lines = ["# sdtune demo: DreamBooth on a subject, all four modes, judged", ""]
@@ -490,44 +716,35 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"`{m['depth_model']}`), {m['resolution']} px",
         f"- subject: **{subj.name}** ({len(subj.images)} images), instance prompt `{m['instance_prompt']}`, "
         f"class prompt `{m['class_prompt']}`",
-        f"- training: {t['method']} rank {t['lora_rank']}, {m['steps']} steps, lr {t['learning_rate']}, batch "
+        f"- training: {t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
+        f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
         f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
         f"- sampling: {m['sample_steps']} steps, guidance 7.5" + (" (--quick)" if m["quick"] else ""),
-        f"- time: {m['timings']['total_s']} s in all (train {m['timings']['train_s']} s, generate "
-        f"{m['timings']['generate_s']} s, class images {m['timings']['class_images_s']} s) on "
-        f"{m['torch_threads']} threads",
-        "", "## Metrics (the judge)", "",
-        "| metric | value | target | what it measures |", "|---|---|---|---|",
-    ]
-    what = {
-        "base_prompt_adherence": "base model, guidance 7.5: share of world prompts whose every attribute is found",
-        "guidance_gain": "adherence at guidance 7.5 minus at 1.0 (classifier-free guidance works)",
-        "subject_fidelity": "after training, txt2img: share of subject prompts judged the subject",
-        "prompt_fidelity": "after training, txt2img: share of subject prompts whose context is honoured",
-        "prior_preservation": "after training: share of class-prompt images that are the class and not the subject",
-    }
-    for k, desc in what.items():
-        lines.append(f"| {k} | {_fmt(m[k])} | {TARGETS[k]} | {desc} |")
-    acc, acc1 = m.get("base_attribute_accuracy"), m.get("base_attribute_accuracy_guidance_1")
-    if acc:
-        lines += ["", "Base model, per attribute (judge finds it, guidance 7.5 / 1.0): " + ", ".join(
-            f"{a} {_fmt(acc[a])} / {_fmt(acc1.get(a))}" for a in acc) + "."]
-    lines += ["", "Per mode (subject fidelity / prompt fidelity): " + ", ".join(
-        f"{mode} {_fmt(m['subject_fidelity_by_mode'][mode])} / {_fmt(m['prompt_fidelity_by_mode'][mode])}"
-        for mode in m["modes"]) + ".",
+        f"- time: {m['timings']['total_s']} s in all (this subject {m['timings']['subject_s']} s: train "
+        f"{m['timings']['train_s']} s, class images {m['timings']['class_images_s']} s; generating "
+        f"{m['timings']['generate_s']} s) on {m['torch_threads']} threads",
+        "", "## Metrics (the judge)", "", *metrics_table(m), "",
+        "Per mode, prompt fidelity (context honoured): " + ", ".join(
+            f"{mode} {_fmt(m['prompt_fidelity_by_mode'][mode])}" for mode in m["modes"]) + ".",
         f"The judge on the real instance images: {_fmt(m['judge_on_instance_images'])} judged the subject.", ""]
+    acc1 = m.get("base_attribute_accuracy_guidance_1")
+    if acc1:
+        lines += ["Base model at guidance 1.0, per attribute: " + ", ".join(f"{a} {_fmt(v)}" for a, v in acc1.items())
+                  + ".", ""]
     if tiny:
         lines += ["(Tiny random models: these numbers are chance, not results.)", ""]
     table = load_table(m["out"]) if m.get("out") else None
     lines += ["## Ablations", ""]
     lines += [table, "", "(From `sdtune demo --ablations` into this folder: see ablations.md for its images.)", ""] \
         if table else ["Not run into this folder: `sdtune demo --ablations --out THIS_FOLDER` trains and scores "
-                       "prior preservation off, caption dropout off and full fine-tuning.", ""]
+                       "the recipe's variants and the diffusers example's defaults.", ""]
     lines += ["## Images", ""]
     titles = {"base_guidance_7.5": "Base model, guidance 7.5 (before training)",
               "base_guidance_1.0": "Base model, guidance 1.0 (before training)",
+              "world_inpaint": "Inpainting model before training: the prompted object inside the mask",
+              "world_depth2img": "Depth model before training: the layout kept",
               "txt2img": "txt2img: the subject in new contexts",
               "img2img": "img2img: a world render repainted as the subject",
               "inpaint": "inpaint: the subject painted into a world scene (red = repainted region)",
@@ -537,3 +754,33 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         lines += [f"### {titles.get(name, name)}", "", f"![{name}]({rel})", "",
                   f"Images with their parameters (PNG + JSON): `images/{name}/`", ""]
     return "\n".join(lines)
+
+
+SUMMARY_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
+
+
+def _summary(out: Path, results: dict, family: dict, models, quick: bool, total_s: float) -> dict:
+    """OUT/metrics.json and OUT/report.md for several subjects: the family once, a row per subject."""
+    summary = {"models": models.kind, "model": models.base, "quick": quick, "family": family,
+               "subjects": {name: {k: m[k] for k in (*SUMMARY_KEYS, "subject_fidelity_by_mode", "targets_met",
+                                                     "timings")}
+                            for name, m in results.items()},
+               "total_s": round(total_s, 1)}
+    modes = next(iter(results.values()))["modes"]
+    lines = ["# sdtune demo: every subject", "",
+             f"Models: **{models.kind}** (`{models.base}`); {len(results)} subjects, each trained and judged on its "
+             f"own (its report: `<name>/report.md`); {summary['total_s']} s in all.", "",
+             "## The family before training", "",
+             *[ln for ln in metrics_table({**family, "targets_met": targets_met(family)})], "",
+             "## Per subject", "",
+             "| subject | subject fidelity " + " / ".join(modes) + " | prompt fidelity | prior preservation | targets |",
+             "|---|---|---|---|---|"]
+    for name, m in results.items():
+        met = m["targets_met"]
+        missed = [k for k in ("subject_fidelity_by_mode", *SUMMARY_KEYS) if k in met and _met(met[k]) != "met"]
+        lines.append(f"| [{name}]({name}/report.md) | {_value(m['subject_fidelity_by_mode'])} | "
+                     f"{_fmt(m['prompt_fidelity'])} | {_fmt(m['prior_preservation'])} | "
+                     f"{'all met' if not missed else 'missed: ' + ', '.join(missed)} |")
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    return summary

@@ -44,17 +44,22 @@ def mask_overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
 
 
 def ablation_table(result: dict) -> str:
-    """The Markdown table of an ablations.json (also quoted by the demo's report)."""
-    if not result.get("variants"):
+    """The Markdown tables of an ablations.json, one per subject (also quoted by the demo's report)."""
+    subjects = result.get("subjects") or {}
+    if not any(subjects.values()):
         raise SdtuneError("ablations.json holds no variants; rerun sdtune demo --ablations")
-    lines = [f"Same subject, seed, class images and {next(iter(result['variants'].values()))['steps']} steps; only "
-             f"the named setting differs. {result['subject_prompts']} subject prompts in new contexts, "
-             f"{result['class_prompts']} class prompts, {result['sample_steps']} sampling steps.", "",
-             "| variant | subject fidelity | prompt fidelity | prior preservation | guidance gain (subject prompts) "
-             "| train s |", "|---|---|---|---|---|---|"]
-    for name, r in result["variants"].items():
-        lines.append(f"| {name}: {r['what']} | {r['subject_fidelity']:.3f} | {r['prompt_fidelity']:.3f} | "
-                     f"{r['prior_preservation']:.3f} | {r['guidance_gain_after']:+.3f} | {r['train_s']} |")
+    steps = next(iter(next(iter(subjects.values())).values()))["steps"]
+    lines = [f"Same subject, seed, class images and {steps} steps; only the named settings differ. "
+             f"{result['subject_prompts']} subject prompts in new contexts, {result['class_prompts']} class prompts, "
+             f"{result['sample_steps']} sampling steps; gains are guidance 7.5 minus 1.0 on the subject prompts."]
+    for subject, variants in subjects.items():
+        lines += ["", f"**{subject}**", "",
+                  "| variant | subject fidelity | prompt fidelity | prior preservation | guidance gain (prompt / "
+                  "subject fidelity) | train s |", "|---|---|---|---|---|---|"]
+        for name, r in variants.items():
+            lines.append(f"| {name}: {r['what']} | {r['subject_fidelity']:.3f} | {r['prompt_fidelity']:.3f} | "
+                         f"{r['prior_preservation']:.3f} | {r['guidance_gain_after']:+.3f} / "
+                         f"{r.get('subject_gain_after', 0.0):+.3f} | {r['train_s']} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,9 @@ Sections (each: sdtune and the stock path on the same model, data, settings and 
   for import + load + one 2-step image;
 * class images: images/s, sdtune's batched generation (a list of per-image generators) vs one pipeline
   call per image;
+* time to subject: training time until the subject is learned (subject fidelity >= 0.9 with prior
+  preservation >= 0.9, judged every 100 steps), sdtune's recipe vs the example loop with the example's
+  defaults (bench/time_to_subject.py); needs the embedded family (the judge reads only its world);
 * with --compile, training and inference once more with torch.compile (sdtune's ``compile: true`` and
   ``Engine.compile_unets``), each starting from an empty inductor cache so the one-off compilation it
   reports is what a first run pays.
@@ -55,7 +58,7 @@ PROMPT = "a photo of a red fox in the snow"
 CLASS_PROMPT = "a photo of a box"
 
 
-SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "gpu")
+SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "time_to_subject", "gpu")
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -344,6 +347,17 @@ def section_vae_tiling(args, models, scratch: Path) -> dict:
                 mean_abs_pixel_difference=float(np.abs(a - b).mean()), max_pixel_difference=int(np.abs(a - b).max()))
 
 
+def section_time_to_subject(args, models, scratch: Path) -> dict:
+    import time_to_subject
+
+    from sdtune.world.subjects import DEFAULT_SUBJECT
+
+    if args.quick:  # tiny random models: the judge scores noise; this only proves the section runs
+        return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts", every=2, max_steps=2,
+                                       stock_factor=1, prompts=2, sample_steps=2, say=lambda s: None)
+    return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts")
+
+
 def run_device_sections(args, models, lora, device: str, scratch: Path, results: dict, prefix: str) -> None:
     for name, fn in (("inference", lambda: section_inference(args, models, lora, device)),
                      ("cold_start", lambda: section_cold_start(args, models, device, scratch)),
@@ -447,6 +461,17 @@ def _rows(results: dict):
                          v["sdtune"] / v["stock"], f"max px diff {ci['max_pixel_difference']}"))
         elif ci:
             rows.append((f"class images ({label})", "", None, None, None, ci.get("error")))
+        ts = results.get("time_to_subject") if prefix == "" else None
+        if ts and "verdict" in ts:
+            ours, stock = ts["sdtune"], ts["stock"]
+            rows.append(("time to subject", "training s until learned", ours["seconds_to_subject"],
+                         stock["seconds_to_subject"],
+                         stock["seconds_to_subject"] / ours["seconds_to_subject"]
+                         if ours["seconds_to_subject"] and stock["seconds_to_subject"] else None, ts["verdict"]))
+            rows.append(("time to subject", "steps until learned", ours["steps_to_subject"], stock["steps_to_subject"],
+                         None, f"judged every {ts['every']} steps, {ts['subject']}"))
+        elif ts:
+            rows.append(("time to subject", "", None, None, None, ts.get("error")))
     return rows
 
 
@@ -500,6 +525,8 @@ def main(argv=None) -> int:
         if "training" in args.only:
             results["training"] = _guarded("training", lambda: section_training(args, models))
         run_device_sections(args, models, lora, "cpu", scratch, results, "")
+        if "time_to_subject" in args.only:
+            results["time_to_subject"] = _guarded("time to subject", lambda: section_time_to_subject(args, models, scratch))
         if "vae_tiling" in args.only:
             results["vae_tiling"] = _guarded("vae tiling", lambda: section_vae_tiling(args, models, scratch))
         if "gpu" in args.only and torch.cuda.is_available():

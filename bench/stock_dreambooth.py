@@ -74,8 +74,11 @@ def train_stock(model: str, instance_dir, instance_prompt: str, class_dir, class
                 resolution: int, batch_size: int, max_steps: int, learning_rate: float, seed: int = 0,
                 prior_loss_weight: float = 1.0, lora_rank: int = 4, mixed_precision: str = "no",
                 gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
-                on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train like the stock script; return the per-step losses. ``on_step(step, loss)`` is the timing hook."""
+                on_step: Callable[[int, float], None] | None = None, check_every: int = 0,
+                on_check: Callable[[int, torch.nn.Module], bool] | None = None) -> list[float]:
+    """Train like the stock script; return the per-step losses. ``on_step(step, loss)`` is the timing hook;
+    ``on_check(step, unet)`` runs every ``check_every`` steps (the time-to-subject bench judges the LoRA
+    there) and ends training when it returns True."""
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
@@ -147,6 +150,12 @@ def train_stock(model: str, instance_dir, instance_prompt: str, class_dir, class
             step += 1
             if on_step is not None:
                 on_step(step, losses[-1])
+            if on_check is not None and check_every and step % check_every == 0:
+                unet.eval()
+                done = on_check(step, accelerator.unwrap_model(unet))
+                unet.train()
+                if done:
+                    return losses
             if step >= max_steps:
                 break
     return losses

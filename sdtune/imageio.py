@@ -10,6 +10,7 @@ interrupted run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -42,12 +43,21 @@ def open_image(path: str | os.PathLike, mode: str = "RGB", what: str = "image") 
         raise SdtuneError(f"{what} not found: {p}")
     if not p.is_file():
         raise SdtuneError(f"{what} is not a file: {p}")
+    return _decode(p, str(p), mode, what)
+
+
+def open_image_bytes(data: bytes, name: str, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """``open_image`` for an encoded image held in memory (a dataset row); ``name`` says where it came from."""
+    return _decode(io.BytesIO(data), name, mode, what)
+
+
+def _decode(source, name: str, mode: str, what: str) -> Image.Image:
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SdtuneError(f"{what} {p} could not be read as an image ({type(exc).__name__}); is it corrupt?") from exc
+        raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); is it corrupt?") from exc
     img = _to_8bit(img)
     if img.mode in {"RGBA", "LA", "P", "PA"}:
         img = img.convert("RGBA")

@@ -15,7 +15,6 @@ so a run resumed from ``checkpoint-N`` ends with the weights of an uninterrupted
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -23,22 +22,27 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sdtune import console
+from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic
 from sdtune.models.loading import describe, load_pipeline
 from sdtune.training import adapters, checkpointing
 from sdtune.training import objectives as obj
+from sdtune.training.buckets import parse_buckets
 from sdtune.training.caching import LatentSource, PromptEncoder
-from sdtune.training.class_images import ensure_class_images
-from sdtune.training.config import TrainConfig, config_to_dict, load_config, min_image_side, resolve_model
-from sdtune.training.data import DreamBoothDataset, caption_dropout_mask, check_output_dir, collate, find_images
+from sdtune.training.class_images import ensure_concept_class_images
+from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, load_config, min_image_side, resolve_model
+from sdtune.training.data import TrainingData, caption_dropout_mask, check_output_dir, collate
 from sdtune.training.model_card import write_model_card
+from sdtune.training.sources import Source, read_examples
 
 log = logging.getLogger("sdtune.train")
 
@@ -50,6 +54,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run here
     unet: torch.nn.Module | None = None  # unwrapped, final weights
     text_encoder: torch.nn.Module | None = None
+    loop_s: float = 0.0  # wall seconds in the training loop of this run (no loading, caching or saving)
     latent_encodes: int = 0  # images run through the VAE encoder
     prompt_encodes: int = 0  # text-encoder calls
 
@@ -66,21 +71,29 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(_seed_of("step", seed, step, micro, rank))
 
 
-@functools.lru_cache(maxsize=8)
-def epoch_order(seed: int, epoch: int, length: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(length, generator=torch.Generator().manual_seed(_seed_of("epoch", seed, epoch))).tolist())
+def micro_step(step: int, micro: int, rank: int, world: int, accum: int) -> int:
+    """The global index of one process's micro-step: what TrainingData draws the examples of."""
+    return (step * accum + micro) * world + rank
 
 
-def batch_examples(dataset, seed: int, step: int, micro: int, rank: int, world: int, batch: int,
-                   accum: int) -> list[dict]:
-    """The dataset items of one process's micro-batch: a position in an endless stream of shuffled epochs."""
-    items = []
-    for j in range(batch):
-        position = ((step * accum + micro) * world + rank) * batch + j
-        epoch, offset = divmod(position, len(dataset))
-        dataset.set_epoch(epoch)  # flips/crops drawn from (seed, epoch, kind, index) inside the dataset
-        items.append(dataset[epoch_order(seed, epoch, len(dataset))[offset]])
-    return items
+def read_data(cfg: TrainConfig, class_images: list[list[Path]]) -> TrainingData:
+    """Every concept's instance examples (captions, checks) and class examples, bucketed."""
+    side = min_image_side(cfg)
+    concepts = concepts_of(cfg)
+    instance, klass = [], []
+    for c, concept in enumerate(concepts):
+        what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
+        instance += read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
+                                  identifier=concept.identifier, caption_prefix=concept.caption_prefix, min_side=side,
+                                  what=what)
+        if class_images[c]:
+            klass += read_examples(Source(instance_dir=concept.class_dir), kind="class", concept=c,
+                                   default_caption=concept.class_prompt, min_side=side, what="class_dir")[
+                :concept.num_class_images]
+    return TrainingData(instance, klass, resolution=cfg.resolution,
+                        buckets=parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect),
+                        center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed,
+                        repeats=[c.repeats for c in concepts])
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -230,7 +243,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         checkpointing.remove_partials(output_dir)
-    instance_images = find_images(cfg.instance_dir, what="instance_dir", min_side=min_image_side(cfg))
+    for c, concept in enumerate(concepts_of(cfg)):  # every image checked before any model is loaded
+        read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
+                      identifier=concept.identifier, caption_prefix=concept.caption_prefix,
+                      min_side=min_image_side(cfg), what=f"concepts[{c}]" if cfg.concepts else
+                      ("instance_dir" if concept.instance_dir else "dataset"))
     resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
     if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
         log.info("resume: latest found no checkpoint in %s; starting from step 0", output_dir)
@@ -243,7 +260,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if info.mode != "txt2img":
         raise SdtuneError(f"DreamBooth trains a text-to-image model, but {model_source} is an {info.mode} model "
                           f"({info.unet_in_channels}-channel UNet); pass its text-to-image base model")
-    class_images = ensure_class_images(cfg, accelerator, pipeline=pipe)
+    class_images = ensure_concept_class_images(cfg, accelerator, pipeline=pipe)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas and prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -295,10 +312,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     # --- data and the caches that skip repeated VAE / text-encoder work ----------------------------
-    dataset = DreamBoothDataset(instance_images, cfg.instance_prompt, class_images or None,
-                                cfg.class_prompt if class_images else None, resolution=cfg.resolution,
-                                center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed)
-    latents_of = LatentSource(vae, accelerator.device, weight_dtype, enabled=cfg.cache_latents and cfg.center_crop)
+    with warnings.catch_warnings():  # checked (and warned about) once, before the model was loaded
+        warnings.simplefilter("ignore", SdtuneWarning)
+        data = read_data(cfg, class_images)
+    cache_dir = cfg.latent_cache_dir or (output_dir / "latent_cache")
+    latents_of = LatentSource(vae, accelerator.device, weight_dtype, enabled=cfg.cache_latents and cfg.center_crop,
+                              cache_dir=cache_dir if cfg.cache_latents else None)
     encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
                            cache=cfg.cache_latents and not cfg.train_text_encoder)
     if cfg.cache_latents and not cfg.center_crop and accelerator.is_main_process:
@@ -317,31 +336,37 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- the loop ----------------------------------------------------------------------------------
     result = TrainResult(output_dir=output_dir, global_step=global_step)
     progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    with_prior = dataset.with_prior
+    with_prior = data.with_prior
+    loop_start = time.perf_counter()
     while global_step < cfg.max_steps:
         sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
         for micro in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
                 gen = step_generator(cfg.seed, global_step, micro, rank)
-                batch = collate(batch_examples(dataset, cfg.seed, global_step, micro, rank, world,
-                                               cfg.train_batch_size, cfg.gradient_accumulation_steps), with_prior)
-                n = len(batch["prompts"])
-                latents = latents_of(batch["pixels"], batch["keys"], gen).float()
-                noise = obj.sample_noise(latents, gen, cfg.noise_offset)
-                timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen, latents.device)
-                dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
-                prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
-                embeddings = encode(prompts)
+                g = micro_step(global_step, micro, rank, world, cfg.gradient_accumulation_steps)
+                passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
+                                 data.micro_batch("class", g, cfg.train_batch_size) if with_prior else ())
+                per_example, is_class, weights = [], [], []
+                for batch in passes:  # one pass, or two when the class examples are in another bucket
+                    n = len(batch["prompts"])
+                    latents = latents_of(batch["pixels"], batch["keys"], gen).float()
+                    noise = obj.sample_noise(latents, gen, cfg.noise_offset)
+                    timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen, latents.device)
+                    dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
+                    prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
+                    embeddings = encode(prompts)
 
-                noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
-                pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False)[0]
-                target = obj.training_target(noise_scheduler, latents, noise, timesteps)
-                weights = None
-                if cfg.snr_gamma:
-                    weights = obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,
-                                                  noise_scheduler.config.prediction_type)
+                    noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
+                    pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False)[0]
+                    target = obj.training_target(noise_scheduler, latents, noise, timesteps)
+                    per_example.append(obj.per_example_mse(pred, target))
+                    is_class.append(batch["is_class"])
+                    if cfg.snr_gamma:
+                        weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,
+                                                           noise_scheduler.config.prediction_type))
                 loss, instance_loss, prior_loss = obj.dreambooth_loss(
-                    obj.per_example_mse(pred, target), batch["is_class"], cfg.prior_loss_weight, weights)
+                    torch.cat(per_example), torch.cat(is_class), cfg.prior_loss_weight,
+                    torch.cat(weights) if weights else None)
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -368,6 +393,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
             checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
     progress.close()
+    result.loop_s = time.perf_counter() - loop_start
 
     # --- save: LoRA files or a full pipeline, plus the model card ----------------------------------
     accelerator.wait_for_everyone()

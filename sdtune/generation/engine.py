@@ -35,7 +35,7 @@ from PIL import Image
 from sdtune import __version__
 from sdtune.devices import DTYPES, dtype_name, pick_device, pick_dtype
 from sdtune.errors import SdtuneError
-from sdtune.generation.prompts import CHUNK, TRUNCATE, encode_prompts
+from sdtune.models.prompts import CHUNK, TRUNCATE, encode_prompts
 from sdtune.imageio import open_image
 from sdtune.models.loading import describe, load_pipeline, resolve_source
 from sdtune.models.schedulers import make_scheduler, scheduler_names

@@ -76,47 +76,61 @@ def generate_class_images(pipe, prompt: str, indices: list[int], class_dir: Path
 
 
 def ensure_class_images(cfg, accelerator=None, pipeline=None) -> list[Path]:
-    """Make ``cfg.class_dir`` hold at least ``cfg.num_class_images`` images; return the first that many.
+    """Make every concept's class_dir hold at least its num_class_images images; return them, all concepts'.
 
-    Only with ``with_prior_preservation`` (else ``[]``). Missing images are generated from
-    ``cfg.class_prompt`` by the base model (``pipeline`` if the caller already has it loaded, else
+    Only with ``with_prior_preservation`` (else ``[]``). Missing images are generated from the concept's
+    ``class_prompt`` by the base model (``pipeline`` if the caller already has it loaded, else
     ``cfg.model`` or the embedded base), split across processes by index (i % num_processes ==
     process_index); every process waits for the others before returning.
     """
+    return [p for paths in ensure_concept_class_images(cfg, accelerator, pipeline) for p in paths]
+
+
+def ensure_concept_class_images(cfg, accelerator=None, pipeline=None) -> list[list[Path]]:
+    """``ensure_class_images`` per concept (``sdtune.training.config.concepts_of``): one list each."""
+    from sdtune.training.config import concepts_of, min_image_side
+
     if not cfg.with_prior_preservation:
-        return []
+        return [[] for _ in concepts_of(cfg)]
     acc = accelerator if accelerator is not None else _SingleProcess()
-    class_dir = Path(cfg.class_dir).expanduser()
-    check_output_dir(class_dir, what="class_dir")
+    held = {"pipe": pipeline, "owned": False}
+    out = []
+    for concept in concepts_of(cfg):
+        class_dir = Path(concept.class_dir).expanduser()
+        check_output_dir(class_dir, what="class_dir")
+        todo = missing_class_indices(class_dir, concept.num_class_images)
+        mine = [i for i in todo if i % acc.num_processes == acc.process_index]
+        if mine:
+            pipe = _generation_pipeline(cfg, acc, held, class_dir, concept.num_class_images)
+            generate_class_images(pipe, concept.class_prompt, mine, class_dir, seed=cfg.seed, resolution=cfg.resolution,
+                                  steps=cfg.class_generation_steps, guidance=cfg.class_generation_guidance,
+                                  batch_size=cfg.class_generation_batch_size, progress=acc.is_main_process)
+        acc.wait_for_everyone()
+        out.append(find_images(class_dir, what="class_dir", min_side=min_image_side(cfg))[:concept.num_class_images])
+    if held["owned"]:  # free the sampling copy of the model before training loads its own
+        held["pipe"] = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
 
-    todo = missing_class_indices(class_dir, cfg.num_class_images)
-    mine = [i for i in todo if i % acc.num_processes == acc.process_index]
-    if mine:
-        pipe, owned = pipeline, pipeline is None
-        if pipe is None:
-            from sdtune.devices import pick_device
-            from sdtune.models.loading import load_pipeline
-            from sdtune.training.config import resolve_model
 
-            device = getattr(acc, "device", None) or pick_device()
-            device = torch.device(device)
-            pipe = load_pipeline(resolve_model(cfg), device=device,
-                                 dtype=_generation_dtype(device, cfg.mixed_precision))
-        from sdtune.models.loading import describe
+def _generation_pipeline(cfg, acc, held: dict, class_dir: Path, num: int):
+    """The caller's pipeline, or the base model loaded once for all concepts; checked to be text-to-image."""
+    from sdtune.models.loading import describe
 
-        if describe(pipe).mode != "txt2img":
-            raise SdtuneError(f"class images are generated with a text-to-image model, but {cfg.model or 'the embedded base model'} is an "
-                              f"{describe(pipe).mode} model; put {cfg.num_class_images} class images in "
-                              f"{class_dir} yourself or lower num_class_images")
-        generate_class_images(pipe, cfg.class_prompt, mine, class_dir, seed=cfg.seed, resolution=cfg.resolution,
-                              steps=cfg.class_generation_steps, guidance=cfg.class_generation_guidance,
-                              batch_size=cfg.class_generation_batch_size, progress=acc.is_main_process)
-        if owned:  # free the sampling copy of the model before training loads its own
-            del pipe
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    acc.wait_for_everyone()
-    from sdtune.training.config import min_image_side
+    if held["pipe"] is None:
+        from sdtune.devices import pick_device
+        from sdtune.models.loading import load_pipeline
+        from sdtune.training.config import resolve_model
 
-    return find_images(class_dir, what="class_dir", min_side=min_image_side(cfg))[:cfg.num_class_images]
+        device = torch.device(getattr(acc, "device", None) or pick_device())
+        held["pipe"] = load_pipeline(resolve_model(cfg), device=device,
+                                     dtype=_generation_dtype(device, cfg.mixed_precision))
+        held["owned"] = True
+    pipe = held["pipe"]
+    if describe(pipe).mode != "txt2img":
+        raise SdtuneError(f"class images are generated with a text-to-image model, but {cfg.model or 'the embedded base model'} "
+                          f"is an {describe(pipe).mode} model; put {num} class images in {class_dir} yourself or lower "
+                          "num_class_images")
+    return pipe

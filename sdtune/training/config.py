@@ -34,10 +34,17 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class TrainConfig:
     """All settings of a DreamBooth run. Field names are the YAML keys."""
 
-    # --- what to learn from ---
+    # --- what to learn from (one subject here, or several under `concepts`) ---
     model: str | None = None  # diffusers folder, .safetensors file or hub id; None -> embedded base model
-    instance_dir: str = ""  # 3-5 photos of the subject
-    instance_prompt: str = ""  # with the rare identifier, e.g. "a photo of sks dog"
+    instance_dir: str = ""  # 3-5 photos of the subject, optionally with <name>.txt captions or metadata.jsonl
+    dataset: str | None = None  # instead of instance_dir: a saved dataset folder or a hub dataset id
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str | None = None  # None: "text" or "caption" when the source has one
+    instance_prompt: str = ""  # with the rare identifier, e.g. "a photo of sks dog"; per-image captions replace it
+    identifier: str | None = None  # the rare token ("sks"): captions without it are flagged
+    caption_prefix: str | None = None  # ...or get this prefix ("a photo of sks dog,") added
+    concepts: list | None = None  # several subjects in one run: a list of mappings (see CONCEPT_KEYS)
     # --- prior preservation ---
     with_prior_preservation: bool = False
     class_prompt: str | None = None  # e.g. "a photo of a dog"
@@ -60,11 +67,15 @@ class TrainConfig:
     # --- data ---
     resolution: int = 512
     center_crop: bool = True  # False -> random crop
+    buckets: Any = None  # null: square crops at resolution; auto, or [[w, h], ...]: aspect-ratio buckets
+    bucket_step: int | None = None  # bucket sides move in this many pixels (default resolution / 8)
+    max_aspect: float = 2.0  # the widest bucket of `auto` (2 = 2:1 and 1:2)
     random_flip: bool = False
     # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush
     min_image_fraction: float = 0.25
     dataloader_num_workers: int = 0
     cache_latents: bool = True  # compute VAE latents / prompt embeddings once while they are frozen
+    latent_cache_dir: str | None = None  # where latents persist between runs (default OUTPUT_DIR/latent_cache)
     # --- optimisation ---
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -98,6 +109,50 @@ class TrainConfig:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
+# The keys a concept (one subject of a several-subject run) may set; the rest are the run's.
+CONCEPT_KEYS = ("instance_dir", "dataset", "split", "image_column", "caption_column", "instance_prompt", "identifier",
+                "caption_prefix", "class_prompt", "class_dir", "num_class_images", "repeats")
+_SPECIAL = {"buckets", "concepts"}  # validated by their own rules below, not by type alone
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One subject of a run: where its images come from, its prompts and its class images."""
+
+    instance_dir: str | None
+    dataset: str | None
+    split: str
+    image_column: str
+    caption_column: str | None
+    instance_prompt: str
+    identifier: str | None
+    caption_prefix: str | None
+    class_prompt: str | None
+    class_dir: str | None
+    num_class_images: int
+    repeats: int = 1
+
+    @property
+    def source(self):
+        from sdtune.training.sources import Source
+
+        return Source(instance_dir=self.instance_dir, dataset=self.dataset, split=self.split,
+                      image_column=self.image_column, caption_column=self.caption_column)
+
+
+def concepts_of(cfg: "TrainConfig") -> list[Concept]:
+    """The run's subjects: ``cfg.concepts``, or the one the top-level keys describe."""
+    if not cfg.concepts:
+        return [Concept(cfg.instance_dir or None, cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column,
+                        cfg.instance_prompt, cfg.identifier, cfg.caption_prefix, cfg.class_prompt, cfg.class_dir,
+                        cfg.num_class_images)]
+    out = []
+    for c in cfg.concepts:
+        out.append(Concept(c.get("instance_dir") or None, c.get("dataset"), c.get("split", "train"),
+                           c.get("image_column", "image"), c.get("caption_column"), c.get("instance_prompt", ""),
+                           c.get("identifier"), c.get("caption_prefix"), c.get("class_prompt"), c.get("class_dir"),
+                           c.get("num_class_images", cfg.num_class_images), c.get("repeats", 1)))
+    return out
 
 
 def _type_name(tp) -> str:
@@ -112,6 +167,12 @@ def _type_name(tp) -> str:
 
 def _coerce(key: str, value: Any, tp) -> Any:
     """Return ``value`` as type ``tp`` or raise a one-line error; accepts what YAML users naturally write."""
+    if key == "buckets":
+        if value is None or value == "auto" or isinstance(value, (list, tuple)):
+            return value
+        raise SdtuneError(f"buckets must be null, auto or a list of [width, height] pairs, got {value!r}")
+    if key == "concepts":
+        return _coerce_concepts(value)
     args = typing.get_args(tp)
     if type(None) in args:
         if value is None:
@@ -165,6 +226,44 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise TypeError(f"unhandled config type {tp!r}")  # a programming error, not a user one
 
 
+_CONCEPT_TYPES = {"instance_dir": str, "dataset": str, "split": str, "image_column": str, "caption_column": str,
+                  "instance_prompt": str, "identifier": str, "caption_prefix": str, "class_prompt": str,
+                  "class_dir": str, "num_class_images": int, "repeats": int}
+
+
+def _coerce_concepts(value: Any) -> list | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise SdtuneError("concepts must be a list of mappings, one per subject (instance_dir, instance_prompt, ...)")
+    out = []
+    for i, item in enumerate(value):
+        where = f"concepts[{i}]"
+        if not isinstance(item, dict):
+            raise SdtuneError(f"{where} must be a mapping of key: value (instance_dir, instance_prompt, ...)")
+        for k, v in item.items():
+            if k not in CONCEPT_KEYS:
+                close = difflib.get_close_matches(str(k), CONCEPT_KEYS, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise SdtuneError(f"{where}: unknown key '{k}'; {hint}a concept takes {', '.join(CONCEPT_KEYS)}")
+            want = _CONCEPT_TYPES[k]
+            if v is None and k not in ("instance_prompt", "num_class_images", "repeats"):
+                continue
+            if want is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise SdtuneError(f"{where}.{k} must be an integer, got {v!r}")
+            if want is str and not isinstance(v, str):
+                raise SdtuneError(f"{where}.{k} must be a string, got {v!r}")
+        if bool(item.get("instance_dir")) == bool(item.get("dataset")):
+            raise SdtuneError(f"{where} needs exactly one of instance_dir or dataset")
+        if not str(item.get("instance_prompt") or "").strip():
+            raise SdtuneError(f"{where}.instance_prompt is empty; give each subject its own prompt with its own "
+                              "identifier, e.g. 'a photo of sks dog'")
+        if item.get("repeats", 1) < 1 or item.get("num_class_images", 1) < 1:
+            raise SdtuneError(f"{where}: repeats and num_class_images must be >= 1")
+        out.append(dict(item))
+    return out
+
+
 def unknown_key_error(key: str) -> SdtuneError:
     close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -189,11 +288,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in FIELD_NAMES:  # types too, for configs built in code
         setattr(cfg, key, _coerce(key, getattr(cfg, key), _TYPES[key]))
 
-    if not cfg.instance_dir.strip():
-        raise SdtuneError("instance_dir is missing; set it to a folder with 3-5 photos of the subject")
-    if not cfg.instance_prompt.strip():
-        raise SdtuneError("instance_prompt is empty; set it to a prompt with a rare identifier, "
-                          "e.g. 'a photo of sks dog'")
+    if cfg.concepts:
+        given = [k for k in ("instance_dir", "dataset", "instance_prompt", "class_prompt", "class_dir")
+                 if getattr(cfg, k)]
+        if given:
+            raise SdtuneError(f"with concepts, set {', '.join(given)} inside each concept, not at the top level")
+    else:
+        if not cfg.instance_dir.strip() and not cfg.dataset:
+            raise SdtuneError("instance_dir is missing; set it to a folder with 3-5 photos of the subject "
+                              "(or set dataset, or concepts for several subjects)")
+        if cfg.instance_dir.strip() and cfg.dataset:
+            raise SdtuneError("set either instance_dir or dataset, not both")
+        if not cfg.instance_prompt.strip():
+            raise SdtuneError("instance_prompt is empty; set it to a prompt with a rare identifier, "
+                              "e.g. 'a photo of sks dog'")
+    if cfg.buckets is not None:
+        from sdtune.training.buckets import parse_buckets
+
+        parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect)  # one clear line if malformed
+    if cfg.bucket_step is not None:
+        _range(cfg.bucket_step >= 8 and cfg.bucket_step % 8 == 0 and cfg.resolution % cfg.bucket_step == 0,
+               "bucket_step", "a multiple of 8 that divides resolution", cfg.bucket_step)
+    _range(cfg.max_aspect >= 1, "max_aspect", ">= 1 (2 allows 2:1 and 1:2)", cfg.max_aspect)
     _choice(cfg, "method", METHODS)
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "lora_targets", LORA_TARGETS)
@@ -242,12 +358,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SdtuneError("output_dir is empty; set it to the folder the results go to")
 
     if cfg.with_prior_preservation:
-        if not (cfg.class_prompt or "").strip():
-            raise SdtuneError("with_prior_preservation needs class_prompt, e.g. 'a photo of a dog' "
-                              "(the instance prompt without the identifier)")
-        if not (cfg.class_dir or "").strip():
-            raise SdtuneError("with_prior_preservation needs class_dir, a folder for the class images "
-                              "(missing ones are generated into it)")
+        for i, c in enumerate(concepts_of(cfg)):
+            where = f"concepts[{i}]." if cfg.concepts else ""
+            if not (c.class_prompt or "").strip():
+                raise SdtuneError(f"with_prior_preservation needs {where}class_prompt, e.g. 'a photo of a dog' "
+                                  "(the instance prompt without the identifier)")
+            if not (c.class_dir or "").strip():
+                raise SdtuneError(f"with_prior_preservation needs {where}class_dir, a folder for the class images "
+                                  "(missing ones are generated into it)")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
         raise SdtuneError(f"resume checkpoint not found: {cfg.resume}; pass a checkpoint-N folder or 'latest'")
     if cfg.optimizer == "adamw8bit":

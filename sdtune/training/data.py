@@ -1,11 +1,17 @@
-"""DreamBooth training data: finding the subject's images, turning them into tensors, batching.
+"""DreamBooth training data: checking images, turning them into tensors, deciding what each step draws.
 
-Images are checked up front (``find_images`` opens every one), so a corrupt file is reported before any
-model is loaded. Every image - any size, RGBA, L, CMYK, 16-bit, EXIF-rotated - becomes a [3, R, R] float
-tensor in [-1, 1]: shorter side resized to R, then a center (or random) crop, then an optional flip.
+Images are checked up front (every one is opened), so a corrupt file is reported before any model is loaded.
+Every image - any size, RGBA, L, CMYK, 16-bit, EXIF-rotated - becomes a [3, H, W] float tensor in [-1, 1]:
+scaled to cover its bucket (``sdtune.training.buckets``; without buckets, a square of the resolution), a
+center (or random) crop, an optional flip.
 
-Randomness (flip, random crop) is a pure function of (seed, epoch, kind, index), not of a running RNG, so
-a resumed run, skipped batches or DataLoader workers see exactly the flips an uninterrupted run sees.
+``TrainingData`` holds the run's instance examples (every concept's, each repeated ``repeats`` times) and
+class examples, each assigned to a bucket. Each micro-step draws one bucket (in proportion to how many
+examples it holds) and the next ``batch`` examples of that bucket's shuffled stream - separately for the
+instance and the class examples, so prior preservation pairs B instance with B class examples every step.
+Every choice (bucket, order, flip, random crop) is a pure function of (seed, kind, global micro-step), not
+of a running RNG, so a resumed run, skipped batches or several processes see exactly what an uninterrupted
+run sees.
 """
 from __future__ import annotations
 
@@ -127,93 +133,120 @@ def example_generator(seed: int, epoch: int, kind: str, index: int) -> torch.Gen
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images (and class images with prior preservation) paired by index.
+def _generator(*parts) -> torch.Generator:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-    Length is max(#instance, #class); item i pairs instance i % n_inst with class i % n_cls, so every
-    class image is seen once per epoch and the few instance images repeat.
 
-    Random flips/crops are drawn from ``example_generator(seed, epoch, kind, index)``. Call
-    ``set_epoch(e)`` at the start of each epoch (like DistributedSampler) for exact reproducibility
-    under resume and workers; without it, the epoch is how often this object has served that item.
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a [3, H, W] float tensor in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class TrainingData:
+    """The run's examples, their buckets, and the deterministic draw of every micro-step (see the module doc).
+
+    ``instance``/``klass``: ``sdtune.training.sources.Example`` lists; ``repeats[c]`` repeats concept c's instance
+    examples; ``buckets``: a list of (width, height), or None for squares of ``resolution``.
     """
 
-    def __init__(self, instance_images: Sequence[str | os.PathLike], instance_prompt: str,
-                 class_images: Sequence[str | os.PathLike] | None = None, class_prompt: str | None = None, *,
-                 resolution: int, center_crop: bool = True, random_flip: bool = False, seed: int = 0):
-        if not instance_images:
+    KINDS = ("instance", "class")
+
+    def __init__(self, instance, klass=None, *, resolution: int, buckets=None, center_crop: bool = True,
+                 random_flip: bool = False, seed: int = 0, repeats: Sequence[int] | None = None):
+        if not instance:
             raise SdtuneError("no instance images given")
-        self.instance_images = [Path(p) for p in instance_images]
-        self.instance_prompt = instance_prompt
-        self.class_images = [Path(p) for p in class_images] if class_images else None
-        if self.class_images is not None and not class_prompt:
-            raise SdtuneError("class images were given without a class_prompt")
-        self.class_prompt = class_prompt
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.seed = seed
-        self._epoch: int | None = None
-        self._visits: dict[tuple[str, int], int] = defaultdict(int)
-        self._resized: dict[Path, Image.Image] = {}  # decoded + resized once; crops/flips are cheap
+        self.examples = {"instance": list(instance), "class": list(klass or [])}
+        self.resolution, self.buckets = resolution, buckets
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        rep = list(repeats or [])
+        self.items: dict[str, list[int]] = {}  # kind -> example index of every stream position
+        self.groups: dict[str, dict[tuple[int, int], list[int]]] = {}  # kind -> bucket -> stream positions
+        for kind, exs in self.examples.items():
+            items = [i for i, ex in enumerate(exs) for _ in range(rep[ex.concept] if ex.concept < len(rep) else 1)]
+            groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for pos, i in enumerate(items):
+                groups[self.bucket_of(exs[i])].append(pos)
+            self.items[kind], self.groups[kind] = items, dict(sorted(groups.items()))
+        self._draws: dict[str, list[tuple[tuple[int, int], int]]] = {k: [] for k in self.KINDS}
+        self._uses: dict[str, dict] = {k: defaultdict(int) for k in self.KINDS}
+        self._fitted: dict[tuple, Image.Image] = {}
 
     @property
     def with_prior(self) -> bool:
-        return self.class_images is not None
+        return bool(self.examples["class"])
 
-    def __len__(self) -> int:
-        return max(len(self.instance_images), len(self.class_images or ()))
+    def bucket_of(self, example) -> tuple[int, int]:
+        if self.buckets is None:
+            return (self.resolution, self.resolution)
+        from sdtune.training.buckets import nearest_bucket
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
+        return nearest_bucket(example.size, self.buckets)
 
-    def _image(self, path: Path) -> Image.Image:
-        if path not in self._resized:
-            self._resized[path] = _resize_shorter_side(open_image(path, "RGB", what="image"), self.resolution)
-        return self._resized[path]
+    def bucket_counts(self, kind: str = "instance") -> dict[tuple[int, int], int]:
+        """Stream positions per bucket (examples x repeats)."""
+        return {b: len(members) for b, members in self.groups[kind].items()}
 
-    def _example(self, kind: str, paths: list[Path], i: int) -> tuple[tuple[int, bool], torch.Tensor]:
-        index = i % len(paths)
-        if self._epoch is None:
-            epoch = self._visits[kind, i]
-            self._visits[kind, i] += 1
-        else:
-            epoch = self._epoch
-        gen = example_generator(self.seed, epoch, kind, i)
+    def _draw(self, kind: str, g: int) -> tuple[tuple[int, int], int]:
+        """(bucket, earlier draws of that bucket) of global micro-step ``g``; each g's bucket is its own pure draw."""
+        draws, uses = self._draws[kind], self._uses[kind]
+        buckets = list(self.groups[kind])
+        weights = torch.tensor([len(self.groups[kind][b]) for b in buckets], dtype=torch.float64)
+        while len(draws) <= g:
+            k = len(draws)
+            b = buckets[0] if len(buckets) == 1 else \
+                buckets[int(torch.multinomial(weights, 1, generator=_generator("bucket", self.seed, kind, k)))]
+            draws.append((b, uses[b]))
+            uses[b] += 1
+        return draws[g]
+
+    def micro_batch(self, kind: str, g: int, batch: int) -> list[dict]:
+        """The ``batch`` examples of ``kind`` for global micro-step ``g`` (all from one bucket)."""
+        bucket, earlier = self._draw(kind, g)
+        members = self.groups[kind][bucket]
+        out = []
+        for j in range(batch):
+            epoch, offset = divmod(earlier * batch + j, len(members))
+            order = torch.randperm(len(members), generator=_generator("order", self.seed, kind, bucket, epoch))
+            out.append(self.example(kind, members[int(order[offset])], epoch, bucket))
+        return out
+
+    def example(self, kind: str, position: int, epoch: int, bucket=None) -> dict:
+        """Stream position ``position`` of ``kind`` in ``epoch``: pixels, caption and its latent-cache key."""
+        from sdtune.training.buckets import fit
+
+        ex = self.examples[kind][self.items[kind][position]]
+        bucket = bucket or self.bucket_of(ex)
+        gen = example_generator(self.seed, epoch, kind, position)
         flip = bool(self.random_flip and torch.rand((), generator=gen) < 0.5)
-        pixels = _crop_flip_to_tensor(self._image(paths[index]), self.resolution, self.center_crop, flip, gen)
-        return (index, flip), pixels
+        if self.center_crop:  # the same pixels every time: fitted once
+            cache_key = (kind, self.items[kind][position], bucket)
+            if cache_key not in self._fitted:
+                self._fitted[cache_key] = fit(ex.image(), bucket, True)
+            img = self._fitted[cache_key]
+        else:
+            img = fit(ex.image(), bucket, False, gen)
+        if flip:
+            img = ImageOps.mirror(img)
+        key = (ex.key, bucket, flip) if self.center_crop else None
+        return {"kind": kind, "pixels": to_tensor(img), "prompt": ex.caption, "key": key, "name": ex.name,
+                "concept": ex.concept}
 
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        key, pixels = self._example("instance", self.instance_images, i)
-        item = {"instance_key": key, "instance_pixels": pixels, "instance_prompt": self.instance_prompt}
-        if self.class_images is not None:
-            key, pixels = self._example("class", self.class_images, i)
-            item.update(class_key=key, class_pixels=pixels, class_prompt=self.class_prompt)
-        return item
 
+def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
+    """A micro-step's examples as forward passes: one when instance and class share a shape, else two.
 
-def collate(examples: Sequence[dict], with_prior: bool) -> dict:
-    """Stack a list of dataset items: all instance examples first, then all class examples.
-
-    Returns {"pixels": [B or 2B, 3, R, R], "prompts": [...], "is_class": BoolTensor,
-    "keys": [(kind, index, flip), ...]} so the loss can split the batch by ``is_class`` (or chunk in two).
+    Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor}; instance examples first.
     """
-    kinds = ("instance", "class") if with_prior else ("instance",)
-    pixels, prompts, is_class, keys = [], [], [], []
-    for kind in kinds:
-        for ex in examples:
-            if f"{kind}_pixels" not in ex:
-                raise ValueError("collate(with_prior=True) needs a dataset built with class images")
-            index, flip = ex[f"{kind}_key"]
-            pixels.append(ex[f"{kind}_pixels"])
-            prompts.append(ex[f"{kind}_prompt"])
-            is_class.append(kind == "class")
-            keys.append((kind, index, flip))
-    return {"pixels": torch.stack(pixels).contiguous(), "prompts": prompts,
-            "is_class": torch.tensor(is_class, dtype=torch.bool), "keys": keys}
+    groups: list[list[dict]] = [list(instance)]
+    if klass:
+        if tuple(klass[0]["pixels"].shape) == tuple(instance[0]["pixels"].shape):
+            groups[0] += list(klass)
+        else:
+            groups.append(list(klass))
+    return [{"pixels": torch.stack([e["pixels"] for e in g]).contiguous(), "prompts": [e["prompt"] for e in g],
+             "keys": [e["key"] for e in g], "is_class": torch.tensor([e["kind"] == "class" for e in g])}
+            for g in groups]
 
 
 def caption_dropout_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -281,7 +281,7 @@ def test_read_params_refuses_a_png_without_metadata(tmp_path):
 # ------------------------------------------------------------------ long prompts
 
 def test_long_prompt_is_chunked_not_cut(engine, caplog):
-    from sdtune.generation.prompts import encode_prompts
+    from sdtune.models.prompts import encode_prompts
 
     long = ", ".join(f"word{i}" for i in range(60))  # well over 75 tokens
     chunked = encode_prompts(engine.tokenizer, engine.text_encoder, long, "")
@@ -300,7 +300,7 @@ def test_long_prompt_is_chunked_not_cut(engine, caplog):
 
 
 def test_short_prompt_embedding_equals_the_stock_pipeline(engine):
-    from sdtune.generation.prompts import encode_prompts
+    from sdtune.models.prompts import encode_prompts
 
     ours = encode_prompts(engine.tokenizer, engine.text_encoder, "a photo of a cat", "ugly")
     pos, neg = engine.pipeline("txt2img").encode_prompt("a photo of a cat", "cpu", 1, True, "ugly")

@@ -9,14 +9,8 @@ import torch
 from PIL import Image
 
 from sdtune.errors import SdtuneError
-from sdtune.training.data import (
-    DreamBoothDataset,
-    caption_dropout_mask,
-    check_output_dir,
-    collate,
-    find_images,
-    load_pixels,
-)
+from sdtune.training.data import TrainingData, caption_dropout_mask, check_output_dir, collate, find_images, load_pixels
+from sdtune.training.sources import Source, read_examples
 
 R = 32
 
@@ -264,131 +258,122 @@ def test_mixed_folder_all_become_the_same_shape(tmp_path):
     save(tmp_path / "e.jpg", rgb(100, 30))
     paths = find_images(tmp_path)
     assert len(paths) == 5
-    ds = DreamBoothDataset(paths, "a photo of sks thing", resolution=R)
-    batch = collate([ds[i] for i in range(len(ds))], with_prior=False)
+    data = TrainingData(examples(tmp_path, "instance"), resolution=R)
+    (batch,) = collate(data.micro_batch("instance", 0, 5))
     assert batch["pixels"].shape == (5, 3, R, R)
     assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
 
 
-# ---------------------------------------------------------------- dataset and collate
+# ---------------------------------------------------------------- TrainingData and collate
 
-def test_dataset_without_prior(subject):
+def examples(folder, kind, prompt="p"):
+    return read_examples(Source(instance_dir=str(folder)), kind=kind, default_caption=prompt)
+
+
+def draws(data, kind, steps, batch=1):
+    """(example name, flip) of every example the first ``steps`` micro-steps draw."""
+    out = []
+    for g in range(steps):
+        out += [(e["name"], e["key"][2]) for e in data.micro_batch(kind, g, batch)]
+    return out
+
+
+def test_square_examples_are_the_shorter_side_resized_and_center_cropped(subject):
     inst, _ = subject
-    ds = DreamBoothDataset(inst, "a photo of sks dog", resolution=R)
-    assert len(ds) == 3
-    item = ds[1]
-    assert set(item) == {"instance_key", "instance_pixels", "instance_prompt"}
-    assert item["instance_key"] == (1, False) and item["instance_prompt"] == "a photo of sks dog"
-    assert torch.equal(item["instance_pixels"], load_pixels(inst[1], R))
-    with pytest.raises(IndexError):
-        ds[3]
+    data = TrainingData(examples(inst[0].parent, "instance", "a photo of sks dog"), resolution=R)
+    assert data.bucket_counts() == {(R, R): 3} and not data.with_prior
+    got = {e["name"]: e for g in range(3) for e in data.micro_batch("instance", g, 1)}
+    assert sorted(got) == sorted(str(p) for p in inst)  # one epoch: every image once
+    for path in inst:
+        e = got[str(path)]
+        assert e["prompt"] == "a photo of sks dog" and e["key"][1:] == ((R, R), False)
+        assert torch.allclose(e["pixels"], load_pixels(path, R), atol=2 / 127.5)  # same crop, resampling aside
 
 
-def test_dataset_pairs_instance_and_class_by_index(subject):
+def test_each_micro_step_draws_b_instance_and_b_class_examples(subject):
     inst, cls = subject
-    ds = DreamBoothDataset(inst, "a photo of sks dog", cls, "a photo of a dog", resolution=R)
-    assert len(ds) == 5  # max(3 instance, 5 class)
-    for i in range(5):
-        item = ds[i]
-        assert item["instance_key"] == (i % 3, False) and item["class_key"] == (i % 5, False)
-        assert torch.equal(item["instance_pixels"], load_pixels(inst[i % 3], R))
-        assert torch.equal(item["class_pixels"], load_pixels(cls[i % 5], R))
-        assert item["class_prompt"] == "a photo of a dog"
-    more_instances = DreamBoothDataset(inst, "p", cls[:2], "c", resolution=R)
-    assert len(more_instances) == 3 and more_instances[2]["class_key"] == (0, False)
-
-
-def test_class_images_need_a_class_prompt(subject):
-    inst, cls = subject
-    with pytest.raises(SdtuneError, match="class_prompt"):
-        DreamBoothDataset(inst, "p", cls, None, resolution=R)
-
-
-def test_random_flip_is_a_mirror_reproducible_and_varies(subject):
-    inst, cls = subject
-    def flips(ds, epoch):
-        ds.set_epoch(epoch)
-        return [(ds[i]["instance_key"][1], ds[i]["class_key"][1]) for i in range(len(ds))]
-
-    a = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=True, seed=3)
-    b = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=True, seed=3)
-    assert flips(a, 0) == flips(b, 0) and flips(a, 5) == flips(b, 5)
-    over_epochs = [flips(a, e) for e in range(6)]
-    values = {f for epoch in over_epochs for pair in epoch for f in pair}
-    assert values == {True, False}
-    assert len({tuple(e) for e in over_epochs}) > 1  # flips change from epoch to epoch
-    other_seed = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=True, seed=4)
-    assert [flips(other_seed, e) for e in range(6)] != over_epochs
-    for e in range(6):
-        a.set_epoch(e)
-        for i in range(len(a)):
-            item = a[i]
-            index, flip = item["instance_key"]
-            plain = load_pixels(inst[index], R)
-            assert torch.equal(item["instance_pixels"], torch.flip(plain, dims=[2]) if flip else plain)
-
-
-def test_without_set_epoch_each_pass_is_the_next_epoch(subject):
-    inst, cls = subject
-    counted = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=True, seed=1)
-    explicit = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=True, seed=1)
-    for epoch in range(3):
-        explicit.set_epoch(epoch)
-        for i in range(len(counted)):
-            got, want = counted[i], explicit[i]  # one fetch per item per pass, as a DataLoader does
-            assert (got["instance_key"], got["class_key"]) == (want["instance_key"], want["class_key"])
-
-
-def test_no_flip_unless_asked(subject):
-    inst, cls = subject
-    ds = DreamBoothDataset(inst, "p", cls, "c", resolution=R, random_flip=False)
-    for e in range(4):
-        ds.set_epoch(e)
-        assert not any(ds[i]["instance_key"][1] or ds[i]["class_key"][1] for i in range(len(ds)))
-
-
-def test_collate_orders_instance_then_class(subject):
-    inst, cls = subject
-    ds = DreamBoothDataset(inst, "inst prompt", cls, "class prompt", resolution=R)
-    batch = collate([ds[0], ds[1], ds[4]], with_prior=True)
-    assert batch["pixels"].shape == (6, 3, R, R)
-    assert batch["prompts"] == ["inst prompt"] * 3 + ["class prompt"] * 3
-    assert batch["is_class"].tolist() == [False] * 3 + [True] * 3
-    assert batch["keys"] == [("instance", 0, False), ("instance", 1, False), ("instance", 1, False),
-                             ("class", 0, False), ("class", 1, False), ("class", 4, False)]
-    assert torch.equal(batch["pixels"][2], load_pixels(inst[1], R))
-    assert torch.equal(batch["pixels"][5], load_pixels(cls[4], R))
-    plain = collate([ds[0], ds[1]], with_prior=False)
-    assert plain["pixels"].shape == (2, 3, R, R) and not plain["is_class"].any()
-    assert plain["keys"] == [("instance", 0, False), ("instance", 1, False)]
-
-
-def test_collate_with_prior_needs_class_examples(subject):
-    inst, _ = subject
-    ds = DreamBoothDataset(inst, "p", resolution=R)
-    with pytest.raises(ValueError, match="class images"):
-        collate([ds[0]], with_prior=True)
-
-
-@pytest.mark.parametrize("batch_size, shuffle", [(1, False), (2, False), (2, True), (4, True)])
-def test_each_batch_holds_b_instance_and_b_class_examples(subject, batch_size, shuffle):
-    inst, cls = subject
-    ds = DreamBoothDataset(inst, "inst", cls, "class", resolution=R, random_flip=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
-                                         generator=torch.Generator().manual_seed(0),
-                                         collate_fn=lambda ex: collate(ex, with_prior=True))
+    data = TrainingData(examples(inst[0].parent, "instance", "inst"), examples(cls[0].parent, "class", "class"),
+                        resolution=R, random_flip=True)
     seen_class = []
-    for batch in loader:
-        b = len(batch["prompts"]) // 2
-        assert 1 <= b <= batch_size
-        assert batch["is_class"].tolist() == [False] * b + [True] * b
-        assert batch["prompts"] == ["inst"] * b + ["class"] * b
-        assert all(k[0] == "instance" for k in batch["keys"][:b]) and all(k[0] == "class" for k in batch["keys"][b:])
-        for row, (kind, index, flip) in enumerate(batch["keys"]):
-            plain = load_pixels((inst if kind == "instance" else cls)[index], R)
-            assert torch.equal(batch["pixels"][row], torch.flip(plain, dims=[2]) if flip else plain)
-        seen_class += [k[1] for k in batch["keys"][b:]]
-    assert sorted(seen_class) == list(range(5))  # every class image once per epoch
+    for g in range(5):
+        passes = collate(data.micro_batch("instance", g, 2), data.micro_batch("class", g, 2))
+        assert len(passes) == 1  # same shape: one forward pass, instance examples first
+        (batch,) = passes
+        assert batch["is_class"].tolist() == [False, False, True, True]
+        assert batch["prompts"] == ["inst", "inst", "class", "class"]
+        seen_class += [k[0] for k in batch["keys"][2:]]
+    shas = {e.key for e in examples(cls[0].parent, "class")}
+    assert set(seen_class) == shas and all(seen_class.count(s) == 2 for s in shas)  # 10 draws: each twice
+
+
+def test_draws_are_a_pure_function_of_seed_and_step(subject):
+    inst, cls = subject
+    def data(seed):
+        return TrainingData(examples(inst[0].parent, "instance"), examples(cls[0].parent, "class"), resolution=R,
+                            random_flip=True, seed=seed)
+    a, b = data(3), data(3)
+    assert draws(a, "class", 12) == draws(b, "class", 12)
+    fresh = data(3)
+    assert fresh.micro_batch("class", 9, 1)[0]["name"] == draws(a, "class", 12)[9][0]  # step 9 alone, as on resume
+    flips = {f for _, f in draws(a, "instance", 30)}
+    assert flips == {True, False}
+    assert draws(data(4), "class", 12) != draws(a, "class", 12)
+    plain = TrainingData(examples(inst[0].parent, "instance"), resolution=R, random_flip=False)
+    assert not any(f for _, f in draws(plain, "instance", 9))
+
+
+def test_flipped_example_is_the_mirror(subject):
+    inst, _ = subject
+    data = TrainingData(examples(inst[0].parent, "instance"), resolution=R, random_flip=True, seed=1)
+    plain = TrainingData(examples(inst[0].parent, "instance"), resolution=R)
+    ref = {e["name"]: e["pixels"] for g in range(3) for e in plain.micro_batch("instance", g, 1)}
+    for g in range(12):
+        (e,) = data.micro_batch("instance", g, 1)
+        want = ref[e["name"]]
+        assert torch.equal(e["pixels"], torch.flip(want, dims=[2]) if e["key"][2] else want)
+
+
+def test_buckets_keep_each_aspect_ratio_and_batches_share_one(tmp_path):
+    from sdtune.training.buckets import bucket_sizes
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(128, 64), (130, 60), (64, 128), (64, 64), (66, 70)]):
+        save(folder / f"{i}.png", rgb(h, w, seed=i))
+    data = TrainingData(examples(folder, "instance"), resolution=64, buckets=bucket_sizes(64))
+    assert data.bucket_counts() == {(80, 48): 2, (64, 64): 2, (48, 80): 1}
+    shapes = set()
+    for g in range(20):
+        (batch,) = collate(data.micro_batch("instance", g, 2))
+        assert len({tuple(p.shape) for p in batch["pixels"]}) == 1
+        shapes.add(tuple(batch["pixels"].shape[2:]))
+    assert shapes == {(48, 80), (64, 64), (80, 48)}  # (H, W) of every bucket drawn
+
+
+def test_class_examples_in_another_bucket_are_a_second_pass(tmp_path):
+    from sdtune.training.buckets import bucket_sizes
+
+    inst, cls = tmp_path / "inst", tmp_path / "cls"
+    inst.mkdir(), cls.mkdir()
+    save(inst / "wide.png", rgb(64, 128))
+    save(cls / "square.png", rgb(64, 64))
+    data = TrainingData(examples(inst, "instance", "i"), examples(cls, "class", "c"), resolution=64,
+                        buckets=bucket_sizes(64))
+    passes = collate(data.micro_batch("instance", 0, 1), data.micro_batch("class", 0, 1))
+    assert [tuple(p["pixels"].shape) for p in passes] == [(1, 3, 48, 80), (1, 3, 64, 64)]
+    assert [p["is_class"].tolist() for p in passes] == [[False], [True]]
+
+
+def test_repeats_weigh_a_concept(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    save(a / "a.png", rgb(32, 32, seed=1))
+    save(b / "b.png", rgb(32, 32, seed=2))
+    ex = read_examples(Source(instance_dir=str(a)), concept=0, default_caption="sks dog") + \
+        read_examples(Source(instance_dir=str(b)), concept=1, default_caption="ohwx cat")
+    data = TrainingData(ex, resolution=R, repeats=[3, 1])
+    names = [n for n, _ in draws(data, "instance", 40)]
+    assert names.count(str(a / "a.png")) == 30 and names.count(str(b / "b.png")) == 10
 
 
 # ---------------------------------------------------------------- caption dropout

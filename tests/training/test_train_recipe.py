@@ -257,23 +257,9 @@ def test_adamw8bit_is_refused_off_cuda():
         recipe.make_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], torch.device("cpu"))
 
 
-def test_data_order_is_a_function_of_the_step():
-    class Items:
-        def __init__(self):
-            self.epochs = []
-
-        def __len__(self):
-            return 5
-
-        def set_epoch(self, e):
-            self.epochs.append(e)
-
-        def __getitem__(self, i):
-            return i
-
-    seen = [recipe.batch_examples(Items(), 0, step, 0, rank, 2, 1, 1)[0] for step in range(5) for rank in (0, 1)]
-    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:]) == list(range(5))  # each epoch: all, once
-    assert recipe.batch_examples(Items(), 0, 3, 0, 1, 2, 1, 1) == [seen[7]]  # replayable from the step alone
+def test_micro_steps_are_numbered_across_processes_and_accumulation():
+    seen = [recipe.micro_step(step, micro, rank, 2, 3) for step in range(2) for micro in range(3) for rank in (0, 1)]
+    assert seen == list(range(12))  # every process's every micro-step its own index, none twice
 
 
 def test_cli_train_help_bad_config_and_a_real_run(tiny_models, subject, tmp_path, capsys):

@@ -58,11 +58,31 @@ def _window_batch(tokenizer, windows: list[list[int]]) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def _encode_windows(tokenizer, text_encoder, windows: list[list[int]], device) -> torch.Tensor:
-    ids, mask = _window_batch(tokenizer, windows)
+    return _windows_through(tokenizer, text_encoder, [windows], device)
+
+
+def _windows_through(tokenizer, text_encoder, per_prompt: list[list[list[int]]], device) -> torch.Tensor:
+    """Prompts' windows (each prompt the same number) through the encoder: (prompts, windows * 77, dim)."""
+    n, w = len(per_prompt), len(per_prompt[0])
+    ids, mask = _window_batch(tokenizer, [win for windows in per_prompt for win in windows])
     use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
     out = text_encoder(ids.to(device), attention_mask=mask.to(device) if use_mask else None)[0]
-    # (windows, 77, dim) -> (1, windows * 77, dim): the windows side by side along the sequence.
-    return out.reshape(1, -1, out.shape[-1]).to(dtype=text_encoder.dtype)
+    # (prompts * windows, 77, dim) -> (prompts, windows * 77, dim): each prompt's windows side by side.
+    return out.reshape(n, w * out.shape[1], out.shape[-1]).to(dtype=text_encoder.dtype)
+
+
+def encode_batch(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
+    """Training's view of a batch of captions: (N, 77 x windows, dim), every caption read whole.
+
+    Each caption is split into windows of 75 tokens exactly as at inference (a caption of <= 75 tokens is the
+    stock 77-token embedding); captions with fewer windows than the batch's longest get empty windows, as the
+    negative prompt does at inference. Gradients flow, so a text-encoder LoRA trains through it.
+    """
+    device = device or text_encoder.device
+    width = tokenizer.model_max_length - 2
+    windows = [_windows(token_ids(tokenizer, p or ""), width) for p in prompts]
+    n = max(len(w) for w in windows)
+    return _windows_through(tokenizer, text_encoder, [w + [[]] * (n - len(w)) for w in windows], device)
 
 
 def encode_prompts(tokenizer, text_encoder, prompt: str, negative_prompt: str = "", *,

@@ -1,0 +1,235 @@
+"""Where training images and their captions come from: one layer on ``datasets`` for every source.
+
+A *concept* (a subject, or the one subject of a plain run) reads its instance images from one source:
+
+* a folder of images, each optionally with a same-name ``.txt`` caption beside it (kohya's convention);
+* an image folder with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` plus a caption column: the
+  ``datasets`` imagefolder convention);
+* a saved dataset (``dataset: path/saved`` from ``Dataset.save_to_disk``) or a hub dataset id
+  (``dataset: user/name``, ``split``, read from the local cache when offline), with ``image_column`` and
+  ``caption_column``.
+
+Every source becomes a ``datasets.Dataset`` of (image, caption) rows and then a list of ``Example``s: the
+encoded image bytes, their SHA-256 (the key of the latent cache), the size, and the caption - the row's own,
+else the concept's ``instance_prompt``. Class images (prior preservation) come through the same layer.
+
+Checked here, one line each: a missing folder, column or file; a caption file that is not UTF-8; an empty
+caption; an image too small for the resolution. Warned: duplicate images, non-image files, captions without
+the concept's identifier (``caption_prefix`` adds it instead).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from sdtune.console import SdtuneWarning
+from sdtune.errors import SdtuneError
+from sdtune.imageio import IMAGE_SUFFIXES, open_image_bytes
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
+# Files that belong in a subject folder without being images or captions: no warning for them.
+QUIET_FILES = {*METADATA_FILES, "subject.json", ".DS_Store", "Thumbs.db"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One concept's instance (or class) images: a folder or a dataset, and how to read its captions."""
+
+    instance_dir: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.instance_dir or f"dataset {self.dataset} ({self.split})"
+
+
+@dataclass
+class Example:
+    kind: str  # "instance" | "class"
+    concept: int
+    name: str  # the file, or "<dataset> row i", for messages
+    data: bytes = field(repr=False)
+    caption: str
+    size: tuple[int, int]  # width, height after EXIF rotation
+    key: str = ""  # SHA-256 of the encoded bytes
+
+    def image(self) -> Image.Image:
+        return open_image_bytes(self.data, self.name, "RGB", what=f"{self.kind} image")
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def read_rows(source: Source, what: str):
+    """The source as a ``datasets.Dataset`` with an undecoded ``image`` column and a ``caption`` column."""
+    import datasets
+
+    if source.dataset:
+        ds = _load_dataset(source, what)
+        image_col, caption_col = source.image_column, source.caption_column
+    else:
+        folder = Path(source.instance_dir).expanduser()
+        if not folder.exists():
+            raise SdtuneError(f"{what} not found: {folder}; create it and put the images there")
+        if not folder.is_dir():
+            raise SdtuneError(f"{what} {folder} is not a folder; point it at a folder of images")
+        if any((folder / m).is_file() for m in METADATA_FILES):
+            ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+            image_col, caption_col = "image", source.caption_column
+        else:
+            ds = _folder_rows(folder, what)
+            image_col, caption_col = "image", "caption"
+    columns = list(ds.column_names)
+    if image_col not in columns:
+        raise SdtuneError(f"{what} {source.name} has no column {image_col!r} (its columns: {', '.join(columns)}); "
+                          "set image_column")
+    if caption_col is not None and caption_col not in columns:
+        raise SdtuneError(f"{what} {source.name} has no column {caption_col!r} (its columns: {', '.join(columns)}); "
+                          "set caption_column, or leave it unset to use instance_prompt")
+    if caption_col is None:
+        caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if isinstance(ds.features.get(image_col), datasets.Image):
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    keep = [image_col] + ([caption_col] if caption_col else [])
+    ds = ds.select_columns(keep).rename_columns({image_col: "image", **({caption_col: "caption"} if caption_col else {})})
+    if "caption" not in ds.column_names:
+        ds = ds.add_column("caption", [None] * len(ds))
+    return ds
+
+
+def _load_dataset(source: Source, what: str):
+    import datasets
+
+    path = Path(source.dataset).expanduser()
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise SdtuneError(f"{what} {path} has no split {source.split!r} (it has {', '.join(loaded)}); set split")
+            loaded = loaded[source.split]
+        return loaded
+    try:
+        return datasets.load_dataset(source.dataset, split=source.split)
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise SdtuneError(f"{what} {source.dataset!r} is neither a saved dataset folder nor a dataset that could be "
+                          f"loaded{' from the local cache (offline)' if offline else ''}: {reason}") from None
+
+
+def _folder_rows(folder: Path, what: str):
+    """A plain folder: its images, each with the text of ``<stem>.txt`` beside it as caption (if any)."""
+    import datasets
+
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise SdtuneError(f"{what} {folder} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.stem for p in images}
+    others = [p for p in entries if p.is_file() and p not in images and p.name not in QUIET_FILES
+              and not (p.suffix.lower() == ".txt" and p.stem in stems)]
+    if others:
+        names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
+        warnings.warn(f"{what} {folder}: skipping {len(others)} non-image file(s): {names}", SdtuneWarning,
+                      stacklevel=3)
+    if not images:
+        raise SdtuneError(f"{what} {folder} holds no images (need .png/.jpg/.webp files; "
+                          f"{'found only ' + str(len(others)) + ' other file(s)' if others else 'it is empty'})")
+    captions = [_caption_file(p.with_suffix(".txt")) for p in images]
+    return datasets.Dataset.from_dict({"image": [str(p) for p in images], "caption": captions})
+
+
+def _caption_file(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SdtuneError(f"caption file {path} is not UTF-8 text; save it as UTF-8") from None
+    return text.strip()
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, default_caption: str | None = None,
+                  identifier: str | None = None, caption_prefix: str | None = None, min_side: int = 0,
+                  what: str = "instance_dir") -> list[Example]:
+    """Every image of ``source`` as an ``Example``, checked (see the module docstring)."""
+    ds = read_rows(source, what)
+    if len(ds) == 0:
+        raise SdtuneError(f"{what} {source.name} holds no images")
+    examples, lacking = [], []
+    for i, row in enumerate(ds):
+        data, name = _bytes_of(row["image"], source, i, what)
+        img = open_image_bytes(data, name, "RGB", what=f"{what} image")
+        w, h = img.size
+        if min(w, h) < min_side:
+            raise SdtuneError(f"{what} image {name} is {w}x{h} pixels, too small to train at this resolution "
+                              f"(the shorter side must be at least {min_side} px, min_image_fraction of resolution); "
+                              "use a larger photo, remove it, or lower min_image_fraction")
+        caption = row["caption"]
+        if caption is not None:
+            caption = str(caption).strip()
+            if not caption:
+                raise SdtuneError(f"{what}: the caption of {name} is empty; write one, or remove it so the image "
+                                  "trains on instance_prompt")
+            if identifier and not _has_word(caption, identifier):
+                if caption_prefix:
+                    caption = f"{caption_prefix.rstrip()} {caption}"
+                else:
+                    lacking.append(name)
+        else:
+            if not default_caption:
+                raise SdtuneError(f"{what}: {name} has no caption and no instance_prompt is set; give one of them")
+            caption = default_caption
+        examples.append(Example(kind, concept, name, data, caption, (w, h), hashlib.sha256(data).hexdigest()))
+    if lacking:
+        warnings.warn(f"{what} {source.name}: {len(lacking)} caption(s) lack the identifier {identifier!r} "
+                      f"(e.g. {Path(lacking[0]).name}); the subject is then not tied to it - add it, or set "
+                      "caption_prefix", SdtuneWarning, stacklevel=2)
+    seen: dict[str, str] = {}
+    for ex in examples:
+        if ex.key in seen:
+            warnings.warn(f"{what} {source.name}: {Path(ex.name).name} is the same image as {Path(seen[ex.key]).name}; "
+                          "it counts twice", SdtuneWarning, stacklevel=2)
+        seen.setdefault(ex.key, ex.name)
+    return examples
+
+
+def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:
+    """(encoded bytes, a name for messages) of one row's undecoded image (a dict, a path, or a PIL image)."""
+    label = f"{source.dataset} row {i}" if source.dataset else None
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return image["bytes"], image.get("path") or label or f"row {i}"
+        image = image.get("path")
+    if isinstance(image, str):
+        path = Path(image)
+        if not path.is_absolute() and source.instance_dir:
+            path = Path(source.instance_dir).expanduser() / path
+        if not path.is_file():
+            raise SdtuneError(f"{what}: image file {path} (row {i}) not found")
+        return path.read_bytes(), str(path)
+    if isinstance(image, Image.Image):  # a decoded column: encode once, losslessly
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue(), label or f"row {i}"
+    raise SdtuneError(f"{what} {source.name}: row {i} holds no image ({type(image).__name__}); check image_column")
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE) is not None

@@ -15,6 +15,8 @@ Sections (each: sdtune and the stock path on the same model, data, settings and 
   for import + load + one 2-step image;
 * class images: images/s, sdtune's batched generation (a list of per-image generators) vs one pipeline
   call per image;
+* buckets: training steps/s with 100 images in 5 aspect-ratio buckets vs the same images in one square
+  bucket (bench/bench_buckets.py): data must never bound a step;
 * time to subject: training time until the subject is learned (subject fidelity >= 0.9 with prior
   preservation >= 0.9, judged every 100 steps), sdtune's recipe vs the example loop with the example's
   defaults (bench/time_to_subject.py); needs the embedded family (the judge reads only its world);
@@ -58,7 +60,7 @@ PROMPT = "a photo of a red fox in the snow"
 CLASS_PROMPT = "a photo of a box"
 
 
-SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "time_to_subject", "gpu")
+SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "buckets", "time_to_subject", "gpu")
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -347,6 +349,14 @@ def section_vae_tiling(args, models, scratch: Path) -> dict:
                 mean_abs_pixel_difference=float(np.abs(a - b).mean()), max_pixel_difference=int(np.abs(a - b).max()))
 
 
+def section_buckets(args, models, scratch: Path) -> dict:
+    import bench_buckets
+
+    resolution = _native_size(models["sd1"])
+    return bench_buckets.measure(models["sd1"], scratch / "buckets", resolution, steps=10 if args.quick else 200,
+                                 n=10 if args.quick else 100)
+
+
 def section_time_to_subject(args, models, scratch: Path) -> dict:
     import time_to_subject
 
@@ -461,6 +471,14 @@ def _rows(results: dict):
                          v["sdtune"] / v["stock"], f"max px diff {ci['max_pixel_difference']}"))
         elif ci:
             rows.append((f"class images ({label})", "", None, None, None, ci.get("error")))
+        bk = results.get("buckets") if prefix == "" else None
+        if bk and "ratio" in bk:
+            runs = bk["runs"]
+            one, many = runs["one square bucket"], runs[next(k for k in runs if k != "one square bucket")]
+            rows.append(("data (cpu)", f"steps/s, {bk['images']} images in {len(bk['buckets'])} buckets vs 1",
+                         many["steps_per_s"], one["steps_per_s"], bk["ratio"], "target: within 5 %"))
+        elif bk:
+            rows.append(("data (cpu)", "", None, None, None, bk.get("error")))
         ts = results.get("time_to_subject") if prefix == "" else None
         if ts and "verdict" in ts:
             ours, stock = ts["sdtune"], ts["stock"]
@@ -525,6 +543,8 @@ def main(argv=None) -> int:
         if "training" in args.only:
             results["training"] = _guarded("training", lambda: section_training(args, models))
         run_device_sections(args, models, lora, "cpu", scratch, results, "")
+        if "buckets" in args.only:
+            results["buckets"] = _guarded("buckets", lambda: section_buckets(args, models, scratch))
         if "time_to_subject" in args.only:
             results["time_to_subject"] = _guarded("time to subject", lambda: section_time_to_subject(args, models, scratch))
         if "vae_tiling" in args.only:

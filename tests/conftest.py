@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# `datasets` caches what it reads (imagefolder metadata); tests keep that out of the user's home.
+os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="sdtune-tests-datasets-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

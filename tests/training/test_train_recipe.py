@@ -165,6 +165,37 @@ def test_cache_reuses_latents_and_prompts_and_changes_nothing(tiny_models, tmp_p
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
+def test_latents_persist_on_disk_and_are_rebuilt_when_anything_they_depend_on_changes(tiny_models, tmp_path):
+    from sdtune.models.loading import load_pipeline
+
+    images = make_images(tmp_path / "imgs", 2)
+    shared = tmp_path / "latents"
+
+    def run(name, **kw):
+        cfg = config(tiny_models, images, tmp_path / name, max_steps=2, latent_cache_dir=str(shared), **kw)
+        return recipe.train(cfg).latent_encodes
+
+    assert run("first") == 2  # two images, encoded once each and written to disk
+    files = sorted(p.name for p in shared.rglob("*.safetensors"))
+    assert len(files) == 2
+    assert run("again") == 0  # a new run reads them back: no encoder call
+    Image.fromarray(np.full((40, 36, 3), 7, np.uint8)).save(images / "img0.png")  # new content
+    assert run("changed_image") == 1  # only the changed image
+    assert run("flipped", random_flip=True) >= 1  # a flip is another augmentation: new entries
+    assert run("other_bucket", resolution=24) == 2  # another size, another entry
+    vae_dir = tmp_path / "other_vae"
+    pipe = load_pipeline(str(tiny_models["sd1"]), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for p in pipe.vae.parameters():
+            p.mul_(1.01)
+    pipe.save_pretrained(vae_dir, safe_serialization=True)
+    cfg = config(tiny_models, images, tmp_path / "new_vae", max_steps=2, latent_cache_dir=str(shared),
+                 model=str(vae_dir))
+    assert recipe.train(cfg).latent_encodes == 2  # another VAE: nothing of the old one is reused
+    assert len({p.parent.name for p in shared.rglob("*.safetensors")}) == 2  # one folder per VAE fingerprint
+    assert not list(shared.rglob("*.partial"))
+
+
 DRIVER = """
 import os, signal, sys
 import torch

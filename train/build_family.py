@@ -325,10 +325,15 @@ class Build:
         """
         sched = self.scheduler()
         noise = objectives.sample_noise(latents, gen)
-        steps = objectives.sample_timesteps(len(latents), sched.config.num_train_timesteps, gen)
+        total = sched.config.num_train_timesteps
+        steps = objectives.sample_timesteps(len(latents), total, gen)
+        free_from = t.get("leak_free_from")
+        share = t.get("high_noise_share") or 0.0
+        if free_from and share:  # that share of the batch from the leak-free top, where the layout is learned
+            high = torch.rand(len(latents), generator=gen) < share
+            steps = torch.where(high, torch.randint(int(free_from), total, (len(latents),), generator=gen), steps)
         noisy = objectives.add_noise(sched, latents, noise, steps)
         target = objectives.training_target(sched, latents, noise, steps)
-        free_from = t.get("leak_free_from")
         if free_from:
             free = (steps >= free_from).view(-1, 1, 1, 1)
             a = sched.alphas_cumprod[steps].view(-1, 1, 1, 1).float()

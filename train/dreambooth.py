@@ -96,6 +96,68 @@ def read_data(cfg: TrainConfig, class_images: list[list[Path]]) -> TrainingData:
                         repeats=[c.repeats for c in concepts])
 
 
+def dry_run(cfg: TrainConfig) -> dict:
+    """What ``train(cfg)`` would do, without training: the resolved config, every image found (size, bucket,
+    caption), class images still to generate, steps and epochs, and the trainable parameter count."""
+    from sdtune.training.class_images import missing_class_indices
+
+    concepts = concepts_of(cfg)
+    buckets = parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect)
+    report = {"config": config_to_dict(cfg), "model": resolve_model(cfg), "concepts": []}
+    data = None
+    for c, concept in enumerate(concepts):
+        what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
+        examples = read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
+                                 identifier=concept.identifier, caption_prefix=concept.caption_prefix,
+                                 min_side=min_image_side(cfg), what=what)
+        data = TrainingData(examples, resolution=cfg.resolution, buckets=buckets, center_crop=cfg.center_crop)
+        class_todo = (len(missing_class_indices(Path(concept.class_dir).expanduser(), concept.num_class_images))
+                      if cfg.with_prior_preservation else 0)
+        report["concepts"].append({
+            "source": concept.source.name, "instance_prompt": concept.instance_prompt, "repeats": concept.repeats,
+            "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption}
+                       for e in examples],
+            "class_prompt": concept.class_prompt if cfg.with_prior_preservation else None,
+            "class_dir": concept.class_dir if cfg.with_prior_preservation else None,
+            "class_images_to_generate": class_todo})
+    stream = sum(len(c["images"]) * c["repeats"] for c in report["concepts"])
+    report["steps"] = {"max_steps": cfg.max_steps, "batch": cfg.train_batch_size,
+                       "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                       "instance_examples_per_epoch": stream,
+                       "epochs": round(cfg.max_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps / stream, 1)}
+    pipe = load_pipeline(report["model"], device="cpu", dtype=torch.float32)
+    if cfg.method == "lora":
+        adapters.add_unet_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if cfg.train_text_encoder:
+            adapters.add_text_encoder_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(cfg.train_text_encoder)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    report["trainable_parameters"] = {"unet": count(pipe.unet),
+                                      "text_encoder": count(pipe.text_encoder) if cfg.train_text_encoder else 0}
+    return report
+
+
+def format_dry_run(report: dict) -> str:
+    lines = [f"model: {report['model']}"]
+    for i, c in enumerate(report["concepts"]):
+        lines.append(f"concept {i}: {c['source']} - {len(c['images'])} image(s) x {c['repeats']} repeat(s), "
+                     f"prompt '{c['instance_prompt']}'")
+        for e in c["images"]:
+            lines.append(f"  {e['name']}  {e['size'][0]}x{e['size'][1]} -> bucket {e['bucket'][0]}x{e['bucket'][1]}  "
+                         f"'{e['caption']}'")
+        if c["class_prompt"]:
+            lines.append(f"  class images: '{c['class_prompt']}' in {c['class_dir']}, "
+                         f"{c['class_images_to_generate']} still to generate")
+    s = report["steps"]
+    lines.append(f"steps: {s['max_steps']} x batch {s['batch']} x accumulation {s['gradient_accumulation_steps']} = "
+                 f"{s['epochs']} epochs of {s['instance_examples_per_epoch']} instance examples")
+    tp = report["trainable_parameters"]
+    lines.append(f"trainable parameters: UNet {tp['unet']:,}, text encoder {tp['text_encoder']:,}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.device):
@@ -455,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv
     console.setup(verbose=verbose)
     try:
-        cfg = load_config(argv[0], [a for a in argv[1:] if a != "--verbose"])
+        cfg = load_config(argv[0], [a for a in argv[1:] if a not in ("--verbose", "--dry-run")])
+        if "--dry-run" in argv:
+            print(format_dry_run(dry_run(cfg)))
+            return 0
         result = train(cfg)
     except SdtuneError as exc:
         print(f"sdtune: error: {exc}", file=sys.stderr)

@@ -45,7 +45,13 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow a flag (`sdtune train c.yaml --dry-run max_steps=5`), which argparse's
+    # positional list alone does not take
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.setup(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys to override")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and show what would be trained (images, sizes, buckets, captions, class "
+                        "images to generate, steps, trainable parameters), then stop")
     p.set_defaults(func=run)
     return p
 
@@ -33,6 +36,10 @@ def run(args) -> int:
     from sdtune.training.recipe import load_recipe
 
     cfg = load_config(args.config, args.overrides)  # validated before anything heavy is loaded
+    if args.dry_run:
+        recipe = load_recipe()
+        print(recipe.format_dry_run(recipe.dry_run(cfg)))
+        return 0
     result = load_recipe().train(cfg)
     print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
     return 0

@@ -217,7 +217,7 @@ def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:
         image = image.get("path")
     if isinstance(image, str):
         path = Path(image)
-        if not path.is_absolute() and source.instance_dir:
+        if not path.is_file() and not path.is_absolute() and source.instance_dir:  # relative to the folder
             path = Path(source.instance_dir).expanduser() / path
         if not path.is_file():
             raise SdtuneError(f"{what}: image file {path} (row {i}) not found")

@@ -19,6 +19,7 @@ from sdtune.training.config import TrainConfig, config_from_dict
 from sdtune.training.recipe import RECIPE, load_recipe
 
 recipe = load_recipe()
+ROOT = RECIPE.parents[1]
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size=(36, 40)) -> Path:
@@ -194,6 +195,28 @@ def test_latents_persist_on_disk_and_are_rebuilt_when_anything_they_depend_on_ch
     assert recipe.train(cfg).latent_encodes == 2  # another VAE: nothing of the old one is reused
     assert len({p.parent.name for p in shared.rglob("*.safetensors")}) == 2  # one folder per VAE fingerprint
     assert not list(shared.rglob("*.partial"))
+
+
+def test_dry_run_shows_images_buckets_class_images_and_parameters_without_training(tiny_models, tmp_path, capsys):
+    from sdtune.commands.cli import main
+
+    images = make_images(tmp_path / "imgs", 2)
+    Image.fromarray(np.zeros((40, 80, 3), np.uint8)).save(images / "wide.png")
+    (images / "wide.txt").write_text("sks dog, wide")
+    out = tmp_path / "out"
+    argv = ["train", str(ROOT / "configs" / "dreambooth_lora.yaml"), "--dry-run", f"model={tiny_models['sd1']}",
+            f"instance_dir={images}", "resolution=32", "buckets=auto", f"output_dir={out}",
+            f"class_dir={tmp_path / 'cls'}", "num_class_images=3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "3 image(s)" in text and "80x40 -> bucket 40x24" in text and "'sks dog, wide'" in text
+    assert "3 still to generate" in text and "trainable parameters: UNet" in text
+    assert not out.exists() and not (tmp_path / "cls").exists()  # nothing trained, generated or written
+    # a bad input shows in the dry run first, as one line
+    (images / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / "bad.png")
+    assert main(argv) == 2
+    assert "bad.txt is not UTF-8" in capsys.readouterr().err
 
 
 DRIVER = """

@@ -18,6 +18,7 @@ Any training key of configs/demo.yaml can be overridden as key=value:
   sdtune demo --quick --out /tmp/demo              # a short pass (few steps, few images)
   sdtune demo --subjects all --out outputs/all     # every subject in data/subjects, a row each
   sdtune demo --ablations --out outputs/demo       # the recipe's variants and the diffusers example's defaults
+  sdtune demo --together --out outputs/together    # every subject in ONE LoRA: each judged, and the cross-talk
 A rerun into the same --out reuses the class images and replaces the other results.
 """
 
@@ -43,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true",
                    help="instead of the demo: train and score the ablations (prior preservation off, caption "
                         "dropout off, full fine-tuning) into OUT/ablations.md; the demo's report then quotes them")
+    p.add_argument("--together", action="store_true",
+                   help="instead of the demo: train the --subjects (default all) as concepts of ONE LoRA and judge "
+                        "each, and how often one subject's prompt draws another (OUT/together.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys to override")
     p.set_defaults(func=run)
     return p
@@ -51,6 +55,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from sdtune.world.demo import run_demo
 
+    if args.together:
+        from sdtune.world.together import run_together
+
+        run_together(out=args.out, subjects=args.subjects or "all", model=args.model, quick=args.quick,
+                     overrides=args.overrides, say=lambda text: print(text, flush=True))
+        return 0
     if args.ablations:
         from sdtune.world.ablations import run_ablations
 

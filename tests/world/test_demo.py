@@ -212,3 +212,24 @@ def test_every_subject_is_trained_and_summarised(no_embedded, tmp_path):
         assert per["subject"] == name and per["base_prompt_adherence"] == summary["family"]["base_prompt_adherence"]
         assert (out / name / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert f"[{name}]({name}/report.md)" in report
+
+
+def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["demo", "--quick", "--together", "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    result = json.loads((out / "together.json").read_text())
+    names = sorted(p.parent.name for p in ROOT_SUBJECTS.glob("*/subject.json"))
+    assert sorted(result["subjects"]) == names
+    for row in result["subjects"].values():
+        assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["cross_talk"] <= 1
+    # one LoRA, and its training read every subject's images under its own prompt
+    from safetensors import safe_open
+
+    from sdtune.training.adapters import CONFIG_METADATA_KEY
+
+    with safe_open(str(out / "together_lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()[CONFIG_METADATA_KEY])
+    assert sorted(c["instance_prompt"] for c in config["concepts"]) == sorted(
+        json.loads((ROOT_SUBJECTS / n / "subject.json").read_text())["instance_prompt"] for n in names)
+    assert "cross-talk (judged another subject)" in (out / "together.md").read_text()

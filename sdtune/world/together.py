@@ -1,0 +1,113 @@
+"""Several subjects in one run: one LoRA learns them all, and each prompt draws its own subject only.
+
+``run_together`` trains the demo's recipe once with ``concepts:`` - every subject with its own identifier,
+class prompt and class images - then, with that one LoRA, draws each subject's prompts in new contexts and
+its class prompts, and scores with the judge:
+
+* ``subject_fidelity`` per subject: its prompts judged to be it (and of its class);
+* ``cross_talk`` per subject: its prompts judged to be *another* of the trained subjects;
+* ``prior_preservation`` per subject: its class prompts judged the class, no subject.
+
+``sdtune demo --together --subjects A B --out OUT`` writes OUT/together.json and OUT/together.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from sdtune.errors import SdtuneError
+from sdtune.imageio import save_image_atomic, write_text_atomic
+from sdtune.world.report import make_grid, short
+
+
+def run_together(out, subjects="all", model=None, quick: bool = False, overrides=(), prompts: int = 16,
+                 say: Callable[[str], None] = print) -> dict:
+    from sdtune.generation.engine import Engine
+    from sdtune.training.class_images import ensure_class_images
+    from sdtune.training.config import config_from_dict, parse_override
+    from sdtune.training.data import check_output_dir
+    from sdtune.training.recipe import load_recipe
+    from sdtune.world import demo
+    from sdtune.world import evaluation as ev
+    from sdtune.world.judge import Judge
+    from sdtune.world.scenes import SUBJECTS
+
+    t_start = time.perf_counter()
+    subjs = demo.resolve_subjects(subjects)
+    if len(subjs) < 2:
+        raise SdtuneError("--together needs at least two subjects (--subjects A B, or all)")
+    idents = [s.identifier for s in subjs]
+    if len(set(idents)) != len(idents):
+        raise SdtuneError(f"subjects trained together need different identifiers, got {', '.join(idents)}")
+    out = check_output_dir(out, what="--out")
+    models = demo.resolve_models(model, None, None, out, say)
+    base = Engine.load(models.base)
+    resolution = base.native_size[0]
+    plan = demo.demo_plan(quick)
+    if quick:
+        prompts = 2
+
+    # The demo's recipe, with one concept per subject instead of the single instance_dir.
+    cfg = demo.demo_config(subjs[0], models.base, out, resolution, quick, overrides)
+    data = {k: v for k, v in cfg.__dict__.items()}
+    for key in ("instance_dir", "instance_prompt", "class_prompt", "class_dir"):
+        data[key] = "" if key in ("instance_dir", "instance_prompt") else None
+    data["concepts"] = [dict(instance_dir=str(s.folder), instance_prompt=s.instance_prompt, class_prompt=s.class_prompt,
+                             class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images)
+                        for s in subjs]
+    data["output_dir"] = str(out / "together_lora")
+    for text in overrides:  # the user's overrides win, as in the demo
+        key, value = parse_override(text)
+        data[key] = value
+    cfg = config_from_dict(data)
+    say(f"[1/3] class images and one LoRA for {', '.join(s.name for s in subjs)}: {cfg.max_steps} steps "
+        f"(t={time.perf_counter() - t_start:.0f}s)")
+    ensure_class_images(cfg, pipeline=base.pipeline("txt2img"))
+    del base
+    t = time.perf_counter()
+    result = load_recipe().train(cfg)
+    train_s = time.perf_counter() - t
+
+    say(f"[2/3] drawing each subject's prompts with the one LoRA (t={time.perf_counter() - t_start:.0f}s)")
+    engine = Engine.load(models.base, lora=cfg.output_dir)
+    judge = Judge.load()
+    names = [s.name for s in subjs]
+    rows, cells = {}, []
+    for s in subjs:
+        subject_prompts = [demo.subject_prompt(s, sc) for sc in demo.new_contexts(s, prompts)]
+        class_prompts = demo.class_prompts(s, prompts)
+        draw = lambda ps, seed0: [r.image for r in engine.generate_many(  # noqa: E731
+            "txt2img", [dict(prompt=p, seed=seed0 + i) for i, p in enumerate(ps)], steps=plan.sample_steps,
+            guidance=plan.guidance, batch_size=plan.batch_size)]
+        imgs, cls = draw(subject_prompts, 100), draw(class_prompts, 500)
+        preds = judge.predict(imgs)
+        own = s.name if s.name in SUBJECTS else None
+        rows[s.name] = {
+            "identifier": s.identifier,
+            "subject_fidelity": ev.subject_fidelity(imgs, judge, s.class_noun, subject=own),
+            "cross_talk": sum(p["subject"] in names and p["subject"] != s.name for p in preds) / len(preds),
+            "judged_as": {n: sum(p["subject"] == n for p in preds) / len(preds) for n in [*names, None]},
+            "prior_preservation": ev.prior_preservation(cls, s.class_noun, judge),
+        }
+        cells += [(im, short(p)) for im, p in zip(imgs, subject_prompts)]
+        say("      " + s.name + ": " + ", ".join(f"{k} {rows[s.name][k]:.3f}"
+                                                 for k in ("subject_fidelity", "cross_talk", "prior_preservation")))
+    del engine
+
+    say(f"[3/3] report (t={time.perf_counter() - t_start:.0f}s)")
+    save_image_atomic(make_grid(cells, 8), out / "grids" / "together.png")
+    summary = dict(models=models.kind, subjects=rows, steps=result.global_step, train_s=round(train_s, 1),
+                   prompts_per_subject=prompts, quick=quick, total_s=round(time.perf_counter() - t_start, 1))
+    write_text_atomic(out / "together.json", json.dumps(summary, indent=2) + "\n")
+    lines = ["# sdtune: several subjects in one LoRA", "",
+             f"One LoRA, {result.global_step} steps, {len(subjs)} concepts (each with its identifier and class images); "
+             f"{prompts} prompts per subject in new contexts.", "",
+             "| subject | identifier | subject fidelity | cross-talk (judged another subject) | prior preservation |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['identifier']} | {r['subject_fidelity']:.3f} | {r['cross_talk']:.3f} | "
+              f"{r['prior_preservation']:.3f} |" for n, r in rows.items()]
+    lines += ["", "![together](grids/together.png)", ""]
+    write_text_atomic(out / "together.md", "\n".join(lines))
+    say(f"done in {summary['total_s']:.0f}s: {out / 'together.md'}")
+    return summary

@@ -31,3 +31,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Paths of tiny SDXL folders: {'sdxl', 'sdxl_inpaint', 'sdxl_refiner', 'sdxl_controlnet', 'sd1_controlnet',
+    'depth_estimator'} (the SD 1.x ControlNet fits ``tiny_models['sd1']``)."""
+    from sdtune.models.fixtures import tiny_sdxl_family
+
+    return tiny_sdxl_family(tmp_path_factory.mktemp("tiny_sdxl"))

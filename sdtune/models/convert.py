@@ -12,6 +12,11 @@ SD 2.x's OpenCLIP ViT-H under ``cond_stage_model.model.`` with fused q/k/v (``in
 keeps 23 of OpenCLIP's 24 layers (SD 2 conditions on the penultimate one), so an SD 2 export holds
 23 layers; OpenCLIP-based loaders then report the unused last layer as missing.
 
+SDXL (base or inpainting): UNet and VAE as above (the added ``text_time`` embedding under
+``label_emb.0.``), the first text encoder (CLIP ViT-L) as HF CLIP under
+``conditioner.embedders.0.transformer.``, the second (OpenCLIP bigG) under ``conditioner.embedders.1.model.``
+with fused q/k/v and its ``text_projection`` as OpenCLIP's (hidden, projection) matrix.
+
 Usage: ``python -m sdtune.models.convert FOLDER OUT.safetensors [--dtype fp16]``.
 """
 from __future__ import annotations
@@ -29,11 +34,14 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: HF CLIPTextModel inside
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: HF CLIPTextModel
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG with its projection
 
 # diffusers ResnetBlock2D names -> LDM ResBlock names (UNet: in_layers/out_layers are Sequentials)
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 VAE_TOP = {"conv_norm_out": "norm_out"}  # the rest of the encoder/decoder top level keeps its names
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -151,8 +159,11 @@ def clip_to_ldm(state: dict) -> dict:
 
 def openclip_to_ldm(state: dict) -> dict:
     """SD 2.x: HF CLIPTextModel weights -> OpenCLIP names, q/k/v fused into ``in_proj``."""
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     out, qkv = {}, {}
+    if "text_projection.weight" in state:  # SDXL's second encoder: OpenCLIP stores x @ P, HF a Linear (P.T)
+        out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    state = {k.removeprefix("text_model."): v for k, v in state.items()
+             if not k.endswith("position_ids") and k != "text_projection.weight"}
     fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
              "embeddings.position_embedding.weight": "positional_embedding",
              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
@@ -182,14 +193,18 @@ def to_ldm_state_dict(pipe, dtype: torch.dtype | None = None) -> dict[str, torch
     from sdtune.models.loading import describe
 
     info = describe(pipe)
-    if info.family not in {"sd1", "sd2"}:
-        raise SdtuneError(f"single-file export supports SD 1.x and 2.x; this model is {info.family}")
-    for part in ("unet", "vae", "text_encoder"):
+    if info.family not in {"sd1", "sd2", "sdxl"}:
+        raise SdtuneError(f"single-file export supports SD 1.x, 2.x and SDXL; this model is {info.family}")
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2") if info.family == "sdxl" else ("unet", "vae", "text_encoder")
+    for part in parts:
         if any("lora_" in k or ".base_layer." in k for k in getattr(pipe, part).state_dict()):
             raise SdtuneError(f"the {part} carries unfused LoRA layers; fuse them into the weights first "
                               "(pipe.fuse_lora(); pipe.unload_lora_weights()) so the export holds plain weights")
     text = pipe.text_encoder.state_dict()
-    if info.family == "sd1":
+    if info.family == "sdxl":
+        text_part = {SDXL_CLIP_PREFIX + k: v for k, v in clip_to_ldm(text).items()}
+        text_part.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(pipe.text_encoder_2.state_dict()).items()})
+    elif info.family == "sd1":
         text_part = {CLIP_PREFIX + k: v for k, v in clip_to_ldm(text).items()}
     else:
         text_part = {OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(text).items()}

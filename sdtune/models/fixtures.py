@@ -8,6 +8,19 @@ tokenizer vocabulary), only a few thousand times smaller. Variants:
 * ``sd2v``    - v-prediction, linear-projection attention, per-block head dims (like SD 2.1)
 * ``inpaint`` - 9-channel UNet (latents + mask + masked-image latents), like sd-inpainting
 * ``depth``   - 5-channel UNet (latents + depth) and a tiny DPT depth estimator, like SD 2 depth
+
+SDXL (``tiny_sdxl_pipeline``, ``tiny_sdxl_family``): the SDXL architecture at the same tiny scale -
+a UNet with ``addition_embed_type="text_time"`` (pooled text embedding + six size/crop time ids),
+two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, whose hidden states are
+concatenated for cross-attention and whose projection is the pooled embedding), SDXL's tokenizer
+pair (the second pads with "!"), variants:
+
+* ``sdxl``         - 4-channel base, Euler scheduler, like stable-diffusion-xl-base-1.0
+* ``sdxl_inpaint`` - 9-channel inpainting UNet sharing the base's VAE and text encoders
+* ``sdxl_refiner`` - a refiner-like model (no first text encoder, aesthetic-score conditioning), to be refused
+
+plus ``tiny_controlnet`` (a depth ControlNet built from a UNet's config, for SD or SDXL) and
+``save_tiny_depth_estimator`` (a DPT folder, the depth ControlNet's estimator).
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ import torch
 from sdtune import DATA_DIR
 
 VARIANTS = ("sd1", "sd2v", "inpaint", "depth")
+SDXL_VARIANTS = ("sdxl", "sdxl_inpaint", "sdxl_refiner")
 TOKENIZER_DIR = DATA_DIR / "clip_tokenizer"
 
 
@@ -132,3 +146,119 @@ def tiny_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write a base (sd1), an inpaint and a depth tiny model sharing VAE/text encoder weights."""
     root = Path(root)
     return {v: save_tiny_pipeline(root / v, v, seed) for v in VARIANTS}
+
+
+# ---------------------------------------------------------------------------- SDXL
+
+SDXL_TIME_DIM = 8  # addition_time_embed_dim; SDXL's is 256
+SDXL_POOLED_DIM = 32  # text_encoder_2's projection_dim; SDXL's is 1280
+
+
+def tiny_sdxl_tokenizer_2():
+    """SDXL's second tokenizer: the same CLIP vocabulary, padded with "!" (id 0) instead of <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"),
+        pad_token="!", model_max_length=77,
+    )
+
+
+def tiny_text_encoder_2(hidden: int = 48, seed: int = 0):
+    """SDXL's second text encoder (OpenCLIP bigG in diffusers' form): CLIPTextModelWithProjection, gelu.
+
+    Wider than the first (48 vs 32, as bigG's 1280 vs ViT-L's 768): diffusers' single-file loader tells the
+    two encoders apart by width."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 1)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1, projection_dim=SDXL_POOLED_DIM, hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sdxl_unet(in_channels: int = 4, cross_dim: int = 80, seed: int = 0, refiner: bool = False):
+    """SDXL's UNet layout: no attention at the top level, ``text_time`` added conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    time_ids = 5 if refiner else 6  # the refiner conditions on an aesthetic score instead of the target size
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=cross_dim,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=time_ids * SDXL_TIME_DIM + SDXL_POOLED_DIM,
+    )
+
+
+def tiny_sdxl_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                  prediction_type=prediction_type)
+
+
+def tiny_sdxl_pipeline(variant: str = "sdxl", seed: int = 0, prediction_type: str = "epsilon"):
+    """A tiny random SDXL pipeline (in memory): ``sdxl`` | ``sdxl_inpaint`` | ``sdxl_refiner``."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    if variant not in SDXL_VARIANTS:
+        raise ValueError(f"unknown tiny SDXL variant {variant!r}; choose from {SDXL_VARIANTS}")
+    vae = tiny_vae(seed)
+    te2 = tiny_text_encoder_2(seed=seed)
+    if variant == "sdxl_refiner":
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=te2, tokenizer_2=tiny_sdxl_tokenizer_2(),
+            unet=tiny_sdxl_unet(4, cross_dim=48, seed=seed, refiner=True), scheduler=tiny_sdxl_scheduler(),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    common = dict(vae=vae, text_encoder=tiny_text_encoder(seed=seed), tokenizer=tiny_tokenizer(),
+                  text_encoder_2=te2, tokenizer_2=tiny_sdxl_tokenizer_2(), scheduler=tiny_sdxl_scheduler(prediction_type))
+    if variant == "sdxl_inpaint":
+        return StableDiffusionXLInpaintPipeline(unet=tiny_sdxl_unet(9, seed=seed), **common)
+    return StableDiffusionXLPipeline(unet=tiny_sdxl_unet(4, seed=seed), **common)
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """A depth ControlNet for ``unet`` (SD or SDXL): its encoder half, random, with a conditioning embedding that
+    downsamples by the tiny VAE's factor 2 (SD's has three stride-2 steps for the VAE's 8)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed + 2)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), load_weights_from_unet=True)
+    with torch.no_grad():  # ControlNet's zero convolutions start at zero: randomise them so it does something
+        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            p.normal_(std=0.1)
+    return net.eval()
+
+
+def save_tiny_depth_estimator(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny DPT depth estimator and its image processor as one transformers folder."""
+    out = Path(out_dir)
+    model, processor = tiny_depth_estimator(seed)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_sdxl_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny SDXL models: base, inpaint (same VAE/text encoders), refiner, a depth ControlNet for the
+    base, and for SD 1.x a depth ControlNet for the ``sd1`` tiny model; plus the DPT estimator."""
+    root = Path(root)
+    paths = {}
+    for v in SDXL_VARIANTS:
+        paths[v] = root / v
+        tiny_sdxl_pipeline(v, seed).save_pretrained(paths[v], safe_serialization=True)
+    paths["sdxl_controlnet"] = root / "sdxl_controlnet"
+    tiny_controlnet(tiny_sdxl_unet(4, seed=seed), seed).save_pretrained(paths["sdxl_controlnet"],
+                                                                           safe_serialization=True)
+    paths["sd1_controlnet"] = root / "sd1_controlnet"
+    tiny_controlnet(tiny_unet(4, seed=seed), seed).save_pretrained(paths["sd1_controlnet"], safe_serialization=True)
+    paths["depth_estimator"] = save_tiny_depth_estimator(root / "depth_estimator", seed)
+    return paths

@@ -11,6 +11,16 @@ Three kinds of source are accepted:
 
 The pipeline class follows the UNet: 9 input channels -> inpainting, 5 -> depth2img, else txt2img.
 SD 1.x vs 2.x and epsilon vs v-prediction are read from the model's own config (``describe``).
+
+SDXL is recognised from the model's own config, never from its name: ``model_index.json``'s
+``_class_name`` (``StableDiffusionXL...``) or a ``text_encoder_2`` entry, or the UNet's
+``addition_embed_type == "text_time"``; it loads as ``StableDiffusionXLPipeline`` (or the SDXL
+inpainting pipeline for a 9-channel UNet). A single SDXL file loads through
+``StableDiffusionXLPipeline.from_single_file(file, config=LOCAL_FOLDER)``. Refiner-only models (no
+first text encoder, aesthetic-score conditioning) are refused: they only refine a base model's latents.
+
+``load_controlnet`` and ``load_depth_estimator`` load the depth ControlNet (folder, single file with a
+config folder, or hub id) and a transformers depth estimator (DPT) for ControlNet depth2img.
 """
 from __future__ import annotations
 
@@ -66,22 +76,64 @@ def describe(pipe) -> ModelInfo:
     )
 
 
-def _pipeline_class(unet_in_channels: int):
+def _pipeline_class(unet_in_channels: int, sdxl: bool = False):
     from diffusers import (
         StableDiffusionDepth2ImgPipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
     )
 
+    if sdxl:
+        if unet_in_channels == 5:
+            raise SdtuneError("an SDXL model with a 5-channel (depth) UNet is not supported; SDXL depth2img runs "
+                              "through a depth ControlNet (--controlnet)")
+        return StableDiffusionXLInpaintPipeline if unet_in_channels == 9 else StableDiffusionXLPipeline
     return {9: StableDiffusionInpaintPipeline, 5: StableDiffusionDepth2ImgPipeline}.get(
         unet_in_channels, StableDiffusionPipeline)
 
 
-def _folder_unet_channels(folder: Path) -> int:
+def _null_entry(entry) -> bool:
+    return entry is None or (isinstance(entry, (list, tuple)) and all(e is None for e in entry))
+
+
+def is_sdxl_config(index: dict, unet_config: dict) -> bool:
+    """SDXL from the model's own config: the pipeline class, a second text encoder or SDXL's added conditioning."""
+    return ("StableDiffusionXL" in str(index.get("_class_name", ""))
+            or not _null_entry(index.get("text_encoder_2"))
+            or unet_config.get("addition_embed_type") == "text_time")
+
+
+def check_not_refiner(index: dict, unet_config: dict, where) -> None:
+    """Refuse an SDXL refiner: it has only the second text encoder and is conditioned on an aesthetic score."""
+    refiner = (index.get("requires_aesthetics_score") is True
+               or (not _null_entry(index.get("text_encoder_2")) and _null_entry(index.get("text_encoder"))))
+    if refiner:
+        raise SdtuneError(f"{where} is an SDXL refiner (no first text encoder, aesthetic-score conditioning), which "
+                          "only refines a base model's latents; pass an SDXL base or inpainting model")
+
+
+def _folder_configs(folder: Path) -> tuple[dict, dict]:
     cfg = folder / "unet" / "config.json"
     if not cfg.is_file():
         raise SdtuneError(f"{folder} has no unet/config.json; is it a Stable Diffusion diffusers folder?")
-    return int(json.loads(cfg.read_text()).get("in_channels", 4))
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    return index, json.loads(cfg.read_text())
+
+
+def _folder_class(folder: Path):
+    """The pipeline class a diffusers folder calls for (SD or SDXL, by UNet channels); refiners refused."""
+    index, unet_config = _folder_configs(folder)
+    sdxl = is_sdxl_config(index, unet_config)
+    if sdxl:
+        check_not_refiner(index, unet_config, folder)
+    return _pipeline_class(int(unet_config.get("in_channels", 4)), sdxl)
+
+
+def _folder_unet_channels(folder: Path) -> int:
+    return int(_folder_configs(folder)[1].get("in_channels", 4))
 
 
 def _pickle_only_components(folder: Path) -> list[str]:
@@ -141,7 +193,7 @@ def load_pipeline(source, *, device: torch.device | str = "cpu", dtype: torch.dt
                                       "which can run code when loaded; convert them to .safetensors or pass "
                                       "--allow-pickle if you trust them")
                 use_safetensors = None
-            cls = _pipeline_class(_folder_unet_channels(where))
+            cls = _folder_class(where)
             pipe = cls.from_pretrained(where, dtype=dtype, use_safetensors=use_safetensors,
                                        local_files_only=True, **_no_safety_checker(cls))
         elif kind == "file":
@@ -161,7 +213,7 @@ def _no_safety_checker(cls) -> dict:
     # The NSFW checker is a separate 1.2 GB CLIP model; sdtune neither loads nor requires it.
     from diffusers import StableDiffusionDepth2ImgPipeline
 
-    if cls is StableDiffusionDepth2ImgPipeline:
+    if cls is StableDiffusionDepth2ImgPipeline or "XL" in cls.__name__:  # SDXL pipelines have no safety checker
         return {}
     return {"safety_checker": None, "requires_safety_checker": False}
 
@@ -176,13 +228,18 @@ def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool
     except Exception as exc:  # offline and not cached, unknown repo, no network
         how = "it is not in the local cache and HF_HUB_OFFLINE is set" if local_files_only else str(exc).splitlines()[0]
         raise SdtuneError(f"could not get model {repo_id} from the hub: {how}; pass a local folder instead") from exc
-    in_channels = 4
+    unet_config = {}
     try:
         unet_cfg = hf_hub_download(repo_id, "unet/config.json", local_files_only=local_files_only)
-        in_channels = int(json.loads(Path(unet_cfg).read_text()).get("in_channels", 4))
+        unet_config = json.loads(Path(unet_cfg).read_text())
     except Exception:
         pass
-    cls = _pipeline_class(in_channels) if "StableDiffusion" in index.get("_class_name", "") else DiffusionPipeline
+    sdxl = is_sdxl_config(index, unet_config)
+    if sdxl:
+        check_not_refiner(index, unet_config, repo_id)
+    in_channels = int(unet_config.get("in_channels", 4))
+    cls = (_pipeline_class(in_channels, sdxl) if "StableDiffusion" in index.get("_class_name", "")
+           else DiffusionPipeline)
     return cls.from_pretrained(repo_id, dtype=dtype, local_files_only=local_files_only,
                                use_safetensors=None if allow_pickle else True, **_no_safety_checker(cls))
 
@@ -197,11 +254,98 @@ def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
     config = Path(config)
     if not (config / "model_index.json").is_file():
         raise SdtuneError(f"--config {config} is not a diffusers folder (no model_index.json)")
-    cls = _pipeline_class(_folder_unet_channels(config))
+    cls = _folder_class(config)
+    _check_single_file_family(path, "XL" in cls.__name__, config)
     if not hasattr(cls, "from_single_file"):
         return _load_single_file_depth(path, cls, config, dtype)
     return cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True,
                                 **_no_safety_checker(cls))
+
+
+SDXL_FILE_KEY = "conditioner.embedders.1.model.positional_embedding"  # SDXL base/inpaint: OpenCLIP second
+REFINER_FILE_KEY = "conditioner.embedders.0.model.text_projection"  # SDXL refiner: OpenCLIP as the only encoder
+
+
+def _check_single_file_family(path: Path, config_is_sdxl: bool, config: Path) -> None:
+    """The file's own keys say SDXL, refiner or SD; refuse a refiner and a config folder of the other family."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as exc:
+        raise SdtuneError(f"{path} is not a readable .safetensors file ({type(exc).__name__})") from exc
+    if REFINER_FILE_KEY in keys:
+        raise SdtuneError(f"{path} is an SDXL refiner checkpoint, which only refines a base model's latents; "
+                          "pass an SDXL base or inpainting checkpoint")
+    file_is_sdxl = SDXL_FILE_KEY in keys or any(k.startswith("conditioner.embedders.") for k in keys)
+    if file_is_sdxl != config_is_sdxl:
+        what = ("an SDXL", "an SD 1.x/2.x") if file_is_sdxl else ("an SD 1.x/2.x", "an SDXL")
+        raise SdtuneError(f"{path} is {what[0]} checkpoint but --config {config} is {what[1]} folder; "
+                          "pass a config folder of the same family")
+
+
+def load_controlnet(source, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    config: str | os.PathLike | None = None, local_files_only: bool | None = None):
+    """A ControlNet from a diffusers folder (config.json + weights), one .safetensors (with ``config``, a local
+    ControlNet folder of the same architecture) or a hub id."""
+    from diffusers import ControlNetModel
+
+    text = str(source)
+    path = Path(text).expanduser()
+    try:
+        if path.is_dir():
+            cfg = path / "config.json"
+            if not cfg.is_file() or "ControlNet" not in json.loads(cfg.read_text()).get("_class_name", ""):
+                raise SdtuneError(f"--controlnet {path} is not a diffusers ControlNet folder (no config.json naming "
+                                  "ControlNetModel)")
+            net = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
+        elif path.is_file():
+            if path.suffix != ".safetensors":
+                raise SdtuneError(f"--controlnet {path} must be a .safetensors file or a diffusers folder")
+            if config is None or not (Path(config) / "config.json").is_file():
+                raise SdtuneError(f"--controlnet {path} is a single file; pass --controlnet-config with a local "
+                                  "ControlNet folder of the same architecture so nothing is downloaded")
+            net = ControlNetModel.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True)
+        elif text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            offline = _is_offline() if local_files_only is None else local_files_only
+            try:
+                net = ControlNetModel.from_pretrained(text, dtype=dtype, local_files_only=offline)
+            except Exception as exc:
+                how = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else _first_line(exc)
+                raise SdtuneError(f"could not get ControlNet {text} from the hub: {how}; pass a local folder") from exc
+        else:
+            raise SdtuneError(f"ControlNet not found: {text}; pass a diffusers ControlNet folder, a .safetensors "
+                              "file or a hub id")
+    except SdtuneError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise SdtuneError(f"could not load ControlNet {source}: {_first_line(exc)}") from exc
+    return net.to(device).eval()
+
+
+def load_depth_estimator(source, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A transformers depth-estimation model (DPT and the like) and its image processor from a local folder."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    path = Path(str(source)).expanduser()
+    if not (path / "config.json").is_file():
+        raise SdtuneError(f"--depth-estimator {path} is not a transformers model folder (no config.json); pass a "
+                          "folder holding a depth-estimation model such as DPT and its preprocessor_config.json")
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                            use_safetensors=True)
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SdtuneError(f"could not load depth estimator {path}: {_first_line(exc)}") from exc
+    return model.to(device).eval(), processor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_single_file_depth(path: Path, cls, config: Path, dtype):

@@ -15,7 +15,9 @@ ALLOWED = {
     "generation": {"models"},
     "training": {"models"},
     "world": {"models", "generation", "training"},
-    "commands": {"models", "generation", "training", "world"},
+    "commands": {"models", "generation", "training", "world", "ui"},
+    # the web UI sits at the commands level; only sdtune/commands/ui.py imports it
+    "ui": {"models", "generation", "training", "world"},
 }
 
 
@@ -59,6 +61,13 @@ def test_every_package_says_what_it_owns():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and "import" in doc, f"{init.relative_to(ROOT)}: say what it owns and what it may import"
+
+
+def test_only_the_ui_command_imports_the_ui():
+    for path in modules():
+        if path.relative_to(PACKAGE).parts[0] in ("ui",) or path == PACKAGE / "commands" / "ui.py":
+            continue
+        assert not any(layer(m) == "ui" for m in sdtune_imports(path)), f"{path.relative_to(ROOT)} imports sdtune.ui"
 
 
 def test_import_sdtune_does_not_load_torch():

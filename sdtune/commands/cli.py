@@ -13,7 +13,7 @@ import sys
 from sdtune import console
 from sdtune.errors import SdtuneError
 
-COMMANDS = ("infer", "inspect", "train", "eval", "demo")
+COMMANDS = ("infer", "inspect", "train", "eval", "demo", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,199 @@
+"""The Generate tab's work, without gradio: one ``Engine`` held and reused, inputs and outputs kept on disk.
+
+``Generator.generate`` is what the page calls. It resolves the picked models through the sandbox, reuses the held
+engine when the models are the same (a mode switch or a new prompt loads nothing; another model or LoRA loads a new
+engine in place of the old one), stores uploaded inputs and painted masks under ``OUTPUTS/ui/inputs`` (content-named,
+written atomically) so every PNG it writes can be regenerated with ``sdtune infer --from-png``, and saves the images
+with their parameters (``sdtune.generation.metadata``) under ``OUTPUTS/ui/images``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+from sdtune.imageio import save_image_atomic
+from sdtune.models.embedded import KINDS, embedded_model, has_embedded
+from sdtune.ui.safety import Sandbox, check_upload
+
+MODES = ("txt2img", "img2img", "inpaint", "depth2img")
+NONE = ""  # the "no LoRA" / "no dedicated model" choice
+
+
+def embedded_choices() -> dict[str, str]:
+    """{'base': path, 'inpaint': path, 'depth': path} for the members that are built."""
+    return {k: str(embedded_model(k)) for k in KINDS if has_embedded(k)}
+
+
+class Generator:
+    """Serves generation requests from one engine; requests are serialised (the page queues them too)."""
+
+    def __init__(self, sandbox: Sandbox, device=None, dtype=None):
+        self.sandbox, self.device, self.dtype = sandbox, device, dtype
+        self.engine = None
+        self.key: tuple | None = None
+        self.loads = 0  # how many engines were loaded (tests and the status line read it)
+        self.last_load_s = 0.0
+        self._lock = threading.Lock()
+        self.images_dir = sandbox.outputs / "ui" / "images"
+        self.inputs_dir = sandbox.outputs / "ui" / "inputs"
+
+    # ------------------------------------------------------------ models
+
+    def _model_path(self, value, what: str) -> str | None:
+        if value is None or str(value).strip() in ("", NONE):
+            return None
+        return str(self.sandbox.resolve(value, what, kind="any"))
+
+    def models(self, model=None, inpaint_model=None, depth_model=None, lora=None, lora_scale=1.0) -> tuple:
+        """The engine key: resolved paths (each checked by the sandbox) and the LoRA scale."""
+        family = embedded_choices()
+        model = self._model_path(model, "model") or family.get("base")
+        if model is None:
+            raise SdtuneError("no model: the embedded base model is missing and none was picked")
+        inpaint = self._model_path(inpaint_model, "inpaint model")
+        depth = self._model_path(depth_model, "depth model")
+        if model == family.get("base"):  # the embedded base brings its family's inpaint and depth members
+            inpaint, depth = inpaint or family.get("inpaint"), depth or family.get("depth")
+        lora = self._model_path(lora, "LoRA")
+        try:
+            scale = float(lora_scale) if lora else 1.0
+        except (TypeError, ValueError):
+            raise SdtuneError(f"LoRA scale must be a number, got {lora_scale!r}") from None
+        return model, inpaint, depth, lora, scale
+
+    def engine_for(self, key: tuple):
+        """The held engine if it was loaded with ``key``; otherwise load one (the old one is released first)."""
+        from sdtune.generation.engine import Engine
+
+        if self.engine is not None and self.key == key:
+            return self.engine
+        model, inpaint_model, depth_model, lora, scale = key
+        self.engine, self.key = None, None  # free the old one before loading the next
+        start = time.perf_counter()
+        engine = Engine.load(model, inpaint_model=inpaint_model, depth_model=depth_model, lora=lora,
+                             lora_scale=scale, device=self.device, dtype=self.dtype)
+        self.last_load_s = time.perf_counter() - start
+        self.engine, self.key = engine, key
+        self.loads += 1
+        return engine
+
+    # ------------------------------------------------------------ inputs
+
+    def store_input(self, image, kind: str) -> Path:
+        """Save an input image (PIL) as a content-named PNG under OUTPUTS/ui/inputs; the same pixels, the same file."""
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        digest = hashlib.sha256(buf.getvalue()).hexdigest()[:16]
+        path = self.inputs_dir / f"{kind}-{digest}.png"
+        if not path.is_file():
+            save_image_atomic(image, path)
+        return path
+
+    def input_image(self, value, what: str = "image"):
+        """An input from the page: a PIL image, or the path of an upload (checked as an image, size-limited)."""
+        if value is None:
+            return None
+        if isinstance(value, (str, Path)):
+            return check_upload(value, what).convert("RGB")
+        return value.convert("RGB")
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, mode: str, *, prompt: str = "", negative_prompt: str = "", steps: int = 30,
+                 guidance: float = 7.5, seed: int = 0, width=None, height=None, scheduler=None, num_images: int = 1,
+                 image=None, mask=None, strength=None, depth_map=None, model=None, inpaint_model=None,
+                 depth_model=None, lora=None, lora_scale: float = 1.0, save: bool = True, on_step=None):
+        """Generate and save; returns [(png path or None, image, params)]. Every input is checked before work."""
+        from sdtune.generation.engine import check_request
+        from sdtune.generation.metadata import save_results
+
+        if mode not in MODES:
+            raise SdtuneError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        width, height = (int(width) if width else None), (int(height) if height else None)
+        paths = {}
+        if mode != "txt2img":
+            if image is None:
+                raise SdtuneError(f"{mode} needs an input image: upload one")
+            paths["image"] = self.store_input(self.input_image(image), "image")
+        if mode == "inpaint":
+            if mask is None:
+                raise SdtuneError("inpaint needs a mask: paint the area to repaint on the image (white = repaint)")
+            paths["mask"] = self.store_input(mask.convert("L"), "mask")
+        if mode == "depth2img" and depth_map is not None:
+            paths["depth_map"] = self.store_input(self.input_image(depth_map, "depth map").convert("L"), "depth")
+        gen = dict(steps=int(steps), guidance=float(guidance), seed=int(seed), width=width, height=height,
+                   scheduler=scheduler or None, num_images=int(num_images), strength=strength,
+                   image=paths.get("image"), mask=paths.get("mask"), depth_map=paths.get("depth_map"))
+        check_request(mode, **gen)  # the CLI's checks and messages, before any model is loaded
+        key = self.models(model, inpaint_model, depth_model, lora, lora_scale)
+        with self._lock:
+            engine = self.engine_for(key)
+            results = engine.generate(mode, prompt=prompt or "", negative_prompt=negative_prompt or "",
+                                      on_step=on_step, **gen)
+        saved = save_results(results, self.images_dir) if save else [None] * len(results)
+        return [(p, r.image, r.params) for p, r in zip(saved, results)]
+
+    def estimate_depth(self, image, key: tuple | None = None):
+        """The depth model's own estimate for ``image`` (white = near), as a greyscale image of its size."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        with self._lock:
+            engine = self.engine_for(key or self.models())
+            if engine.depth_estimator is None or engine.feature_extractor is None:
+                raise SdtuneError("the depth model has no depth estimator; upload a depth map instead")
+            img = self.input_image(image)
+            pixels = engine.feature_extractor(images=img, return_tensors="pt").pixel_values
+            with torch.inference_mode():
+                depth = engine.depth_estimator(pixels.to(engine.device, engine.dtype)).predicted_depth
+        arr = depth[0].float().cpu().numpy()
+        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)
+        return Image.fromarray((arr * 255).astype(np.uint8), "L").resize(img.size, Image.BICUBIC)
+
+
+def mask_from_editor(value):
+    """Gradio ImageEditor value -> (background RGB image, mask L image: white where anything was painted)."""
+    from PIL import Image, ImageChops
+
+    if not value:
+        return None, None
+    background = value.get("background") if isinstance(value, dict) else value
+    if background is None:
+        return None, None
+    background = background.convert("RGBA")
+    mask = Image.new("L", background.size, 0)
+    for layer in (value.get("layers") or []) if isinstance(value, dict) else []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != mask.size:
+            alpha = alpha.resize(mask.size, Image.NEAREST)
+        mask = ImageChops.lighter(mask, alpha.point(lambda a: 255 if a > 0 else 0))
+    flat = Image.new("RGB", background.size, (255, 255, 255))
+    flat.paste(background, mask=background.getchannel("A"))
+    return flat, (mask if mask.getbbox() else None)
+
+
+def restore_from_png(path, sandbox: Sandbox) -> dict:
+    """The settings stored in an sdtune PNG (the ``--from-png`` data), for the Generate form.
+
+    The file is checked as an upload first; inputs it names are returned only when they lie inside the sandbox.
+    """
+    from sdtune.generation.metadata import read_params
+
+    check_upload(path, "PNG")
+    params = read_params(path)
+    out = dict(params)
+    for key in ("image", "mask", "depth_map", "model", "inpaint_model", "depth_model", "lora"):
+        value = params.get(key)
+        if value:
+            try:
+                out[key] = str(sandbox.resolve(value, key))
+            except SdtuneError:
+                out[key] = None
+    return out

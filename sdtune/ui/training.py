@@ -1,0 +1,285 @@
+"""The Train tab's work, without gradio: a DreamBooth run of the recipe in its own process.
+
+``Trainer.start`` builds the run's config from the form (on top of ``configs/dreambooth_lora.yaml``), validates it
+with ``sdtune.training.config`` (the CLI's checks and messages), refuses a folder another run holds (the recipe's
+own ``output_lock``), writes ``RUN/ui_config.yaml`` and starts ``python -m sdtune train RUN/ui_config.yaml``. The
+page reads the run's progress from its output (tqdm's ``N/M`` and ``loss=``) and the loss curve from its
+TensorBoard events. Stop sends SIGINT: the recipe finishes the step, saves ``checkpoint-N`` and exits; Resume
+starts the same config again with ``resume=latest``. A crash is reported as the run's last error line.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdtune import ROOT
+from sdtune.errors import SdtuneError
+from sdtune.imageio import save_image_atomic, write_text_atomic
+from sdtune.ui.safety import Sandbox, check_upload
+
+BASE_CONFIG = ROOT / "configs" / "dreambooth_lora.yaml"
+CONFIG_NAME = "ui_config.yaml"
+LOG_NAME = "ui_train.log"
+MAX_IMAGES = 20
+# Config keys naming folders the run reads, and folders it writes: checked against the sandbox.
+READ_KEYS = ("instance_dir", "model", "resume", "dataset")
+WRITE_KEYS = ("class_dir", "latent_cache_dir")
+FORM_KEYS = ("output_dir",)  # set by the form (the run name), not under "advanced"
+_STEP = re.compile(r"steps:\s*\d+%.*?\|\s*(\d+)/(\d+)")
+_LOSS = re.compile(r"loss=([0-9.eE+-]+)")
+_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,40}$")
+
+
+@dataclass
+class Job:
+    """One training process and what it said."""
+
+    run_dir: Path
+    process: subprocess.Popen
+    resumed: bool = False
+    started: float = field(default_factory=time.time)
+    lines: deque = field(default_factory=lambda: deque(maxlen=400))
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    stop_requested: bool = False
+    ended: float | None = None
+
+    @property
+    def returncode(self):
+        return self.process.poll()
+
+    @property
+    def state(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            return "stopping" if self.stop_requested else ("running" if self.total else "starting")
+        if rc == 0:
+            return "finished"
+        if self.stop_requested or rc in (130, -signal.SIGINT):
+            return "stopped"
+        return "failed"
+
+    def error_line(self) -> str | None:
+        """The run's own one-line error, or the last line of a traceback."""
+        for line in reversed(self.lines):
+            if line.startswith("sdtune: error:"):
+                return line
+        tail = [ln for ln in self.lines if ln.strip()]
+        return tail[-1] if tail else None
+
+    def _read(self, log_path: Path) -> None:
+        with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+            buf = ""
+            for chunk in iter(lambda: self.process.stdout.read1(4096) if hasattr(self.process.stdout, "read1")
+                              else self.process.stdout.read(4096), b""):
+                log.write(chunk.decode("utf-8", "replace"))
+                log.flush()
+                buf += chunk.decode("utf-8", "replace")
+                *parts, buf = re.split(r"[\r\n]", buf)
+                for part in parts:
+                    self._line(part)
+            if buf:
+                self._line(buf)
+        self.ended = time.time()
+
+    def _line(self, line: str) -> None:
+        line = line.rstrip()
+        if not line:
+            return
+        m = _STEP.search(line)
+        if m:
+            self.step, self.total = int(m.group(1)), int(m.group(2))
+            loss = _LOSS.search(line)
+            if loss:
+                self.loss = float(loss.group(1))
+            if self.lines and _STEP.search(self.lines[-1]):
+                self.lines[-1] = line  # one line for the bar, as a terminal shows it
+                return
+        self.lines.append(line)
+
+
+def losses(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """(step, loss) from the run's TensorBoard events (the recipe flushes them every step)."""
+    logs = Path(run_dir) / "logs"
+    files = sorted(logs.rglob("events.out.tfevents.*")) if logs.is_dir() else []
+    if not files:
+        return []
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    points: dict[int, float] = {}
+    for path in files:
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                for value in event.summary.value:
+                    if value.tag != "loss":
+                        continue
+                    v = value.simple_value if value.HasField("simple_value") else \
+                        float(tensor_util.make_ndarray(value.tensor))
+                    points[int(event.step)] = float(v)
+        except Exception:  # a record being written right now: read the rest next time
+            continue
+    return sorted(points.items())
+
+
+class Trainer:
+    """Starts, watches, stops and resumes training runs under the sandbox's outputs folder."""
+
+    def __init__(self, sandbox: Sandbox, python: str = sys.executable):
+        self.sandbox, self.python = sandbox, python
+        self.jobs: dict[Path, Job] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ the config
+
+    def build_config(self, *, name: str, images=(), folder: str | None = None, identifier: str = "sks",
+                     class_noun: str = "", method: str = "lora", steps: int = 400,
+                     prior_preservation: bool = False, num_class_images: int = 16, model: str | None = None,
+                     advanced: str = "") -> tuple[dict, Path]:
+        """The run's config mapping (validated) and its folder. Nothing is written."""
+        from sdtune.training.config import config_from_dict, parse_override, read_yaml
+
+        run_dir = self.sandbox.run_dir(name)
+        identifier, class_noun = (identifier or "").strip(), (class_noun or "").strip()
+        if not _WORD.match(identifier) or " " in identifier:
+            raise SdtuneError(f"identifier {identifier!r}: one rare word such as sks (letters and digits)")
+        if not _WORD.match(class_noun):
+            raise SdtuneError(f"class noun {class_noun!r}: what the subject is, e.g. dog or box")
+        images = [p for p in (images or []) if p]
+        folder = (folder or "").strip()
+        if images and folder:
+            raise SdtuneError("upload images or name a folder, not both")
+        if not images and not folder:
+            raise SdtuneError("no training images: upload 3-5 images of the subject or name a folder")
+        if len(images) > MAX_IMAGES:
+            raise SdtuneError(f"{len(images)} images uploaded; DreamBooth needs 3-5 (at most {MAX_IMAGES})")
+        for p in images:
+            check_upload(p, "training image")
+        try:
+            steps = int(steps)
+        except (TypeError, ValueError):
+            raise SdtuneError(f"steps must be a whole number, got {steps!r}") from None
+        data = read_yaml(BASE_CONFIG)
+        data.update(
+            model=str(self.sandbox.resolve(model, "model")) if model else None,
+            instance_dir=str(self.sandbox.resolve(folder, "image folder", kind="dir")) if folder
+            else str(run_dir / "instance"),
+            instance_prompt=f"a photo of {identifier} {class_noun}", identifier=identifier,
+            with_prior_preservation=bool(prior_preservation), class_prompt=f"a photo of a {class_noun}",
+            class_dir=str(self.sandbox.outputs / "class_images" / re.sub(r"\W+", "_", class_noun)),
+            num_class_images=int(num_class_images or 1), method=method, max_steps=steps, output_dir=str(run_dir),
+            validation_prompts=[f"a photo of {identifier} {class_noun}"],
+            validation_every=max(1, steps // 2), checkpoint_every=max(1, min(250, steps // 2)), resume=None)
+        if method == "full":
+            data.update(learning_rate=1e-4, train_text_encoder=False)
+        for line in (advanced or "").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, value = parse_override(line)  # the CLI's parsing and messages
+            if key in FORM_KEYS:
+                raise SdtuneError(f"{key} is set by the run name; set the name instead")
+            data[key] = value
+        for key in READ_KEYS + WRITE_KEYS:
+            value = data.get(key)
+            if value in (None, "") or (key == "resume" and value == "latest") or \
+                    (key == "instance_dir" and not folder and value == str(run_dir / "instance")):
+                continue
+            if key == "dataset" and not (Path(str(value)).is_absolute() or str(value).startswith(".")):
+                continue  # a hub dataset id, read from the local cache
+            data[key] = str(self.sandbox.resolve(value, key, kind="any", write=key in WRITE_KEYS))
+        for c, concept in enumerate(data.get("concepts") or []):
+            for key in ("instance_dir", "class_dir"):
+                if isinstance(concept, dict) and concept.get(key):
+                    concept[key] = str(self.sandbox.resolve(concept[key], f"concepts[{c}].{key}",
+                                                            write=key == "class_dir"))
+        config_from_dict(data)  # every key, type, choice and range, with the CLI's messages
+        return data, run_dir
+
+    # ------------------------------------------------------------ runs
+
+    def start(self, *, resume: bool = False, images=(), **form) -> Job:
+        """Validate, refuse a busy folder, write the config and start the recipe. Returns the job."""
+        from sdtune.training.checkpointing import output_lock
+
+        with self._lock:
+            if resume:
+                run_dir = self.sandbox.run_dir(form.get("name", ""))
+                config = run_dir / CONFIG_NAME
+                if not config.is_file():
+                    raise SdtuneError(f"run {run_dir.name} has no {CONFIG_NAME}; start it first")
+                data = None
+            else:
+                data, run_dir = self.build_config(images=images, **form)
+                if (run_dir / CONFIG_NAME).is_file():
+                    raise SdtuneError(f"run {run_dir.name} already exists in {self.sandbox.outputs}; choose another "
+                                      "name, or press Resume to continue it")
+            job = self.jobs.get(run_dir)
+            if job is not None and job.returncode is None:
+                raise SdtuneError(f"run {run_dir.name} is already training; wait for it or press Stop")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with output_lock(run_dir):  # refused here, in one line, if another process trains into it
+                pass
+            if data is not None:
+                if images:
+                    instance = Path(data["instance_dir"])
+                    for i, p in enumerate(images):
+                        save_image_atomic(check_upload(p, "training image").convert("RGB"), instance / f"{i:02d}.png")
+                import yaml
+
+                write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False))
+            cmd = [self.python, "-m", "sdtune", "train", str(run_dir / CONFIG_NAME)]
+            if resume:
+                cmd.append("resume=latest")
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, cwd=str(ROOT), start_new_session=True)
+            job = Job(run_dir=run_dir, process=process, resumed=resume)
+            job.lines.append(f"$ {' '.join(cmd)}")
+            threading.Thread(target=job._read, args=(run_dir / LOG_NAME,), daemon=True).start()
+            self.jobs[run_dir] = job
+            return job
+
+    def stop(self, name: str) -> Job:
+        """SIGINT to the run: it finishes the step, saves checkpoint-N and exits."""
+        run_dir = self.sandbox.run_dir(name)
+        job = self.jobs.get(run_dir)
+        if job is None or job.returncode is not None:
+            raise SdtuneError(f"run {run_dir.name} is not training")
+        job.stop_requested = True
+        job.process.send_signal(signal.SIGINT)
+        return job
+
+    def job(self, name: str) -> Job | None:
+        try:
+            return self.jobs.get(self.sandbox.run_dir(name))
+        except SdtuneError:
+            return None
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop every running job (checkpointing) and wait for them."""
+        for job in self.jobs.values():
+            if job.returncode is None:
+                job.stop_requested = True
+                job.process.send_signal(signal.SIGINT)
+        for job in self.jobs.values():
+            try:
+                job.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+
+
+def clean_failed_start(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but what the UI wrote before the recipe started."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_NAME, LOG_NAME, "instance"}:
+        shutil.rmtree(run_dir)

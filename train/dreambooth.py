@@ -281,6 +281,32 @@ def final_modules(accelerator, unet, text_encoder, cfg: TrainConfig):
     return unet_m, te_m
 
 
+class StopRequest:
+    """Stop = checkpoint, then stop: SIGINT/SIGTERM during the loop (one process, main thread only) lets the
+    current step finish, saves ``checkpoint-N`` and raises KeyboardInterrupt (``resume=latest`` continues).
+    A second signal interrupts at once. (``sdtune ui``'s Stop button sends SIGINT; so does Ctrl-C.)"""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.signum, self._previous = None, {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        import signal
+
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
 def tracker_config(cfg: TrainConfig) -> dict:
     # TensorBoard hparams take scalars and strings only.
     return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in config_to_dict(cfg).items()}
@@ -400,6 +426,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     with_prior = data.with_prior
     loop_start = time.perf_counter()
+    stop = StopRequest(enabled=world == 1)
     while global_step < cfg.max_steps:
         sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
         for micro in range(cfg.gradient_accumulation_steps):
@@ -454,6 +481,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir)
         if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
             checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
+        elif stop.signum is not None:
+            checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
+        if stop.signum is not None:
+            stop.restore()
+            progress.close()
+            print(f"sdtune: note: stopped at step {global_step}; saved checkpoint-{global_step} in {output_dir} "
+                  "(resume=latest continues from it)", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+    stop.restore()
     progress.close()
     result.loop_s = time.perf_counter() - loop_start
 

@@ -49,12 +49,13 @@ def parse_auth(text: str | None):
 
 
 def run(args) -> int:
-    import importlib.util
-
     from sdtune.errors import SdtuneError
 
-    if importlib.util.find_spec("gradio") is None:
-        raise SdtuneError("the web UI needs gradio, which is not installed; install the extra: pip install -e '.[ui]'")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SdtuneError("the web UI needs gradio, which is not installed; install the extra: pip install -e '.[ui]'") \
+            from None
     if args.port is not None and not 0 < args.port < 65536:
         raise SdtuneError(f"--port must be 1-65535, got {args.port}")
     auth = parse_auth(args.auth)

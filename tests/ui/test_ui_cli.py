@@ -1,0 +1,79 @@
+"""`sdtune ui` on the command line: lazy gradio, loopback by default, a warning for other hosts, --auth."""
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from sdtune.commands import cli
+
+
+def test_without_gradio_it_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['gradio'] = None; from sdtune.commands.cli import main; "
+            f"sys.exit(main(['ui', '--outputs', {str(tmp_path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sdtune: error: the web UI needs gradio, which is not installed; install the extra: pip install -e '.[ui]'"]
+
+
+def test_help_does_not_import_gradio_or_torch():
+    code = ("import sys; from sdtune.commands.cli import build_parser; build_parser(); "
+            "print('gradio' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.fixture
+def fake_launch(monkeypatch):
+    pytest.importorskip("gradio")
+    import sdtune.ui.app as app
+
+    calls = []
+    monkeypatch.setattr(app, "launch", lambda state, **kw: calls.append(kw))
+    return calls
+
+
+def test_binds_loopback_by_default_and_never_shares(fake_launch, tmp_path, capsys):
+    assert cli.main(["ui", "--outputs", str(tmp_path / "o")]) == 0
+    assert fake_launch[0]["host"] == "127.0.0.1" and fake_launch[0]["auth"] is None
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_another_host_warns_and_auth_is_passed(fake_launch, tmp_path, capsys):
+    assert cli.main(["ui", "--host", "0.0.0.0", "--outputs", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "sdtune: warning: --host 0.0.0.0 exposes the UI to the network" in err and "--auth" in err
+    assert cli.main(["ui", "--host", "0.0.0.0", "--auth", "me:pw", "--outputs", str(tmp_path / "o")]) == 0
+    assert fake_launch[-1]["auth"] == ("me", "pw")
+
+
+@pytest.mark.parametrize("auth", ["nopassword", ":pw", "me:"])
+def test_a_malformed_auth_is_one_line(fake_launch, tmp_path, capsys, auth):
+    assert cli.main(["ui", "--auth", auth, "--outputs", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "sdtune: error: --auth must be USER:PASS (both non-empty)"
+    assert not fake_launch
+
+
+def test_the_real_server_asks_for_the_password_and_makes_no_share_link(tmp_path):
+    pytest.importorskip("gradio")
+    from sdtune.ui.app import launch, make_state
+
+    state = make_state(tmp_path / "o")
+    demo, url = launch(state, host="127.0.0.1", port=None, auth=("me", "pw"), block=False, quiet=True)
+    try:
+        assert url.startswith("http://127.0.0.1:") and demo.share_url is None and demo.share is False
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert denied.value.code == 401
+        data = "username=me&password=wrong".encode()
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            urllib.request.urlopen(urllib.request.Request(url + "login", data=data), timeout=10)
+        assert wrong.value.code == 400
+        ok = urllib.request.urlopen(urllib.request.Request(url + "login", data=b"username=me&password=pw"), timeout=10)
+        assert json.loads(ok.read())["success"] is True
+    finally:
+        demo.close()

@@ -1,0 +1,121 @@
+"""The Train tab's work: the CLI's validation, the recipe's lock, a real run in a subprocess, Stop and Resume."""
+import time
+
+import pytest
+from PIL import Image
+
+from sdtune.errors import SdtuneError
+from sdtune.training.config import load_config
+
+from uihelpers import needs_embedded
+
+
+@pytest.fixture
+def trainer(sandbox, monkeypatch):
+    from sdtune.ui.training import Trainer
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    t = Trainer(sandbox)
+    yield t
+    t.shutdown()
+
+
+def form(**kw):
+    return {"name": "run1", "identifier": "sks", "class_noun": "box", "steps": 20, **kw}
+
+
+def wait(job, until, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if until(job):
+            return
+        if job.returncode is not None and not until(job):
+            raise AssertionError(f"run ended ({job.state}, exit {job.returncode}): {list(job.lines)[-5:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {job.state} step {job.step}: {list(job.lines)[-5:]}")
+
+
+@pytest.mark.parametrize("line", ["max_stepz=3", "learning_rate=-1", "method=dora", "lora_rank=abc"])
+def test_advanced_keys_are_validated_with_the_clis_messages(trainer, subject_images, line):
+    with pytest.raises(SdtuneError) as cli:
+        load_config(None, ["instance_dir=x", "instance_prompt=a photo of sks box", line])
+    with pytest.raises(SdtuneError) as ui:
+        trainer.start(images=subject_images, **form(advanced=line))
+    assert str(ui.value) == str(cli.value)
+    assert not any(trainer.sandbox.outputs.iterdir())  # nothing written for a refused start
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(folder="/etc"), "outside the folders"),
+    (dict(folder="../.."), "'..' is not allowed"),
+    (dict(advanced="class_dir=/tmp/x"), "outside the folders"),
+    (dict(advanced="output_dir=/tmp/x"), "set by the run name"),
+    (dict(name="../escape"), "run name"),
+    (dict(identifier="two words"), "identifier"),
+])
+def test_paths_and_names_in_the_form_are_checked(trainer, subject_images, kw, message):
+    images = [] if "folder" in kw else subject_images
+    with pytest.raises(SdtuneError, match=message):
+        trainer.start(images=images, **form(**kw))
+
+
+def test_uploads_are_checked_as_images(trainer, tmp_path, subject_images):
+    fake = tmp_path / "x.png"
+    fake.write_bytes(b"not an image")
+    with pytest.raises(SdtuneError, match="training image x.png is not an image"):
+        trainer.start(images=[*subject_images, str(fake)], **form())
+    with pytest.raises(SdtuneError, match="no training images"):
+        trainer.start(images=[], **form())
+
+
+def test_a_folder_another_run_holds_is_refused(trainer, subject_images):
+    from sdtune.training.checkpointing import output_lock
+
+    run = trainer.sandbox.outputs / "run1"
+    run.mkdir()
+    with output_lock(run):  # as a `sdtune train` into that folder holds it
+        with pytest.raises(SdtuneError, match="in use by another training run"):
+            trainer.start(images=subject_images, **form())
+    assert not (run / "ui_config.yaml").exists()
+
+
+def test_a_crash_in_training_is_reported_not_fatal(trainer, sandbox):
+    tiny = sandbox.outputs / "tiny_photos"
+    tiny.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(tiny / f"{i}.png")
+    job = trainer.start(folder="tiny_photos", **form())
+    job.process.wait(60)
+    wait(job, lambda j: j.ended is not None, 10)
+    assert job.state == "failed" and job.error_line().startswith("sdtune: error:")
+    assert "4x4" in job.error_line()
+
+
+def test_train_stop_with_a_checkpoint_then_resume_to_the_end(trainer, subject_images):
+    needs_embedded()
+    from sdtune.ui.training import losses
+
+    job = trainer.start(images=subject_images, **form(steps=60, advanced="checkpoint_every=1000\nvalidation_every=0"))
+    with pytest.raises(SdtuneError, match="already training"):
+        trainer.start(resume=True, name="run1")
+    wait(job, lambda j: j.step >= 5)
+    trainer.stop("run1")
+    job.process.wait(60)
+    wait(job, lambda j: j.ended is not None, 10)
+    assert job.state == "stopped", list(job.lines)
+    ckpts = sorted(job.run_dir.glob("checkpoint-*"))
+    assert len(ckpts) == 1, list(job.lines)
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert stopped_at >= 5 and any("saved checkpoint-" in ln for ln in job.lines)
+    assert not (job.run_dir / "pytorch_lora_weights.safetensors").exists()
+    with pytest.raises(SdtuneError, match="already exists"):
+        trainer.start(images=subject_images, **form())
+
+    again = trainer.start(resume=True, name="run1")
+    again.process.wait(120)
+    wait(again, lambda j: j.ended is not None, 10)
+    assert again.state == "finished", list(again.lines)
+    assert any(f"resumed from" in ln and f"at step {stopped_at}" in ln for ln in again.lines), list(again.lines)
+    assert (again.run_dir / "pytorch_lora_weights.safetensors").is_file()
+    steps = [s for s, _ in losses(again.run_dir)]
+    assert steps[-1] == 60 and set(range(1, 61)) <= set(steps)

@@ -15,6 +15,9 @@ inputs:
   another size is refused (not resized), so a mask is never silently misaligned.
   --depth-map (depth2img): a greyscale image, white = near, as MiDaS/DPT predict; any size.
   Without it, the depth model's own estimator computes the depth from --image.
+  SDXL (recognised from the model's config) has no 5-channel depth model: its depth2img is a depth
+  ControlNet, --controlnet DIR with --depth-estimator DIR (a DPT folder) or --depth-map. SD 1.x/2.x
+  models take the same ControlNet path instead of --depth-model.
   --strength: 0 keeps the image, 1 repaints it fully (default 0.8; inpaint 1.0).
 
 outputs:
@@ -41,6 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--depth-model", help="a 5-channel depth model (with depth estimator) for depth2img")
     g.add_argument("--base", help="the model --model was fully fine-tuned from; carries the fine-tuning over to "
                                   "--inpaint-model/--depth-model by add difference")
+    g.add_argument("--controlnet", help="a depth ControlNet (diffusers folder, .safetensors with --controlnet-config, "
+                                        "or hub id) for depth2img: SDXL's way, or SD's instead of --depth-model")
+    g.add_argument("--controlnet-config", help="local ControlNet folder giving the architecture of a single-file "
+                                               "--controlnet")
+    g.add_argument("--depth-estimator", help="a transformers depth model folder (DPT) computing the ControlNet's "
+                                             "depth from --image (or pass --depth-map)")
     g.add_argument("--lora", help="LoRA weights (.safetensors file or the folder holding pytorch_lora_weights)")
     g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0; 0 = off)")
     g.add_argument("--no-fuse-lora", action="store_true",
@@ -105,6 +114,14 @@ def _default_models(args) -> dict:
     return models
 
 
+def _controlnet_args(args) -> dict:
+    """The depth ControlNet and its estimator, loaded only for depth2img (the other modes do not use them)."""
+    if args.mode != "depth2img":
+        return {}
+    return dict(controlnet=args.controlnet, controlnet_config=args.controlnet_config,
+                depth_estimator=args.depth_estimator)
+
+
 class _Progress:
     """One tqdm bar over every step of every image; the per-image step count comes from the pipeline."""
 
@@ -165,7 +182,8 @@ def run(args) -> int:
                              inpaint_config=args.inpaint_config, depth_config=args.depth_config,
                              base_config=args.base_config,
                              allow_pickle=args.allow_pickle, fuse_lora=False if args.no_fuse_lora else "auto",
-                             vae_tiling=args.vae_tiling, compile=args.compile)
+                             vae_tiling=args.vae_tiling, compile=args.compile,
+                             **_controlnet_args(args))
         with _Progress(args.num_images, args.quiet) as bar:
             results = engine.generate(args.mode, on_step=bar.step, **gen)
     for path in save_results(results, args.out):

@@ -17,6 +17,14 @@ and a fine-tuned text encoder then reaches every mode. Fine-tuned full weights r
 UNets by "add difference" (dedicated + (fine-tuned - base)) when ``base`` names the base model.
 A LoRA is loaded into every distinct UNet and once into the shared text encoder.
 
+SDXL (recognised from the model's config) is served the same way with diffusers' SDXL pipelines
+(StableDiffusionXL / XLImg2Img / XLInpaint around the shared VAE, both text encoders and tokenizers;
+a 9-channel SDXL inpainting UNet as ``inpaint_model``). SDXL has no 5-channel depth model: its
+depth2img is a depth ControlNet (``controlnet``) with StableDiffusionXLControlNetImg2ImgPipeline, the
+depth coming from ``depth_estimator`` (a DPT folder) or a given depth map. The same ControlNet path
+serves SD 1.x/2.x (StableDiffusionControlNetImg2ImgPipeline) beside the 5-channel depth model.
+Prompts are encoded by ``sdtune.models.sdxl`` (both encoders, pooled embedding, long prompts chunked).
+
 Reproducibility: each image i of a request is its own pipeline call with its own CPU
 ``torch.Generator`` seeded ``seed + i``, so image i of a batch equals a single run with seed + i,
 and the seed stored in its metadata regenerates it exactly.
@@ -36,8 +44,9 @@ from sdtune import __version__
 from sdtune.devices import DTYPES, dtype_name, pick_device, pick_dtype
 from sdtune.errors import SdtuneError
 from sdtune.models.prompts import CHUNK, TRUNCATE, encode_prompts
+from sdtune.models.sdxl import encode_prompts_xl
 from sdtune.imageio import open_image
-from sdtune.models.loading import describe, load_pipeline, resolve_source
+from sdtune.models.loading import describe, load_controlnet, load_depth_estimator, load_pipeline, resolve_source
 from sdtune.models.schedulers import make_scheduler, scheduler_names
 
 log = logging.getLogger("sdtune")
@@ -100,8 +109,13 @@ class Engine:
 
     def __init__(self, *, vae, text_encoder, tokenizer, unets: dict, schedulers: dict, text_encoders: dict,
                  depth_estimator=None, feature_extractor=None, device, dtype, sources: dict,
-                 lora_fused: bool | None = None):
+                 lora_fused: bool | None = None, text_encoder_2=None, tokenizer_2=None, controlnet=None,
+                 force_zeros_for_empty_prompt: bool = True):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2  # SDXL's second encoder, else None
+        self.sdxl = text_encoder_2 is not None
+        self.controlnet = controlnet  # a depth ControlNet for depth2img on the ordinary UNet, or None
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.unets = unets  # kind ("base" | "inpaint" | "depth") -> UNet
         self._schedulers = schedulers  # kind -> the model's own scheduler (config template, never stepped)
         self._text_encoders = text_encoders  # kind -> text encoder (the shared one unless add-difference forced own)
@@ -118,11 +132,14 @@ class Engine:
     def load(cls, model, *, inpaint_model=None, depth_model=None, base=None, lora=None, lora_scale: float = 1.0,
              device=None, dtype=None, config=None, allow_pickle: bool = False, fuse_lora="auto",
              inpaint_config=None, depth_config=None, base_config=None, vae_tiling: bool = False,
-             compile: bool = False) -> "Engine":
+             compile: bool = False, controlnet=None, controlnet_config=None, depth_estimator=None) -> "Engine":
         """Load ``model`` (folder | .safetensors | hub id) and the optional dedicated/LoRA/base weights.
 
         ``config``/``inpaint_config``/``depth_config``/``base_config``: local diffusers folders giving
-        the architecture of single-file checkpoints (see ``loading.load_pipeline``).
+        the architecture of single-file checkpoints (see ``loading.load_pipeline``). ``controlnet``: a depth
+        ControlNet for depth2img (SDXL's way; for SD beside ``depth_model``), ``controlnet_config`` its config
+        folder when it is one file; ``depth_estimator``: a transformers depth model folder (DPT) that computes
+        its depth from the input image.
         """
         device = device if isinstance(device, torch.device) else pick_device(device)
         if isinstance(dtype, torch.dtype):
@@ -135,12 +152,25 @@ class Engine:
         for name, src in (("--inpaint-model", inpaint_model), ("--depth-model", depth_model), ("--base", base)):
             if src is not None:
                 _check_source(src, name)
+        if controlnet is not None and depth_model is not None:
+            raise SdtuneError("pass either --depth-model (a 5-channel depth model) or --controlnet (a depth "
+                              "ControlNet) for depth2img, not both")
+        if depth_estimator is not None and controlnet is None:
+            raise SdtuneError("--depth-estimator is used by the ControlNet depth2img path; pass --controlnet too")
         if lora is not None:  # fail on a missing LoRA before minutes of model loading
             from sdtune.models.lora import find_lora_file
             find_lora_file(lora, allow_pickle)
 
         main = load_pipeline(model, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        kind = {9: "inpaint", 5: "depth"}.get(describe(main).unet_in_channels, "base")
+        main_info = describe(main)
+        sdxl = main_info.family == "sdxl"
+        if sdxl and depth_model is not None:
+            raise SdtuneError("SDXL has no 5-channel depth model: SDXL depth2img runs through a depth ControlNet; "
+                              "pass --controlnet (and --depth-estimator or --depth-map) instead of --depth-model")
+        if sdxl and base is not None:
+            raise SdtuneError("--base (add difference to the dedicated UNets) is not supported for SDXL; "
+                              "pass the fine-tuned SDXL model as --model (or train a LoRA, which reaches every mode)")
+        kind = {9: "inpaint", 5: "depth"}.get(main_info.unet_in_channels, "base")
         unets, schedulers = {kind: main.unet}, {kind: main.scheduler}
         text_encoders = {k: main.text_encoder for k in ("base", "inpaint", "depth")}
         estimator = getattr(main, "depth_estimator", None)
@@ -158,12 +188,16 @@ class Engine:
             if src is None:
                 continue
             dedicated = load_pipeline(src, device=device, dtype=dtype, config=dconfig, allow_pickle=allow_pickle)
-            got = {9: "inpaint", 5: "depth"}.get(describe(dedicated).unet_in_channels, "base")
+            dinfo = describe(dedicated)
+            got = {9: "inpaint", 5: "depth"}.get(dinfo.unet_in_channels, "base")
+            if (dinfo.family == "sdxl") != sdxl:
+                raise SdtuneError(f"--{dkind}-model {src} is {'an SDXL' if dinfo.family == 'sdxl' else 'an SD 1.x/2.x'}"
+                                  f" model but --model is {'SDXL' if sdxl else 'SD 1.x/2.x'}; use one family")
             if got != dkind:
                 want = {"inpaint": "a 9-channel inpainting", "depth": "a 5-channel depth"}[dkind]
                 raise SdtuneError(f"--{dkind}-model {src} is not {want} model (its UNet has "
                                   f"{dedicated.unet.config.in_channels} input channels)")
-            _check_text_dim(dedicated.unet, main.text_encoder, src)
+            _check_text_dim(dedicated.unet, main.text_encoder, src, getattr(main, "text_encoder_2", None))
             if base_pipe is not None and "base" in unets:
                 add_difference(dedicated.unet, unets["base"], base_pipe.unet)
                 if not _same_weights(dedicated.text_encoder, base_pipe.text_encoder):
@@ -180,14 +214,29 @@ class Engine:
             del dedicated
         del base_pipe
 
+        net = None
+        if controlnet is not None:
+            if "base" not in unets:
+                raise SdtuneError("--controlnet drives the ordinary 4-channel UNet; --model is a dedicated model")
+            net = load_controlnet(controlnet, device=device, dtype=dtype, config=controlnet_config)
+            _check_controlnet(net, unets["base"], controlnet)
+            estimator, extractor = None, None
+            if depth_estimator is not None:
+                estimator, extractor = load_depth_estimator(depth_estimator, device=device, dtype=dtype)
+
         engine = cls(vae=main.vae, text_encoder=main.text_encoder, tokenizer=main.tokenizer, unets=unets,
                      schedulers=schedulers, text_encoders=text_encoders, depth_estimator=estimator,
                      feature_extractor=extractor, device=device, dtype=dtype,
+                     text_encoder_2=getattr(main, "text_encoder_2", None) if sdxl else None,
+                     tokenizer_2=getattr(main, "tokenizer_2", None) if sdxl else None, controlnet=net,
+                     force_zeros_for_empty_prompt=bool(main.config.get("force_zeros_for_empty_prompt", True)),
                      sources=dict(model=_source_name(model), inpaint_model=_source_name(inpaint_model),
                                   depth_model=_source_name(depth_model), base=_source_name(base),
                                   config=_source_name(config), inpaint_config=_source_name(inpaint_config),
                                   depth_config=_source_name(depth_config), base_config=_source_name(base_config),
-                                  lora=_source_name(lora),
+                                  lora=_source_name(lora), controlnet=_source_name(controlnet),
+                                  controlnet_config=_source_name(controlnet_config),
+                                  depth_estimator=_source_name(depth_estimator),
                                   lora_scale=float(lora_scale) if lora is not None else None))
         if lora is not None:
             engine._apply_lora(lora, float(lora_scale), allow_pickle, fuse_lora)
@@ -220,17 +269,24 @@ class Engine:
     def _apply_lora(self, path, scale: float, allow_pickle: bool, fuse) -> None:
         from sdtune.models import lora as lora_mod
 
-        lf = lora_mod.read_lora(path, allow_pickle)
+        lf = lora_mod.read_lora(path, allow_pickle, unet_config=next(iter(self.unets.values())).config)
         text_encoders = list({id(te): te for te in self._text_encoders.values()}.values())
+        lora_mod.check_family(lf, sdxl=self.sdxl)
         # Check every model before touching any, so a misfit leaves the engine unchanged.
         for kind, unet in self.unets.items():
             lora_mod.check_fits(lf, unet=unet, unet_what=f"{kind} UNet")
         for te in text_encoders:
             lora_mod.check_fits(lf, text_encoder=te)
+        if self.text_encoder_2 is not None:
+            lora_mod.check_fits(lf, text_encoder=self.text_encoder_2, prefix="text_encoder_2")
         lora_mod.load_into(lf, unets=list(self.unets.values()))
         for te in text_encoders:  # each distinct text encoder once: the shared one is not loaded twice
             lora_mod.load_into(lf, text_encoder=te)
-        self.lora_fused = lora_mod.scale_and_fuse([*self.unets.values(), *text_encoders], scale, fuse)
+        extra = []
+        if self.text_encoder_2 is not None:
+            lora_mod.load_into(lf, text_encoder=self.text_encoder_2, prefix="text_encoder_2")
+            extra.append(self.text_encoder_2)
+        self.lora_fused = lora_mod.scale_and_fuse([*self.unets.values(), *text_encoders, *extra], scale, fuse)
 
     # ------------------------------------------------------------ modes
 
@@ -247,8 +303,11 @@ class Engine:
             kind = "inpaint" if "inpaint" in self.unets else ("base" if "base" in self.unets else None)
             why = "inpainting needs an ordinary or a 9-channel inpainting model; pass --inpaint-model"
         elif mode == "depth2img":
-            kind = "depth" if "depth" in self.unets else None
-            why = "depth2img needs a 5-channel depth model (e.g. stable-diffusion-2-depth); pass --depth-model"
+            kind = "depth" if "depth" in self.unets else (
+                "base" if self.controlnet is not None and "base" in self.unets else None)
+            why = ("SDXL depth2img runs through a depth ControlNet; pass --controlnet" if self.sdxl else
+                   "depth2img needs a 5-channel depth model (e.g. stable-diffusion-2-depth, --depth-model) or a "
+                   "depth ControlNet (--controlnet)")
         else:
             raise SdtuneError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         if kind is None and strict:
@@ -269,7 +328,15 @@ class Engine:
         kind = self._unet_kind(mode)
         parts = dict(vae=self.vae, text_encoder=self._text_encoders[kind], tokenizer=self.tokenizer,
                      unet=self.unets[kind], scheduler=self._fresh_scheduler(kind, DEFAULT_SCHEDULER))
-        if mode == "depth2img":
+        if self.sdxl:
+            pipe = self._sdxl_pipeline(mode, parts)
+        elif mode == "depth2img" and kind == "base":
+            from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+            pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=self.controlnet, safety_checker=None,
+                                                            feature_extractor=None, requires_safety_checker=False,
+                                                            **parts)
+        elif mode == "depth2img":
             pipe = StableDiffusionDepth2ImgPipeline(depth_estimator=self.depth_estimator,
                                                     feature_extractor=self.feature_extractor, **parts)
         else:
@@ -279,6 +346,23 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         self._pipes[mode] = pipe
         return pipe
+
+    def _sdxl_pipeline(self, mode: str, parts: dict):
+        from diffusers import (
+            StableDiffusionXLControlNetImg2ImgPipeline,
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLPipeline,
+        )
+
+        parts = dict(parts, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, add_watermarker=False)
+        if mode == "txt2img":
+            return StableDiffusionXLPipeline(**parts)
+        if mode == "depth2img":
+            return StableDiffusionXLControlNetImg2ImgPipeline(controlnet=self.controlnet, **parts)
+        cls = StableDiffusionXLImg2ImgPipeline if mode == "img2img" else StableDiffusionXLInpaintPipeline
+        return cls(requires_aesthetics_score=False, **parts)
 
     def _fresh_scheduler(self, kind: str, name: str):
         own = self._schedulers[kind]
@@ -344,6 +428,9 @@ class Engine:
                             depth_map=r.get("depth_map"), num_images=1, long_prompt=long_prompt)
             init, mask_img, depth_img, w, h = self._inputs(mode, req, width, height)
             if mode == "depth2img" and depth_img is None and (self.depth_estimator is None or self.feature_extractor is None):
+                if kind == "base":
+                    raise SdtuneError("the depth ControlNet needs a depth: pass --depth-estimator DIR (a DPT model "
+                                      "folder) or --depth-map (greyscale, white = near)")
                 raise SdtuneError("the depth model has no depth estimator; pass --depth-map (greyscale, white = near)")
             prepared.append((r, req, init, mask_img, depth_img, w, h))
         pipe = self.pipeline(mode)
@@ -352,8 +439,14 @@ class Engine:
         with torch.inference_mode():
             encoded = []
             for r, req, *rest in prepared:
-                enc = encode_prompts(self.tokenizer, te, r.get("prompt") or "", negative_prompt,
-                                     long_prompt=req["long_prompt"], device=self.device)
+                if self.sdxl:
+                    enc = encode_prompts_xl([self.tokenizer, self.tokenizer_2], [te, self.text_encoder_2],
+                                            r.get("prompt") or "", negative_prompt, long_prompt=req["long_prompt"],
+                                            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                                            device=self.device)
+                else:
+                    enc = encode_prompts(self.tokenizer, te, r.get("prompt") or "", negative_prompt,
+                                         long_prompt=req["long_prompt"], device=self.device)
                 if enc.windows > 1:
                     log.info("prompt has %d tokens: encoded in %d windows of 75", enc.prompt_tokens, enc.windows)
                 encoded.append((r, req, *rest, enc))
@@ -369,6 +462,9 @@ class Engine:
         call = dict(prompt_embeds=torch.cat([e.prompt_embeds for e in encs]),
                     negative_prompt_embeds=torch.cat([e.negative_prompt_embeds for e in encs]),
                     num_inference_steps=req0["steps"], guidance_scale=req0["guidance"], output_type="pil")
+        if self.sdxl:
+            call.update(pooled_prompt_embeds=torch.cat([e.pooled_prompt_embeds for e in encs]),
+                        negative_pooled_prompt_embeds=torch.cat([e.negative_pooled_prompt_embeds for e in encs]))
         inits = [g[2] for g in group]
         masks = [g[3] for g in group]
         if mode in ("txt2img", "inpaint"):
@@ -377,7 +473,10 @@ class Engine:
             call.update(image=inits if len(group) > 1 else inits[0], strength=req0["strength"])
         if mode == "inpaint":
             call.update(mask_image=masks if len(group) > 1 else masks[0])
-        if mode == "depth2img" and group[0][4] is not None:
+        if mode == "depth2img" and kind == "base":  # the depth ControlNet: a depth image per request
+            controls = [self.control_image(g[2], g[4]) for g in group]
+            call.update(control_image=controls if len(group) > 1 else controls[0])
+        elif mode == "depth2img" and group[0][4] is not None:
             call.update(depth_map=torch.cat([_depth_tensor(g[4]) for g in group]))
         if on_step is not None:
             def _callback(_pipe, _i, _t, kwargs):
@@ -398,6 +497,14 @@ class Engine:
                 params["generated_in_batch_of"] = len(group)
             results.append(Result(out, params))
         return results
+
+    def control_image(self, init: Image.Image, depth: Image.Image | None) -> Image.Image:
+        """The depth ControlNet's conditioning image for ``init``: the given depth map, or the estimator's."""
+        from sdtune.generation.control import depth_from_estimator, depth_from_map
+
+        if depth is not None:
+            return depth_from_map(depth, init.size)
+        return depth_from_estimator(init, self.depth_estimator, self.feature_extractor)
 
     def _inputs(self, mode, req, width, height):
         if mode == "txt2img":
@@ -426,7 +533,9 @@ class Engine:
             mask=_input_name(mask) if mode == "inpaint" else None,
             depth_map=_input_name(depth_map) if mode == "depth2img" else None,
             depth_source=("depth_map" if depth_map is not None else "estimator") if mode == "depth2img" else None,
-            unet={"base": "ordinary 4-channel", "inpaint": "inpainting 9-channel", "depth": "depth 5-channel"}[kind],
+            unet=("ordinary 4-channel + depth ControlNet" if mode == "depth2img" and kind == "base" else
+                  {"base": "ordinary 4-channel", "inpaint": "inpainting 9-channel", "depth": "depth 5-channel"}[kind]),
+            family="sdxl" if self.sdxl else "sd",
             long_prompt=req["long_prompt"], prompt_windows=enc.windows, prompt_truncated=enc.truncated,
             dtype=dtype_name(self.dtype), device=str(self.device), lora_fused=self.lora_fused,
             vae_tiling=bool(getattr(self.vae, "use_tiling", False)),
@@ -453,7 +562,9 @@ def engine_for_params(params: dict, *, device=None, dtype=None, allow_pickle: bo
                        dtype=dtype or params.get("dtype"), config=params.get("config"),
                        inpaint_config=params.get("inpaint_config"), depth_config=params.get("depth_config"),
                        base_config=params.get("base_config"), allow_pickle=allow_pickle,
-                       vae_tiling=bool(params.get("vae_tiling", False)))
+                       vae_tiling=bool(params.get("vae_tiling", False)), controlnet=params.get("controlnet"),
+                       controlnet_config=params.get("controlnet_config"),
+                       depth_estimator=params.get("depth_estimator"))
 
 
 def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = False, engine: Engine | None = None,
@@ -508,12 +619,24 @@ def _check_source(src, flag: str) -> None:
         raise SdtuneError(f"{flag}: {exc}") from None
 
 
-def _check_text_dim(unet, text_encoder, src) -> None:
+def _check_text_dim(unet, text_encoder, src, text_encoder_2=None) -> None:
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    if int(cross) != int(text_encoder.config.hidden_size):
-        raise SdtuneError(f"{src} expects {cross}-wide text embeddings but the main model's text encoder gives "
-                          f"{text_encoder.config.hidden_size} (SD 1.x vs 2.x?); use a model of the same family")
+    width = int(text_encoder.config.hidden_size) + (int(text_encoder_2.config.hidden_size) if text_encoder_2 else 0)
+    if int(cross) != width:
+        raise SdtuneError(f"{src} expects {cross}-wide text embeddings but the main model's text encoders give "
+                          f"{width} (SD 1.x vs 2.x?); use a model of the same family")
+
+
+def _check_controlnet(net, unet, src) -> None:
+    """A ControlNet fits a UNet when it reads the same text width and, for SDXL, the same added conditioning."""
+    want = (unet.config.cross_attention_dim, unet.config.addition_embed_type, unet.config.block_out_channels)
+    got = (net.config.cross_attention_dim, net.config.addition_embed_type, net.config.block_out_channels)
+    if tuple(map(str, want)) != tuple(map(str, got)):
+        kind = "an SDXL" if net.config.addition_embed_type == "text_time" else "an SD 1.x/2.x"
+        raise SdtuneError(f"--controlnet {src} does not fit the model's UNet ({kind} ControlNet with text width "
+                          f"{net.config.cross_attention_dim} vs the UNet's {unet.config.cross_attention_dim}); "
+                          "use a ControlNet trained for this model family")
 
 
 def _input_name(value) -> str | None:

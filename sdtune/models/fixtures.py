@@ -233,8 +233,9 @@ def tiny_controlnet(unet, seed: int = 0):
     torch.manual_seed(seed + 2)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32), load_weights_from_unet=True)
     with torch.no_grad():  # ControlNet's zero convolutions start at zero: randomise them so it does something
-        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
-            p.normal_(std=0.1)
+        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters(),
+                  *net.controlnet_cond_embedding.conv_out.parameters()]:
+            p.normal_(std=0.3)
     return net.eval()
 
 

@@ -35,11 +35,12 @@ DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
 @dataclass
 class LoraFile:
     path: Path
-    state_dict: dict  # prefixed "unet." / "text_encoder." keys, as diffusers' loaders expect
+    state_dict: dict  # prefixed "unet." / "text_encoder." / "text_encoder_2." keys, as diffusers' loaders expect
     network_alphas: dict | None
     metadata: dict | None
     unet_keys: int = 0
     text_encoder_keys: int = 0
+    text_encoder_2_keys: int = 0  # SDXL's second text encoder (kohya: lora_te2_)
     notes: list[str] = field(default_factory=list)
 
 
@@ -62,15 +63,19 @@ def find_lora_file(path: str | os.PathLike, allow_pickle: bool = False) -> Path:
     return p
 
 
-def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
-    """Read a LoRA file into diffusers' prefixed state dict (kohya keys converted by diffusers)."""
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False, unet_config=None) -> LoraFile:
+    """Read a LoRA file into diffusers' prefixed state dict (kohya keys converted by diffusers).
+
+    ``unet_config``: the UNet it is for; kohya's SDXL files name UNet blocks in the original layout
+    (``input_blocks_4_1_...``), which diffusers maps to its own blocks with the UNet's config, as
+    ``StableDiffusionXLPipeline.load_lora_weights`` does."""
     from diffusers import StableDiffusionPipeline
 
     file = find_lora_file(path, allow_pickle)
     try:
         sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(
             str(file.parent), weight_name=file.name, local_files_only=True,
-            use_safetensors=file.suffix == ".safetensors", return_lora_metadata=True)
+            use_safetensors=file.suffix == ".safetensors", return_lora_metadata=True, unet_config=unet_config)
     except SdtuneError:
         raise
     except Exception as exc:  # corrupt file, not a state dict, unknown layout
@@ -80,10 +85,18 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
     lora = LoraFile(file, sd, alphas, meta)
     lora.unet_keys = sum(k.startswith("unet.") for k in sd)
     lora.text_encoder_keys = sum(k.startswith("text_encoder.") for k in sd)
-    if lora.unet_keys + lora.text_encoder_keys == 0:
-        raise SdtuneError(f"LoRA {file} has no UNet or text-encoder layers for a Stable Diffusion 1.x/2.x model "
-                          "(an SDXL or other-family LoRA?)")
+    lora.text_encoder_2_keys = sum(k.startswith("text_encoder_2.") for k in sd)
+    if lora.unet_keys + lora.text_encoder_keys + lora.text_encoder_2_keys == 0:
+        raise SdtuneError(f"LoRA {file} has no UNet or text-encoder layers for a Stable Diffusion model "
+                          "(a LoRA for another model family?)")
     return lora
+
+
+def check_family(lora: LoraFile, sdxl: bool) -> None:
+    """A LoRA with layers for SDXL's second text encoder cannot be for SD 1.x/2.x (sizes are checked per layer)."""
+    if lora.text_encoder_2_keys and not sdxl:
+        raise SdtuneError(f"LoRA {lora.path} is an SDXL LoRA (it has layers for SDXL's second text encoder) but the "
+                          "model is SD 1.x/2.x; use it with an SDXL model")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,13 +113,13 @@ def _unet_peft_keys(sd: dict) -> dict:
     return part
 
 
-def _text_encoder_peft_keys(sd: dict, text_encoder) -> dict:
+def _text_encoder_peft_keys(sd: dict, text_encoder, prefix: str = "text_encoder") -> dict:
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
     )
 
-    part = {k.removeprefix("text_encoder."): v for k, v in sd.items() if k.startswith("text_encoder.")}
+    part = {k.removeprefix(f"{prefix}."): v for k, v in sd.items() if k.startswith(f"{prefix}.")}
     if not part:
         return part
     part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
@@ -134,11 +147,13 @@ def check_fit(model: torch.nn.Module, peft_sd: dict, what: str, lora_path) -> No
                                   f"LoRA expects size {tensor.shape[axis]} on axis {axis} (another model family?)")
 
 
-def check_fits(lora: LoraFile, unet=None, text_encoder=None, unet_what: str = "UNet") -> None:
+def check_fits(lora: LoraFile, unet=None, text_encoder=None, unet_what: str = "UNet",
+               prefix: str = "text_encoder") -> None:
     if unet is not None:
         check_fit(unet, _unet_peft_keys(lora.state_dict), unet_what, lora.path)
     if text_encoder is not None:
-        check_fit(text_encoder, _text_encoder_peft_keys(lora.state_dict, text_encoder), "text encoder", lora.path)
+        what = "second text encoder" if prefix == "text_encoder_2" else "text encoder"
+        check_fit(text_encoder, _text_encoder_peft_keys(lora.state_dict, text_encoder, prefix), what, lora.path)
 
 
 def _lora_layers(model):
@@ -188,15 +203,17 @@ def _merge_and_remove(model) -> None:
         model._hf_peft_config_loaded = False
 
 
-def load_into(lora: LoraFile, *, unets=(), text_encoder=None) -> None:
-    """Inject the LoRA (unscaled) into each UNet (diffusers' loader) and the text encoder."""
+def load_into(lora: LoraFile, *, unets=(), text_encoder=None, prefix: str = "text_encoder") -> None:
+    """Inject the LoRA (unscaled) into each UNet (diffusers' loader) and the text encoder whose keys start with
+    ``prefix`` (``text_encoder_2`` for SDXL's second one)."""
     try:
         for unet in unets:
             if lora.unet_keys:
                 unet.load_lora_adapter(dict(lora.state_dict), prefix="unet", network_alphas=lora.network_alphas,
                                        adapter_name=ADAPTER, metadata=lora.metadata)  # it strips "unet." itself
-        if text_encoder is not None and lora.text_encoder_keys:
-            _load_into_text_encoder(lora, text_encoder)
+        count = lora.text_encoder_2_keys if prefix == "text_encoder_2" else lora.text_encoder_keys
+        if text_encoder is not None and count:
+            _load_into_text_encoder(lora, text_encoder, prefix)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise SdtuneError(f"LoRA {lora.path} could not be loaded into the model: {_first_line(exc)}") from exc
 
@@ -208,7 +225,7 @@ def _part(mapping: dict | None, prefix: str) -> dict | None:
     return part or None
 
 
-def _load_into_text_encoder(lora: LoraFile, text_encoder) -> None:
+def _load_into_text_encoder(lora: LoraFile, text_encoder, prefix: str = "text_encoder") -> None:
     """peft injection + state dict, as diffusers' text-encoder loader does.
 
     diffusers routes this through transformers' ``load_adapter``, which needs peft >= 0.22 while
@@ -218,13 +235,13 @@ def _load_into_text_encoder(lora: LoraFile, text_encoder) -> None:
     from diffusers.utils.peft_utils import get_peft_kwargs
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    sd = _text_encoder_peft_keys(lora.state_dict, text_encoder)
-    meta = _part(lora.metadata, "text_encoder")
+    sd = _text_encoder_peft_keys(lora.state_dict, text_encoder, prefix)
+    meta = _part(lora.metadata, prefix)
     if meta:
         config = LoraConfig(**meta)
     else:
         ranks = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
-        config = LoraConfig(**get_peft_kwargs(ranks, _part(lora.network_alphas, "text_encoder"), sd, is_unet=False))
+        config = LoraConfig(**get_peft_kwargs(ranks, _part(lora.network_alphas, prefix), sd, is_unet=False))
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER)
     result = set_peft_model_state_dict(text_encoder, sd, adapter_name=ADAPTER)
     missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and ADAPTER in k]

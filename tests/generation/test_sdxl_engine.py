@@ -1,0 +1,273 @@
+"""SDXL in the one engine, on tiny random SDXL models: every mode equals the stock diffusers SDXL pipeline's
+pixels, modes share the loaded components, LoRAs reach all four modes, metadata regenerates, long prompts."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.errors import SdtuneError
+
+STEPS = 2
+PROMPT = "a photo of a red cat"
+
+
+def pixels(result_or_image) -> np.ndarray:
+    return np.asarray(getattr(result_or_image, "image", result_or_image).convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("xl_inputs")
+    rng = np.random.RandomState(0)
+    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(d / "image.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(d / "mask.png")
+    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (32, 1))
+    Image.fromarray(ramp.astype("uint8")).save(d / "depth_lr.png")
+    return {p.stem: str(p) for p in d.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sdxl):
+    from sdtune.generation.engine import Engine
+
+    return Engine.load(tiny_sdxl["sdxl"], inpaint_model=tiny_sdxl["sdxl_inpaint"],
+                       controlnet=tiny_sdxl["sdxl_controlnet"], depth_estimator=tiny_sdxl["depth_estimator"])
+
+
+def _gen():
+    return torch.Generator("cpu").manual_seed(3)
+
+
+def _stock(tiny_sdxl, mode):
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLControlNetImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    if mode == "txt2img":
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["sdxl"])
+    elif mode == "img2img":
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl["sdxl"])
+    elif mode == "inpaint":
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_sdxl["sdxl_inpaint"])
+    else:
+        pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+            tiny_sdxl["sdxl"], controlnet=ControlNetModel.from_pretrained(tiny_sdxl["sdxl_controlnet"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _stock_image(pipe, mode, inputs, engine, negative=None, depth_map=None):
+    init = Image.open(inputs["image"]).convert("RGB")
+    kw = dict(prompt=PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=7.5,
+              generator=_gen())
+    if mode in ("txt2img", "inpaint"):
+        kw.update(width=32, height=32)
+    if mode != "txt2img":
+        kw.update(image=init, strength={"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}[mode])
+    if mode == "inpaint":
+        kw.update(mask_image=Image.open(inputs["mask"]).convert("L"))
+    if mode == "depth2img":
+        depth = Image.open(depth_map).convert("L") if depth_map else None
+        kw.update(control_image=engine.control_image(init, depth))
+    return pipe(**kw).images[0]
+
+
+def _ours(engine, mode, inputs, negative="", depth_map=None):
+    kw = dict(prompt=PROMPT, negative_prompt=negative, steps=STEPS, seed=3, guidance=7.5)
+    if mode == "txt2img":
+        kw.update(width=32, height=32)
+    else:
+        kw.update(image=inputs["image"])
+    if mode == "inpaint":
+        kw.update(mask=inputs["mask"])
+    if mode == "depth2img" and depth_map:
+        kw.update(depth_map=depth_map)
+    return engine.generate(mode, **kw)[0]
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint", "depth2img"])
+def test_every_sdxl_mode_equals_the_stock_pipeline(tiny_sdxl, engine, inputs, mode):
+    stock = _stock(tiny_sdxl, mode)
+    ours = _ours(engine, mode, inputs)
+    assert np.array_equal(pixels(ours), pixels(_stock_image(stock, mode, inputs, engine)))
+    # A negative prompt is encoded by both encoders (an empty one is zeros, as the stock pipeline does).
+    ours_neg = _ours(engine, mode, inputs, negative="blurry")
+    assert np.array_equal(pixels(ours_neg), pixels(_stock_image(stock, mode, inputs, engine, negative="blurry")))
+    assert not np.array_equal(pixels(ours_neg), pixels(ours))
+    assert ours.params["family"] == "sdxl"
+
+
+def test_sdxl_depth_map_path_equals_stock_and_differs_from_the_estimator(tiny_sdxl, engine, inputs):
+    stock = _stock(tiny_sdxl, "depth2img")
+    ours = _ours(engine, "depth2img", inputs, depth_map=inputs["depth_lr"])
+    ref = _stock_image(stock, "depth2img", inputs, engine, depth_map=inputs["depth_lr"])
+    assert np.array_equal(pixels(ours), pixels(ref))
+    assert ours.params["depth_source"] == "depth_map"
+    assert not np.array_equal(pixels(ours), pixels(_ours(engine, "depth2img", inputs)))
+
+
+def test_modes_share_every_loaded_component(engine):
+    pipes = {m: engine.pipeline(m) for m in engine.modes()}
+    assert set(pipes) == {"txt2img", "img2img", "inpaint", "depth2img"}
+    for pipe in pipes.values():
+        assert pipe.vae is engine.vae and pipe.text_encoder is engine.text_encoder
+        assert pipe.text_encoder_2 is engine.text_encoder_2 and pipe.tokenizer_2 is engine.tokenizer_2
+    assert pipes["txt2img"].unet is pipes["img2img"].unet is pipes["depth2img"].unet is engine.unets["base"]
+    assert pipes["inpaint"].unet is engine.unets["inpaint"] and pipes["inpaint"].unet.config.in_channels == 9
+    assert pipes["depth2img"].controlnet is engine.controlnet
+    assert all(engine.pipeline(m) is p for m, p in pipes.items())  # built once, then reused
+
+
+def test_long_prompt_is_chunked_for_both_encoders(engine, caplog):
+    from sdtune.models.sdxl import encode_prompts_xl
+
+    toks, tes = [engine.tokenizer, engine.tokenizer_2], [engine.text_encoder, engine.text_encoder_2]
+    long = ", ".join(f"word{i}" for i in range(60))
+    chunked = encode_prompts_xl(toks, tes, long, "")
+    with caplog.at_level(logging.WARNING, logger="sdtune"):
+        cut = encode_prompts_xl(toks, tes, long, "", long_prompt="truncate")
+    assert "cut" in caplog.text
+    assert chunked.windows >= 2 and chunked.prompt_embeds.shape == (1, 77 * chunked.windows, 32 + 48)
+    assert cut.prompt_embeds.shape == (1, 77, 80) and cut.truncated
+    assert torch.equal(chunked.prompt_embeds[:, :77], cut.prompt_embeds)  # the first window is the cut prompt
+    assert torch.allclose(chunked.pooled_prompt_embeds, cut.pooled_prompt_embeds, atol=1e-6)  # the first window's
+    assert chunked.negative_prompt_embeds.shape == chunked.prompt_embeds.shape
+    # Short prompts: exactly the stock pipeline's four tensors.
+    ours = encode_prompts_xl(toks, tes, PROMPT, "ugly")
+    pos, neg, pooled, neg_pooled = engine.pipeline("txt2img").encode_prompt(PROMPT, device="cpu",
+                                                                            negative_prompt="ugly")
+    for a, b in ((ours.prompt_embeds, pos), (ours.negative_prompt_embeds, neg),
+                 (ours.pooled_prompt_embeds, pooled), (ours.negative_pooled_prompt_embeds, neg_pooled)):
+        assert torch.equal(a, b)
+    a = engine.generate("txt2img", prompt=long, steps=STEPS)[0]
+    b = engine.generate("txt2img", prompt=long, steps=STEPS, long_prompt="truncate")[0]
+    assert a.params["prompt_windows"] >= 2 and not np.array_equal(pixels(a), pixels(b))
+
+
+def test_sdxl_metadata_regenerates_the_same_pixels(engine, inputs, tmp_path):
+    from sdtune.generation.engine import regenerate
+    from sdtune.generation.metadata import read_params, save_results
+
+    for mode, extra in (("inpaint", dict(mask=inputs["mask"])), ("depth2img", {})):
+        results = engine.generate(mode, prompt="a dog", negative_prompt="blurry", steps=STEPS, seed=11,
+                                  image=inputs["image"], **extra)
+        (path,) = save_results(results, tmp_path / mode)
+        params = read_params(path)
+        assert params["controlnet"] and params["depth_estimator"] and params["inpaint_model"]
+        (again,) = regenerate(params)  # a fresh engine, loaded from what the PNG says
+        assert np.array_equal(pixels(again), np.asarray(Image.open(path).convert("RGB"), dtype=np.int16))
+
+
+def make_sdxl_lora(pipe, out_dir, seed=0):
+    """A diffusers-format SDXL LoRA (UNet + both text encoders), non-zero, as save_lora_weights writes it."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name)
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                               "out_proj"]), te)
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.3)
+    for name in ("text_encoder", "text_encoder_2"):
+        layers[name] = convert_state_dict_to_diffusers(
+            {k.replace(".default.", "."): v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()
+             if ".lora_A." in k or ".lora_B." in k})
+    StableDiffusionXLPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        text_encoder_lora_layers=layers["text_encoder"], text_encoder_2_lora_layers=layers["text_encoder_2"],
+        safe_serialization=True)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tiny_sdxl, tmp_path_factory):
+    from sdtune.models.loading import load_pipeline
+
+    return make_sdxl_lora(load_pipeline(tiny_sdxl["sdxl"]), tmp_path_factory.mktemp("xl_lora"))
+
+
+def test_sdxl_lora_changes_all_four_modes_and_reaches_both_text_encoders(tiny_sdxl, engine, inputs, sdxl_lora):
+    from sdtune.generation.engine import Engine
+
+    with_lora = Engine.load(tiny_sdxl["sdxl"], inpaint_model=tiny_sdxl["sdxl_inpaint"],
+                            controlnet=tiny_sdxl["sdxl_controlnet"], depth_estimator=tiny_sdxl["depth_estimator"],
+                            lora=sdxl_lora)
+    assert with_lora.lora_fused is True
+    for part in ("text_encoder", "text_encoder_2"):
+        a, b = getattr(engine, part).state_dict(), getattr(with_lora, part).state_dict()
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), part
+    for mode in ("txt2img", "img2img", "inpaint", "depth2img"):
+        assert not np.array_equal(pixels(_ours(engine, mode, inputs)), pixels(_ours(with_lora, mode, inputs))), mode
+
+
+def test_sdxl_lora_equals_stock_load_lora_weights(tiny_sdxl, sdxl_lora):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.generation.engine import Engine
+
+    eng = Engine.load(tiny_sdxl["sdxl"], lora=sdxl_lora)
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["sdxl"])
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(sdxl_lora.parent))
+    ref = stock(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, generator=_gen()).images[0]
+    ours = eng.generate("txt2img", prompt=PROMPT, steps=STEPS, seed=3, guidance=7.5)[0]
+    plain = Engine.load(tiny_sdxl["sdxl"]).generate("txt2img", prompt=PROMPT, steps=STEPS, seed=3, guidance=7.5)[0]
+    assert np.abs(pixels(ours) - pixels(ref)).max() <= 1  # ours fused, stock unfused: float rounding at most
+    assert np.abs(pixels(ours) - pixels(plain)).max() > 10
+
+
+def test_sd_controlnet_depth_path_equals_stock(tiny_models, tiny_sdxl, inputs):
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+
+    from sdtune.generation.engine import Engine
+
+    eng = Engine.load(tiny_models["sd1"], controlnet=tiny_sdxl["sd1_controlnet"],
+                      depth_estimator=tiny_sdxl["depth_estimator"])
+    stock = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        tiny_models["sd1"], controlnet=ControlNetModel.from_pretrained(tiny_sdxl["sd1_controlnet"]),
+        safety_checker=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    for depth_map in (None, inputs["depth_lr"]):
+        ours = _ours(eng, "depth2img", inputs, negative="blurry", depth_map=depth_map)
+        ref = _stock_image(stock, "depth2img", inputs, eng, negative="blurry", depth_map=depth_map)
+        assert np.array_equal(pixels(ours), pixels(ref))
+        assert ours.params["unet"] == "ordinary 4-channel + depth ControlNet"
+    assert eng.pipeline("depth2img").unet is eng.pipeline("txt2img").unet
+
+
+def test_sdxl_errors_are_one_clear_line(tiny_sdxl, tiny_models, engine, inputs, sdxl_lora):
+    from sdtune.generation.engine import Engine
+
+    cases = [
+        (lambda: Engine.load(tiny_sdxl["sdxl"], depth_model=tiny_models["depth"]), "depth ControlNet"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"], inpaint_model=tiny_models["inpaint"]), "use one family"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"], controlnet=tiny_sdxl["sd1_controlnet"]), "does not fit"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"], depth_estimator=tiny_sdxl["depth_estimator"]), "--controlnet too"),
+        (lambda: Engine.load(tiny_models["sd1"], lora=sdxl_lora), "SDXL LoRA"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"]).generate("depth2img", image=inputs["image"]), "pass --controlnet"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"], controlnet=tiny_sdxl["sdxl_controlnet"]).generate(
+            "depth2img", image=inputs["image"], steps=STEPS), "--depth-estimator"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SdtuneError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)

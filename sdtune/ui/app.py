@@ -240,12 +240,13 @@ def build(state: State):
             with gr.Tab("Generate", id="generate") as gen_tab:
                 gallery_state = gr.State([])
                 with gr.Row():
-                    model = gr.Dropdown(models, value=base, label="model", elem_id="model")
+                    model = gr.Dropdown(models, value=base, label="model", elem_id="model", allow_custom_value=True)
                     inpaint_model = gr.Dropdown(none + [m for m in models if "inpaint" in m[0]], value="",
                                                 label="inpaint model (default: the embedded one)", elem_id="inpaint-model")
                     depth_model = gr.Dropdown(none + [m for m in models if "depth" in m[0]], value="",
                                               label="depth model (default: the embedded one)", elem_id="depth-model")
-                    lora = gr.Dropdown(none + lora_choices(sb), value="", label="LoRA", elem_id="lora")
+                    lora = gr.Dropdown(none + lora_choices(sb), value="", label="LoRA", elem_id="lora",
+                                       allow_custom_value=True)
                     lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
                     refresh = gr.Button("refresh pickers", size="sm", elem_id="refresh")
                 mode = gr.Radio(list(MODES), value="txt2img", label="mode", elem_id="mode")
@@ -370,7 +371,7 @@ def build(state: State):
                         tok_out = gr.Textbox(label="tokens", lines=8, elem_id="tok-out")
                         sched_pick = gr.Dropdown(schedulers, value="default", label="noise schedule of")
                         sched_go = gr.Button("plot schedule", elem_id="sched-go")
-                        sched_img = gr.Image(label="alphas_cumprod", interactive=False, height=220)
+                        sched_img = gr.Image(label="alphas_cumprod", interactive=False, height=220, elem_id="sched-img")
                         sched_txt = gr.Textbox(label="scheduler", lines=3)
                     with gr.Column():
                         grid_tool = gr.Radio(["guidance", "schedulers"], value="guidance", label="grid")

@@ -25,8 +25,15 @@ class Run:
         return str(self.path.name)
 
     def card(self) -> str:
+        """The run's model card as Markdown; its YAML front matter shown as a code block, not as text."""
         card = self.path / "README.md"
-        return card.read_text(errors="replace") if card.is_file() else "(no model card yet: the run has not finished)"
+        if not card.is_file():
+            return "(no model card yet: the run has not finished)"
+        text = card.read_text(errors="replace")
+        if text.startswith("---\n") and "\n---\n" in text[4:]:
+            front, body = text[4:].split("\n---\n", 1)
+            text = f"```yaml\n{front}\n```\n{body}"
+        return text
 
     def samples(self) -> list[Path]:
         folder = self.path / "samples"

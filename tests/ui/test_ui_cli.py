@@ -77,3 +77,21 @@ def test_the_real_server_asks_for_the_password_and_makes_no_share_link(tmp_path)
         assert json.loads(ok.read())["success"] is True
     finally:
         demo.close()
+
+
+def test_the_server_refuses_an_upload_over_the_limit(tmp_path):
+    pytest.importorskip("gradio")
+    import httpx
+
+    from sdtune.ui.app import launch, make_state
+    from sdtune.ui.safety import MAX_UPLOAD_BYTES
+
+    demo, url = launch(make_state(tmp_path / "o"), host="127.0.0.1", port=None, block=False, quiet=True)
+    try:
+        big = {"files": ("big.png", b"\x89PNG" + b"0" * (MAX_UPLOAD_BYTES + 1), "image/png")}
+        refused = httpx.post(url + "gradio_api/upload", files=big, timeout=30)
+        assert refused.status_code == 413, refused.text[:200]
+        small = {"files": ("small.png", b"\x89PNG" + b"0" * 100, "image/png")}
+        assert httpx.post(url + "gradio_api/upload", files=small, timeout=30).status_code == 200
+    finally:
+        demo.close()

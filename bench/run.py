@@ -20,12 +20,14 @@ Sections (each: sdtune and the stock path on the same model, data, settings and 
 * time to subject: training time until the subject is learned (subject fidelity >= 0.9 with prior
   preservation >= 0.9, judged every 100 steps), sdtune's recipe vs the example loop with the example's
   defaults (bench/time_to_subject.py); needs the embedded family (the judge reads only its world);
+* ui: one txt2img image through the web UI's Generate handler (sandbox checks, held engine, PNG + JSON written,
+  gallery returned) vs ``Engine.generate`` directly (bench/bench_ui.py; target: within 10 %);
 * with --compile, training and inference once more with torch.compile (sdtune's ``compile: true`` and
   ``Engine.compile_unets``), each starting from an empty inductor cache so the one-off compilation it
   reports is what a first run pays.
 
 ``--only training,inference`` runs a subset (sections: training, inference, cold_start, class_images,
-vae_tiling, gpu).
+vae_tiling, buckets, time_to_subject, ui, gpu).
 
 On a CPU, per-image and class-image times are process CPU seconds (steadier than wall time on a shared
 machine); cold start is wall time by nature. With CUDA present the inference, cold-start and
@@ -60,7 +62,8 @@ PROMPT = "a photo of a red fox in the snow"
 CLASS_PROMPT = "a photo of a box"
 
 
-SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "buckets", "time_to_subject", "gpu")
+SECTIONS = ("training", "inference", "cold_start", "class_images", "vae_tiling", "buckets", "time_to_subject", "ui",
+            "gpu")
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -368,6 +371,13 @@ def section_time_to_subject(args, models, scratch: Path) -> dict:
     return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts")
 
 
+def section_ui(args, models, scratch: Path) -> dict:
+    import bench_ui
+
+    return bench_ui.measure(models["sd1"], scratch / "ui", steps=2 if args.quick else 20,
+                            repeats=1 if args.quick else 7)
+
+
 def run_device_sections(args, models, lora, device: str, scratch: Path, results: dict, prefix: str) -> None:
     for name, fn in (("inference", lambda: section_inference(args, models, lora, device)),
                      ("cold_start", lambda: section_cold_start(args, models, device, scratch)),
@@ -479,6 +489,20 @@ def _rows(results: dict):
                          many["steps_per_s"], one["steps_per_s"], bk["ratio"], "target: within 5 %"))
         elif bk:
             rows.append(("data (cpu)", "", None, None, None, bk.get("error")))
+        ui = results.get("ui") if prefix == "" else None
+        if ui and "per_image" in ui:
+            v = ui["per_image"]
+            rows.append(("web ui (cpu)", f"txt2img CPU s/image UI/engine", v["ui"], v["engine"], v["engine"] / v["ui"],
+                         f"overhead {ui['overhead'] * 100:+.1f} % (target within 10 %), max px diff "
+                         f"{ui['max_pixel_difference']}"))
+            h = ui.get("http", {})
+            if "per_image" in h:
+                v = h["per_image"]
+                rows.append(("web ui (cpu)", "txt2img wall s/image HTTP/engine", v["ui"], v["engine"],
+                             v["engine"] / v["ui"], f"overhead {h['overhead'] * 100:+.1f} %; a 1-step request "
+                             f"{h['one_step_request_s']:.3f} s (gradio's fixed cost)"))
+        elif ui:
+            rows.append(("web ui (cpu)", "", None, None, None, ui.get("error")))
         ts = results.get("time_to_subject") if prefix == "" else None
         if ts and "verdict" in ts:
             ours, stock = ts["sdtune"], ts["stock"]
@@ -547,6 +571,8 @@ def main(argv=None) -> int:
             results["buckets"] = _guarded("buckets", lambda: section_buckets(args, models, scratch))
         if "time_to_subject" in args.only:
             results["time_to_subject"] = _guarded("time to subject", lambda: section_time_to_subject(args, models, scratch))
+        if "ui" in args.only:
+            results["ui"] = _guarded("ui", lambda: section_ui(args, models, scratch))
         if "vae_tiling" in args.only:
             results["vae_tiling"] = _guarded("vae tiling", lambda: section_vae_tiling(args, models, scratch))
         if "gpu" in args.only and torch.cuda.is_available():

@@ -19,6 +19,7 @@ from sdtune.ui.training import Trainer, losses
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
+GALLERY_SIZE = 24
 CSS = "#gallery img { image-rendering: pixelated; } .gen-status, .train-status { font-family: monospace; }"
 
 
@@ -68,6 +69,7 @@ def generate_handler(state: State, mode, model, inpaint_model, depth_model, lora
         return [(p, c) for p, c, _ in gallery_state], None, _err(exc), None, gallery_state
     for path, _, params in results:
         gallery_state.insert(0, (str(path), _caption(params), params))
+    del gallery_state[GALLERY_SIZE:]  # the page shows the newest; all of them stay in the outputs folder
     last = results[-1][2]
     status = (f"done: {len(results)} image(s) in {state.generator.images_dir}; engine loads so far: "
               f"{state.generator.loads}")
@@ -281,7 +283,8 @@ def build(state: State):
                 go.click(lambda *a: generate_handler(state, *a),
                          [mode, model, inpaint_model, depth_model, lora, lora_scale, prompt, negative, steps, guidance,
                           seed, width, height, scheduler, num_images, strength, editor, depth_upload, gallery_state],
-                         [gallery, params_box, gen_status, depth_view, gallery_state], concurrency_limit=1)
+                         [gallery, params_box, gen_status, depth_view, gallery_state], concurrency_limit=1,
+                         api_name="generate")
 
                 def _select(gs, evt: gr.SelectData):
                     return select_handler(gs, evt.index)

@@ -3,6 +3,10 @@
 Every bad input a user can give raises ``SdtuneError`` with one line that says what is wrong and
 how to fix it; the CLI prints it without a traceback and exits non-zero.
 """
+import errno
+
+# Errors that mean "the disk cannot take this write" rather than a bug: said in one line wherever sdtune writes.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 class SdtuneError(Exception):
@@ -15,3 +19,36 @@ def require(condition: bool, message: str) -> None:
     """Raise ``SdtuneError(message)`` unless ``condition`` holds."""
     if not condition:
         raise SdtuneError(message)
+
+
+def disk_reason(exc: BaseException, path=None) -> str | None:
+    """What a failed write says about the disk ("no space left on the device", "the file system is read-only"),
+    or None when the error is something else.
+
+    Python's own writes raise ``OSError`` with an errno; safetensors (Rust) and torch.save (C++) raise their own
+    types carrying only the OS's text, so that text is read too; torch.save's zip writer may say only "unexpected
+    pos", so with ``path`` (where the write went) a file system left with under 1 MiB free counts as full.
+    """
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return "the file system is read-only" if exc.errno == errno.EROFS else "no space left on the device"
+    text = str(exc)
+    if "Read-only file system" in text or "os error 30" in text:
+        return "the file system is read-only"
+    if any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+                               "File too large", "os error 27")):
+        return "no space left on the device"
+    if path is not None and _free_bytes(path) < 2**20:
+        return "no space left on the device"
+    return None
+
+
+def _free_bytes(path) -> int:
+    import os
+
+    for candidate in (path, os.path.dirname(os.fspath(path))):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return 2**62

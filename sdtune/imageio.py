@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, disk_reason
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -56,8 +56,11 @@ def _decode(source, name: str, mode: str, what: str) -> Image.Image:
         with Image.open(source) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); is it corrupt?") from exc
+    except Image.DecompressionBombError as exc:
+        raise SdtuneError(f"{what} {name} says it is {_stated_pixels(exc)} pixels, far more than any image sdtune "
+                          "works with (a corrupt file or a decompression bomb); pass a real image") from None
+    except Exception as exc:  # a corrupt file reaches many decoder errors (OSError, SyntaxError, struct.error, ...)
+        raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); is it corrupt?") from None
     img = _to_8bit(img)
     if img.mode in {"RGBA", "LA", "P", "PA"}:
         img = img.convert("RGBA")
@@ -66,19 +69,38 @@ def _decode(source, name: str, mode: str, what: str) -> Image.Image:
     return img.convert(mode)
 
 
+def _stated_pixels(exc: Exception) -> str:
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)):,}" if found else "billions of"
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike):
-    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds."""
+    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds.
+
+    A full or read-only disk is the user's to fix: one ``SdtuneError`` line, and ``final`` (if it existed) kept.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         yield Path(tmp)
         os.replace(tmp, final)
+    except SdtuneError:
+        raise
+    except Exception as exc:  # not only OSError: safetensors and torch.save raise their own types for a full disk
+        reason = disk_reason(exc, final.parent)
+        if reason is None:
+            raise
+        raise SdtuneError(f"{reason} while writing {final}; free some space (or choose another folder) and "
+                          "run again") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -315,6 +315,22 @@ def tracker_config(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------- the recipe
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Train as ``cfg`` says; one run per output folder (a second one is refused), a full disk is one line."""
+    output_dir = check_output_dir(cfg.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # launchers set RANK; one process is rank 0
+    try:
+        with checkpointing.output_lock(output_dir, enabled=main_process):
+            return _train(cfg)
+    except SdtuneError:
+        raise
+    except Exception as exc:  # not only OSError: safetensors and torch.save raise their own types for a full disk
+        error = checkpointing.disk_error(exc, "the run's outputs", output_dir)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler

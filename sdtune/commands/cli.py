@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from sdtune import console
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, disk_reason
 
 COMMANDS = ("infer", "inspect", "train", "eval", "demo", "ui")
 
@@ -56,11 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SdtuneError as exc:
+        _close_progress_bars()
         print(f"sdtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a full or read-only disk anywhere not already said better: still one line
+        reason = disk_reason(exc)
+        if reason is None:
+            raise
+        _close_progress_bars()
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"sdtune: error: {reason}{where}; free some space (or choose another folder) and run again",
+              file=sys.stderr)
+        return SdtuneError.exit_code
     except KeyboardInterrupt:
         print("sdtune: interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar still drawn (an error mid-loop), so the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 DEFAULT_SCHEDULER = "default"  # the model's own scheduler, as saved with it
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more inference steps than that have no timesteps to take
+MAX_SIDE = 16384  # pixels per side: 8x SDXL's native size; beyond it tensors outgrow what torch allocates
 
 
 @dataclass
@@ -572,8 +574,8 @@ def regenerate(params: dict, *, device=None, dtype=None, allow_pickle: bool = Fa
     """Re-run the generation described by an sdtune PNG's params (one image, its own seed)."""
     request = check_params(params)
     engine = engine or engine_for_params(params, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    return engine.generate(params["mode"], prompt=params.get("prompt", ""),
-                           negative_prompt=params.get("negative_prompt", ""), on_step=on_step,
+    return engine.generate(params["mode"], prompt=params.get("prompt") or "",
+                           negative_prompt=params.get("negative_prompt") or "", on_step=on_step,
                            paste_back=bool(params.get("paste_back")), **request)
 
 
@@ -582,6 +584,10 @@ def check_params(params: dict) -> dict:
     missing = [k for k in ("mode", "model", "seed", "steps", "guidance") if params.get(k) is None]
     if missing:
         raise SdtuneError(f"the image's metadata lacks {', '.join(missing)}; it cannot be regenerated")
+    for key in ("prompt", "negative_prompt"):
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise SdtuneError(f"the image's metadata has a {key} that is not text ({params[key]!r}); "
+                              "it cannot be regenerated")
     for key in ("image", "mask", "depth_map"):
         if params.get(key) == "<in-memory>":
             raise SdtuneError(f"the image was made from an in-memory {key} (API call), which was not saved; "
@@ -700,13 +706,15 @@ def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, m
               num_images, long_prompt) -> dict:
     """Check every parameter up front, one clear SdtuneError per problem; return normalised values."""
     def _int(value, flag):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise SdtuneError(f"{flag} must be a whole number, got {value!r}")
         return int(value)
 
     steps = _int(steps, "--steps")
-    if steps < 1:
-        raise SdtuneError(f"--steps must be at least 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise SdtuneError(f"--steps must be at least 1 and at most {MAX_STEPS} (the noise schedule's length), "
+                          f"got {steps}")
     num_images = _int(num_images, "--num-images")
     if num_images < 1:
         raise SdtuneError(f"--num-images must be at least 1, got {num_images}")
@@ -725,7 +733,12 @@ def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, m
             if v < 8 or v % 8:
                 raise SdtuneError(f"{flag} must be a positive multiple of 8 (the VAE works on 8-pixel blocks), "
                                   f"got {v}; try {max(8, round(v / 8) * 8)}")
+            if v > MAX_SIDE:
+                raise SdtuneError(f"{flag} {v} is larger than sdtune generates ({MAX_SIDE} px at most); generate "
+                                  "smaller and upscale")
     scheduler = scheduler or DEFAULT_SCHEDULER
+    if not isinstance(scheduler, str):
+        raise SdtuneError(f"--scheduler must be a name, got {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
     if scheduler != DEFAULT_SCHEDULER and scheduler.lower() not in scheduler_names():
         raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
     scheduler = scheduler.lower()

@@ -149,11 +149,15 @@ def check_fit(model: torch.nn.Module, peft_sd: dict, what: str, lora_path) -> No
 
 def check_fits(lora: LoraFile, unet=None, text_encoder=None, unet_what: str = "UNet",
                prefix: str = "text_encoder") -> None:
-    if unet is not None:
-        check_fit(unet, _unet_peft_keys(lora.state_dict), unet_what, lora.path)
-    if text_encoder is not None:
-        what = "second text encoder" if prefix == "text_encoder_2" else "text encoder"
-        check_fit(text_encoder, _text_encoder_peft_keys(lora.state_dict, text_encoder, prefix), what, lora.path)
+    try:
+        if unet is not None:
+            check_fit(unet, _unet_peft_keys(lora.state_dict), unet_what, lora.path)
+        if text_encoder is not None:
+            what = "second text encoder" if prefix == "text_encoder_2" else "text encoder"
+            check_fit(text_encoder, _text_encoder_peft_keys(lora.state_dict, text_encoder, prefix), what, lora.path)
+    except (ValueError, KeyError, IndexError) as exc:  # diffusers' key conversion meets names of no known layout
+        raise SdtuneError(f"LoRA {lora.path} names its layers in no layout sdtune or diffusers knows "
+                          f"({type(exc).__name__}: {_first_line(exc)}); is it a LoRA for this model?") from None
 
 
 def _lora_layers(model):

@@ -11,16 +11,63 @@ a resumed run needs to continue exactly where the interrupted one was.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, disk_reason
 
 NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "sdtune_state.json"
+LOCK_FILE = ".sdtune-train.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | os.PathLike, enabled: bool = True):
+    """One training run per output folder: an exclusive ``flock`` on OUTPUT_DIR/.sdtune-train.lock.
+
+    The kernel drops the lock when its process ends, however it ends, so a crashed or killed run never leaves
+    the folder stuck; a second run into a folder in use is refused at once. (Only the main process takes it.)
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not on this platform (Windows): no lock, as before
+        yield
+        return
+    path = Path(output_dir) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SdtuneError(f"output_dir {output_dir} is in use by another training run ({holder}); wait for it to "
+                              "finish or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def disk_error(exc: BaseException, what: str, output_dir) -> SdtuneError | None:
+    """A one-line error for a full or read-only disk while writing ``what``; None for other errors."""
+    reason = disk_reason(exc, output_dir)
+    if reason is None:
+        return None
+    last = latest_checkpoint(output_dir)
+    kept = f"the last complete checkpoint ({last.name}) is intact" if last else "no earlier checkpoint exists"
+    return SdtuneError(f"{reason} while writing {what} in {output_dir}; {kept}. Free space (or make it writable) and "
+                       "run again with resume=latest")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -86,10 +133,18 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # each rank writes its own RNG state; main writes the rest
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))  # each rank writes its own RNG state; main writes the rest
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps({"global_step": step}) + "\n")
+    except Exception as exc:  # not only OSError: safetensors and torch.save raise their own types for a full disk
+        shutil.rmtree(partial, ignore_errors=True)  # never half a checkpoint
+        error = disk_error(exc, f"checkpoint-{step}", root)
+        if error is None:
+            raise
+        raise error from None
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({"global_step": step}) + "\n")
         if final.exists():  # e.g. a resumed run passing the same step again: swap, never merge
             stale = root / f".checkpoint-{step}.old.partial"
             os.replace(final, stale)

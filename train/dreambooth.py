@@ -12,6 +12,13 @@ loss = instance loss + prior_loss_weight x class loss.
 Reproducibility: the data order and every random draw of a step (flips, VAE sample, noise,
 timesteps, caption dropout) are functions of (seed, step, micro-step, process), not of a running RNG,
 so a run resumed from ``checkpoint-N`` ends with the weights of an uninterrupted run.
+
+SDXL (recognised from the model's config) runs the same loop; its own pieces are in
+``sdtune.training.sdxl``: captions through both text encoders (LoRA or training on both when
+``train_text_encoder``), the pooled embedding and the six size/crop time ids per example as the UNet's
+added conditioning, zeros as the caption-dropout embedding when the model's ``force_zeros_for_empty_prompt``
+is set (as SDXL's pipelines use for the unconditional branch), SDXL pipelines for validation and the
+full-weights folder, and SDXL's LoRA layouts (diffusers and kohya ``lora_te1_``/``lora_te2_``).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic
 from sdtune.models.loading import describe, load_pipeline
 from sdtune.training import adapters, checkpointing
+from sdtune.training import sdxl as sdxl_parts
 from sdtune.training import objectives as obj
 from sdtune.training.buckets import parse_buckets
 from sdtune.training.caching import LatentSource, PromptEncoder
@@ -54,6 +62,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run here
     unet: torch.nn.Module | None = None  # unwrapped, final weights
     text_encoder: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder
     loop_s: float = 0.0  # wall seconds in the training loop of this run (no loading, caching or saving)
     latent_encodes: int = 0  # images run through the VAE encoder
     prompt_encodes: int = 0  # text-encoder calls
@@ -126,16 +135,19 @@ def dry_run(cfg: TrainConfig) -> dict:
                        "instance_examples_per_epoch": stream,
                        "epochs": round(cfg.max_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps / stream, 1)}
     pipe = load_pipeline(report["model"], device="cpu", dtype=torch.float32)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if describe(pipe).family == "sdxl" else [])
     if cfg.method == "lora":
         adapters.add_unet_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.train_text_encoder:
-            adapters.add_text_encoder_lora(pipe.text_encoder, cfg.lora_rank, cfg.lora_alpha)
+            for te in encoders:
+                adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
     else:
         pipe.unet.requires_grad_(True)
-        pipe.text_encoder.requires_grad_(cfg.train_text_encoder)
+        for te in encoders:
+            te.requires_grad_(cfg.train_text_encoder)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    report["trainable_parameters"] = {"unet": count(pipe.unet),
-                                      "text_encoder": count(pipe.text_encoder) if cfg.train_text_encoder else 0}
+    report["trainable_parameters"] = {"unet": count(pipe.unet), "text_encoder": sum(
+        count(te) for te in encoders) if cfg.train_text_encoder else 0}
     return report
 
 
@@ -216,9 +228,12 @@ def validation_images(cfg: TrainConfig, pipe, unet, text_encoder, accelerator) -
     """Sample every validation prompt from the current weights with a stock pipeline, fixed seed."""
     from diffusers import StableDiffusionPipeline
 
-    sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
-                                      scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                      requires_safety_checker=False)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder is trained in place
+        sampler = sdxl_parts.sdxl_pipeline(pipe, unet, text_encoder, pipe.text_encoder_2)
+    else:
+        sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
+                                          unet=unet, scheduler=pipe.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
     sampler.set_progress_bar_config(disable=True)
     images = []
     with torch.no_grad(), accelerator.autocast():
@@ -235,9 +250,12 @@ def save_full_pipeline(output_dir: Path, pipe, unet, text_encoder, metadata: dic
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    final = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
-                                    scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: a complete SDXL folder, both encoders
+        final = sdxl_parts.sdxl_pipeline(pipe, unet, text_encoder, pipe.text_encoder_2)
+    else:
+        final = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
     scratch = Path(tempfile.mkdtemp(prefix=".pipeline-", suffix=".partial", dir=output_dir))
     try:
         final.save_pretrained(scratch, safe_serialization=True)
@@ -366,32 +384,45 @@ def _train(cfg: TrainConfig) -> TrainResult:
                           f"({info.unet_in_channels}-channel UNet); pass its text-to-image base model")
     class_images = ensure_concept_class_images(cfg, accelerator, pipeline=pipe)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    sdxl = info.family == "sdxl"
+    text_encoder_2 = pipe.text_encoder_2 if sdxl else None
+    if sdxl:
+        sdxl_parts.check_time_ids_fit(unet, text_encoder_2)
+    text_encoders = [text_encoder] + ([text_encoder_2] if sdxl else [])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas and prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     half = weight_dtype != torch.float32
+    # SDXL's VAE overflows in fp16 (its config says force_upcast, as the SDXL pipelines honour): keep it fp32.
+    vae_dtype = torch.float32 if sdxl and vae.config.get("force_upcast", False) else weight_dtype
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for te in text_encoders:
+        te.requires_grad_(False)
     if half:
-        vae.to(dtype=weight_dtype)
+        vae.to(dtype=vae_dtype)
         if cfg.method == "lora" or not cfg.train_text_encoder:
-            text_encoder.to(dtype=weight_dtype)
+            for te in text_encoders:
+                te.to(dtype=weight_dtype)
     if cfg.method == "lora":
         if half:
             unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
         adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.train_text_encoder:
-            adapters.add_text_encoder_lora(text_encoder, cfg.lora_rank, cfg.lora_alpha)
-        cast_training_params([unet, text_encoder] if cfg.train_text_encoder else [unet], dtype=torch.float32)
+            for te in text_encoders:
+                adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+        cast_training_params([unet, *text_encoders] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(cfg.train_text_encoder)
+        for te in text_encoders:
+            te.requires_grad_(cfg.train_text_encoder)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for te in text_encoders:
+                te.gradient_checkpointing_enable()
     unet.train()
-    text_encoder.train(cfg.train_text_encoder)
+    for te in text_encoders:
+        te.train(cfg.train_text_encoder)
     if cfg.compile:
         # In place, so parameter names (checkpoints, LoRA export) stay those of the plain module. The
         # first steps pay the compilation (minutes on a CPU); it pays off on long runs only.
@@ -400,13 +431,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # --- optimizer, lr schedule, processes ---------------------------------------------------------
     groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:
-        groups.append({"params": adapters.trainable_parameters(text_encoder),
+        groups.append({"params": [p for te in text_encoders for p in adapters.trainable_parameters(te)],
                        "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
     optimizer = make_optimizer(cfg, groups, accelerator.device)
     # accelerate steps a prepared schedule once per process per optimizer step, hence the x world.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
-    if cfg.train_text_encoder:
+    if cfg.train_text_encoder and sdxl:
+        unet, text_encoder, text_encoder_2, optimizer, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, text_encoder_2, optimizer, lr_scheduler)
+        trained = [unet, text_encoder, text_encoder_2]
+    elif cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
         trained = [unet, text_encoder]
     else:
@@ -420,10 +455,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
         warnings.simplefilter("ignore", SdtuneWarning)
         data = read_data(cfg, class_images)
     cache_dir = cfg.latent_cache_dir or (output_dir / "latent_cache")
-    latents_of = LatentSource(vae, accelerator.device, weight_dtype, enabled=cfg.cache_latents and cfg.center_crop,
+    latents_of = LatentSource(vae, accelerator.device, vae_dtype, enabled=cfg.cache_latents and cfg.center_crop,
                               cache_dir=cache_dir if cfg.cache_latents else None)
-    encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
-                           cache=cfg.cache_latents and not cfg.train_text_encoder)
+    if sdxl:  # both encoders, pooled embedding; zeros for dropped captions when the model says so
+        encode = sdxl_parts.XLPromptEncoder(
+            [tokenizer, pipe.tokenizer_2], [text_encoder, text_encoder_2], accelerator.device,
+            cache=cfg.cache_latents and not cfg.train_text_encoder,
+            force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+    else:
+        encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
+                               cache=cfg.cache_latents and not cfg.train_text_encoder)
     if cfg.cache_latents and not cfg.center_crop and accelerator.is_main_process:
         log.warning("random crops (center_crop: false) give new pixels every step: VAE latents are not cached")
 
@@ -459,10 +500,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen, latents.device)
                     dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
                     prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
-                    embeddings = encode(prompts)
+                    extra = {}
+                    if sdxl:
+                        embeddings, pooled = encode(prompts)
+                        extra["added_cond_kwargs"] = sdxl_parts.added_cond(pooled, batch["time_ids"], weight_dtype)
+                    else:
+                        embeddings = encode(prompts)
 
                     noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
-                    pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False)[0]
+                    pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False,
+                                **extra)[0]
                     target = obj.training_target(noise_scheduler, latents, noise, timesteps)
                     per_example.append(obj.per_example_mse(pred, target))
                     is_class.append(batch["is_class"])
@@ -519,15 +566,20 @@ def _train(cfg: TrainConfig) -> TrainResult:
         config = config_to_dict(cfg)
         metadata = {**adapters.config_metadata(config), "sdtune_base_model": str(model_source),
                     "sdtune_steps": str(global_step)}
+        te2_final = pipe.text_encoder_2 if sdxl and cfg.train_text_encoder else None  # trained in place
         if cfg.method == "lora":
-            adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata)
+            adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata,
+                                         text_encoder_2=te2_final, sdxl=sdxl)
             adapters.save_kohya_lora(output_dir / adapters.KOHYA_FILE, unet_final,
                                      te_final if cfg.train_text_encoder else None, rank=cfg.lora_rank,
-                                     alpha=cfg.lora_alpha or cfg.lora_rank, extra_metadata=metadata)
+                                     alpha=cfg.lora_alpha or cfg.lora_rank, extra_metadata=metadata,
+                                     text_encoder_2=te2_final, sdxl=sdxl)
             files = [adapters.LORA_FILE, adapters.KOHYA_FILE]
         else:
             save_full_pipeline(output_dir, pipe, unet_final, te_final, metadata)
             files = ["model_index.json", "unet/", "text_encoder/", "vae/", "tokenizer/", "scheduler/"]
+            if sdxl:
+                files[3:3] = ["text_encoder_2/", "tokenizer_2/"]
         write_model_card(output_dir, config=config, base_model=str(model_source), method=cfg.method,
                          steps=global_step, family=info.family, prediction_type=info.prediction_type,
                          files=files, samples=samples)
@@ -535,6 +587,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     accelerator.end_training()
     result.global_step = global_step
     result.unet, result.text_encoder = unet_final, te_final
+    result.text_encoder_2 = pipe.text_encoder_2 if sdxl else None
     result.latent_encodes, result.prompt_encodes = latents_of.encoded_images, encode.encoder_calls
     return result
 

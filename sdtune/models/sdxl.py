@@ -57,8 +57,7 @@ def _encode_both(tokenizers, text_encoders, per_prompt, device):
         h, p = _hidden_and_pooled(tok, te, per_prompt, device, want_pooled=i == len(text_encoders) - 1)
         hiddens.append(h)
         pooled = p
-    dtype = text_encoders[-1].dtype
-    return torch.cat(hiddens, dim=-1).to(dtype), pooled.to(dtype)
+    return torch.cat(hiddens, dim=-1), pooled  # in the encoders' dtype (the stock pipelines cast to the second's)
 
 
 def _pad_windows(lists: list[list[list[int]]]) -> list[list[list[int]]]:

@@ -3,6 +3,7 @@
 Owns the validated run config (``config``), instance/class data (``data``), class-image generation
 for prior preservation (``class_images``), peft adapters and their export (``adapters``), cached
 latents and prompt embeddings (``caching``), the denoising objective (``objectives``), resumable
-checkpoints (``checkpointing``), the model card (``model_card``) and loading the recipe itself
-(``recipe``). May import ``sdtune.models`` and the shared modules; never generation, world or commands.
+checkpoints (``checkpointing``), the model card (``model_card``), SDXL's pieces of the recipe - both text
+encoders, pooled embeddings, size/crop time ids, caption dropout's zeros (``sdxl``) - and loading the recipe
+itself (``recipe``). May import ``sdtune.models`` and the shared modules; never generation, world or commands.
 """

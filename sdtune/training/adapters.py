@@ -12,6 +12,12 @@ Saving writes ``pytorch_lora_weights.safetensors`` with diffusers' own writer (s
 training config to the file's metadata; and a kohya-style file (``lora_unet_<module>.lora_down.weight``
 / ``.lora_up.weight`` / ``.alpha``, ``lora_te_text_model_<module>...``) that A1111 and ComfyUI load.
 Both are written under a temporary name and renamed.
+
+SDXL (``text_encoder_2`` given): the diffusers file through ``StableDiffusionXLPipeline.save_lora_weights``
+(``unet.``, ``text_encoder.``, ``text_encoder_2.`` keys, read by stock SDXL ``load_lora_weights``); the kohya
+file in kohya's SDXL layout: ``lora_te1_``/``lora_te2_`` for the two text encoders and UNet modules named as
+in the original (SGM) UNet, ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, which diffusers'
+kohya conversion maps back with the UNet's config.
 """
 from __future__ import annotations
 
@@ -86,27 +92,42 @@ def _adapter_metadata(config) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
 
 
+def _te_layers(text_encoder):
+    """(diffusers-format LoRA layers, adapter metadata) of a text encoder, or (None, None) without a LoRA."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    if text_encoder is None or getattr(text_encoder, "_sdtune_lora_config", None) is None:
+        return None, None
+    return (convert_state_dict_to_diffusers(text_encoder_lora_state_dict(text_encoder)),
+            _adapter_metadata(text_encoder._sdtune_lora_config))
+
+
 def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
-                        extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format) atomically."""
-    from diffusers import StableDiffusionPipeline
+                        extra_metadata: dict[str, str] | None = None, text_encoder_2=None,
+                        sdxl: bool = False) -> Path:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format) atomically.
+
+    ``sdxl``: SDXL's writer, with ``text_encoder_2`` (SDXL's second encoder) when it has a LoRA."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    te_layers = te_meta = None
-    if text_encoder is not None and getattr(text_encoder, "_sdtune_lora_config", None) is not None:
-        te_layers = convert_state_dict_to_diffusers(text_encoder_lora_state_dict(text_encoder))
-        te_meta = _adapter_metadata(text_encoder._sdtune_lora_config)
+    te_layers, te_meta = _te_layers(text_encoder)
     scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=output_dir))
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        extra = {}
+        if sdxl:
+            te2_layers, te2_meta = _te_layers(text_encoder_2)
+            extra = dict(text_encoder_2_lora_layers=te2_layers, text_encoder_2_lora_adapter_metadata=te2_meta)
+        writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        writer.save_lora_weights(
             scratch, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state_dict(unet)),
             text_encoder_lora_layers=te_layers,
             unet_lora_adapter_metadata=_adapter_metadata(unet.peft_config["default"]),
-            text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True)
+            text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True, **extra)
         written = scratch / LORA_FILE
         # diffusers' writer takes no extra metadata: add ours to what it wrote and write the final file.
         with safe_open(str(written), framework="pt") as f:
@@ -121,41 +142,62 @@ def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
     return final
 
 
+def sgm_module_name(module: str, unet_config) -> str:
+    """A diffusers UNet module path in the original (SGM/LDM) UNet's names, as kohya's SDXL LoRAs use:
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
+    from sdtune.models.convert import unet_to_ldm
+
+    (name,) = unet_to_ldm({module + ".weight": None}, unet_config)
+    return name.removesuffix(".weight")
+
+
 def kohya_state_dict(unet_sd: dict[str, torch.Tensor], te_sd: dict[str, torch.Tensor] | None,
-                     alpha: float) -> dict[str, torch.Tensor]:
+                     alpha: float, te2_sd: dict[str, torch.Tensor] | None = None,
+                     unet_config=None) -> dict[str, torch.Tensor]:
     """peft-format LoRA state dicts -> kohya/A1111 keys.
 
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` becomes
     ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``; text encoder
     modules get ``lora_te_`` and the ``text_model.`` root of the original CLIP layout that A1111 expects.
     Each module also gets an ``.alpha`` scalar (effective scale = alpha / rank).
+    SDXL (``unet_config`` given): kohya's SDXL layout - UNet modules in the original UNet's names
+    (``sgm_module_name``), text encoders as ``lora_te1_`` and ``lora_te2_`` (``te2_sd``).
     """
     out: dict[str, torch.Tensor] = {}
+    sdxl = unet_config is not None
 
-    def convert(sd, prefix, root=""):
+    def convert(sd, prefix, root="", sgm=False):
         for key, value in sd.items():
             module, _, kind = key.rpartition(".lora_")  # "<module>", "A.weight" | "B.weight"
+            if sgm:
+                module = sgm_module_name(module, unet_config)
             if root and not module.startswith(root):
                 module = root + module
             name = prefix + module.replace(".", "_")
             out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
 
-    convert(unet_sd, "lora_unet_")
+    convert(unet_sd, "lora_unet_", sgm=sdxl)
     if te_sd:
-        convert(te_sd, "lora_te_", root="text_model.")
+        convert(te_sd, "lora_te1_" if sdxl else "lora_te_", root="text_model.")
+    if te2_sd:
+        convert(te2_sd, "lora_te2_", root="text_model.")
     return out
 
 
 def save_kohya_lora(path: str | os.PathLike, unet, text_encoder=None, *, rank: int, alpha: float,
-                    extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the kohya/A1111 export of the adapters to ``path`` atomically."""
+                    extra_metadata: dict[str, str] | None = None, text_encoder_2=None, sdxl: bool = False) -> Path:
+    """Write the kohya/A1111 export of the adapters to ``path`` atomically (``sdxl``: kohya's SDXL layout)."""
     from safetensors.torch import save_file
 
-    te_sd = None
-    if text_encoder is not None and getattr(text_encoder, "_sdtune_lora_config", None) is not None:
-        te_sd = text_encoder_lora_state_dict(text_encoder)
-    tensors = kohya_state_dict(unet_lora_state_dict(unet), te_sd, alpha)
+    def te_state(te):
+        if te is not None and getattr(te, "_sdtune_lora_config", None) is not None:
+            return text_encoder_lora_state_dict(te)
+        return None
+
+    tensors = kohya_state_dict(unet_lora_state_dict(unet), te_state(text_encoder), alpha,
+                               te2_sd=te_state(text_encoder_2) if sdxl else None,
+                               unet_config=unet.config if sdxl else None)
     # kohya's own "ss_" keys, which A1111/ComfyUI show in their LoRA info panels.
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                 "ss_network_alpha": str(alpha), **(extra_metadata or {})}

@@ -67,13 +67,23 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) an image of ``size`` is scaled to so that it covers ``bucket``."""
+    (bw, bh), (w, h) = bucket, size
+    scale = max(bw / w, bh / h)
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
 def fit(img: Image.Image, bucket: tuple[int, int], center_crop: bool = True,
-        generator: torch.Generator | None = None) -> Image.Image:
-    """Scale ``img`` to cover ``bucket`` (keeping its aspect ratio), then crop it to exactly the bucket."""
+        generator: torch.Generator | None = None, with_box: bool = False):
+    """Scale ``img`` to cover ``bucket`` (keeping its aspect ratio), then crop it to exactly the bucket.
+
+    ``with_box``: also return (left, top) of the crop in the scaled image (SDXL's crop conditioning).
+    """
     bw, bh = bucket
     w, h = img.size
     scale = max(bw / w, bh / h)
-    size = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+    size = cover_size((w, h), bucket)
     if size != (w, h):
         img = img.resize(size, resample=Image.LANCZOS if scale < 1 else Image.BICUBIC)
     w, h = size
@@ -82,4 +92,5 @@ def fit(img: Image.Image, bucket: tuple[int, int], center_crop: bool = True,
     else:
         left = int(torch.randint(0, w - bw + 1, (1,), generator=generator))
         top = int(torch.randint(0, h - bh + 1, (1,), generator=generator))
-    return img.crop((left, top, left + bw, top + bh))
+    out = img.crop((left, top, left + bw, top + bh))
+    return (out, (left, top)) if with_box else out

@@ -213,7 +213,7 @@ class TrainingData:
 
     def example(self, kind: str, position: int, epoch: int, bucket=None) -> dict:
         """Stream position ``position`` of ``kind`` in ``epoch``: pixels, caption and its latent-cache key."""
-        from sdtune.training.buckets import fit
+        from sdtune.training.buckets import cover_size, fit
 
         ex = self.examples[kind][self.items[kind][position]]
         bucket = bucket or self.bucket_of(ex)
@@ -222,21 +222,25 @@ class TrainingData:
         if self.center_crop:  # the same pixels every time: fitted once
             cache_key = (kind, self.items[kind][position], bucket)
             if cache_key not in self._fitted:
-                self._fitted[cache_key] = fit(ex.image(), bucket, True)
-            img = self._fitted[cache_key]
+                self._fitted[cache_key] = fit(ex.image(), bucket, True, with_box=True)
+            img, (left, top) = self._fitted[cache_key]
         else:
-            img = fit(ex.image(), bucket, False, gen)
+            img, (left, top) = fit(ex.image(), bucket, False, gen, with_box=True)
         if flip:
             img = ImageOps.mirror(img)
+            left = cover_size(ex.size, bucket)[0] - left - bucket[0]  # the crop's left edge in the mirrored image
         key = (ex.key, bucket, flip) if self.center_crop else None
+        # SDXL's size/crop conditioning: (original height, width, crop top, left, target height, width).
+        time_ids = (ex.size[1], ex.size[0], top, left, bucket[1], bucket[0])
         return {"kind": kind, "pixels": to_tensor(img), "prompt": ex.caption, "key": key, "name": ex.name,
-                "concept": ex.concept}
+                "concept": ex.concept, "time_ids": time_ids}
 
 
 def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
     """A micro-step's examples as forward passes: one when instance and class share a shape, else two.
 
-    Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor}; instance examples first.
+    Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor, "time_ids": [N, 6] (SDXL's
+    original size, crop top-left and target size of each example)}; instance examples first.
     """
     groups: list[list[dict]] = [list(instance)]
     if klass:
@@ -245,7 +249,8 @@ def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
         else:
             groups.append(list(klass))
     return [{"pixels": torch.stack([e["pixels"] for e in g]).contiguous(), "prompts": [e["prompt"] for e in g],
-             "keys": [e["key"] for e in g], "is_class": torch.tensor([e["kind"] == "class" for e in g])}
+             "keys": [e["key"] for e in g], "is_class": torch.tensor([e["kind"] == "class" for e in g]),
+             "time_ids": torch.tensor([e["time_ids"] for e in g], dtype=torch.float32)}
             for g in groups]
 
 

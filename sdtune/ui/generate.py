@@ -1,8 +1,9 @@
 """The Generate tab's work, without gradio: one ``Engine`` held and reused, inputs and outputs kept on disk.
 
 ``Generator.generate`` is what the page calls. It resolves the picked models through the sandbox, reuses the held
-engine when the models are the same (a mode switch or a new prompt loads nothing; another model or LoRA loads a new
-engine in place of the old one), stores uploaded inputs and painted masks under ``OUTPUTS/ui/inputs`` (content-named,
+engine when the models are the same (a mode switch or a new prompt loads nothing; another LoRA or scale is swapped
+on the held engine, the weights restored from a CPU copy; another model loads a new engine in place of the old one),
+stores uploaded inputs and painted masks under ``OUTPUTS/ui/inputs`` (content-named,
 written atomically) so every PNG it writes can be regenerated with ``sdtune infer --from-png``, and saves the images
 with their parameters (``sdtune.generation.metadata``) under ``OUTPUTS/ui/images``.
 """
@@ -37,6 +38,8 @@ class Generator:
         self.key: tuple | None = None
         self.loads = 0  # how many engines were loaded (tests and the status line read it)
         self.last_load_s = 0.0
+        self.lora_switches, self.last_lora_s = 0, 0.0  # LoRAs put on the held engine without reloading it
+        self._pristine: list | None = None  # CPU copies of the weights a LoRA changes, taken before the first one
         self._lock = threading.Lock()
         self.images_dir = sandbox.outputs / "ui" / "images"
         self.inputs_dir = sandbox.outputs / "ui" / "inputs"
@@ -66,20 +69,67 @@ class Generator:
         return model, inpaint, depth, lora, scale
 
     def engine_for(self, key: tuple):
-        """The held engine if it was loaded with ``key``; otherwise load one (the old one is released first)."""
+        """The held engine, made to match ``key`` = (model, inpaint, depth, lora, scale) with the least work.
+
+        The same models: the engine is reused. Only the LoRA or its scale differs: the weights are put back from a
+        CPU copy taken before the first LoRA and the new LoRA is applied (``Engine._apply_lora``, as ``Engine.load``
+        does) - the models are not read again. Another model: a new engine replaces the old one.
+        """
         from sdtune.generation.engine import Engine
 
         if self.engine is not None and self.key == key:
             return self.engine
         model, inpaint_model, depth_model, lora, scale = key
-        self.engine, self.key = None, None  # free the old one before loading the next
+        if self.engine is None or self.key[:3] != key[:3]:
+            self.engine, self.key, self._pristine = None, None, None  # free the old one before loading the next
+            start = time.perf_counter()
+            engine = Engine.load(model, inpaint_model=inpaint_model, depth_model=depth_model, device=self.device,
+                                 dtype=self.dtype)
+            self.last_load_s = time.perf_counter() - start
+            self.engine, self.key = engine, (model, inpaint_model, depth_model, None, 1.0)
+            self.loads += 1
+        if self.key[3:] != (lora, scale):
+            self._set_lora(lora, scale)
+        return self.engine
+
+    def _lora_targets(self) -> list:
+        e = self.engine
+        return list({id(m): m for m in [*e.unets.values(), *e._text_encoders.values()]}.values())
+
+    def _set_lora(self, lora: str | None, scale: float) -> None:
+        """Take the held engine's LoRA off (weights restored exactly) and put ``lora`` at ``scale`` on."""
+        from sdtune.generation.engine import _source_name
+        from sdtune.models import lora as lora_mod
+
+        e = self.engine
+        if lora is not None:
+            lora_mod.find_lora_file(lora)  # a missing file fails before the weights are touched
+        if self.key[3] is not None:
+            from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+            for module, state in zip(self._lora_targets(), self._pristine):
+                if lora_mod._lora_layers(module):  # kept unfused: drop the adapter layers first
+                    recurse_remove_peft_layers(module)
+                    for attr in ("peft_config",):
+                        if hasattr(module, attr):
+                            delattr(module, attr)
+                    if hasattr(module, "_hf_peft_config_loaded"):
+                        module._hf_peft_config_loaded = False
+                module.load_state_dict(state)
+            e.sources.update(lora=None, lora_scale=None)
+            e.lora_fused = None
+            self.key = (*self.key[:3], None, 1.0)
+        if lora is None:
+            return
+        if self._pristine is None:
+            self._pristine = [{k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
+                              for m in self._lora_targets()]
         start = time.perf_counter()
-        engine = Engine.load(model, inpaint_model=inpaint_model, depth_model=depth_model, lora=lora,
-                             lora_scale=scale, device=self.device, dtype=self.dtype)
-        self.last_load_s = time.perf_counter() - start
-        self.engine, self.key = engine, key
-        self.loads += 1
-        return engine
+        e._apply_lora(lora, float(scale), False, "auto")
+        e.sources.update(lora=_source_name(lora), lora_scale=float(scale))
+        self.key = (*self.key[:3], lora, scale)
+        self.lora_switches += 1
+        self.last_lora_s = time.perf_counter() - start
 
     # ------------------------------------------------------------ inputs
 

@@ -95,3 +95,32 @@ def test_the_server_refuses_an_upload_over_the_limit(tmp_path):
         assert httpx.post(url + "gradio_api/upload", files=small, timeout=30).status_code == 200
     finally:
         demo.close()
+
+
+def test_sdtune_ui_serves_the_page_and_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio")
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "ui", "--port", str(port), "--outputs", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None and time.time() < end, proc.communicate(timeout=5)
+                time.sleep(0.5)
+        assert "gradio" in page.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert f"sdtune: note: web UI on http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err, err

@@ -1,5 +1,6 @@
 """The Generate tab's handler on the embedded family: the Engine's own pixels, one engine reused, PNG restore."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,48 @@ def test_a_painted_mask_is_the_editors_layers():
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (10, 20, 30)
     assert mask.getbbox() == (4, 4, 12, 12) and mask.getpixel((5, 5)) == 255
     assert mask_from_editor({"background": bg, "layers": [], "composite": bg})[1] is None
+
+
+def _random_lora(base: str, out_dir, seed: int):
+    """A rank-4 LoRA (UNet + text encoder) for ``base`` with small random weights, saved as training does."""
+    from sdtune.models.loading import load_pipeline
+    from sdtune.training import adapters
+
+    pipe = load_pipeline(base)
+    adapters.add_unet_lora(pipe.unet, rank=4, alpha=4.0)
+    adapters.add_text_encoder_lora(pipe.text_encoder, rank=4, alpha=4.0)
+    torch.manual_seed(seed)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return str(adapters.save_diffusers_lora(out_dir, pipe.unet, pipe.text_encoder).parent)
+
+
+def test_switching_loras_keeps_the_engine_and_gives_a_fresh_loads_pixels(gen):
+    from sdtune.generation.engine import Engine
+    from sdtune.models.embedded import embedded_model
+
+    base = str(embedded_model("base"))
+    a = _random_lora(base, gen.sandbox.outputs / "lora_a", 1)
+    b = _random_lora(base, gen.sandbox.outputs / "lora_b", 2)
+    req = dict(prompt="a photo of a red ball", steps=6, seed=9)
+    loads = gen.loads
+    plain = gen.generate("txt2img", **req)[0][1]
+    with_a = gen.generate("txt2img", lora=a, **req)[0]
+    with_b_half = gen.generate("txt2img", lora=b, lora_scale=0.5, **req)[0]
+    again_plain = gen.generate("txt2img", lora="", **req)[0][1]
+    again_a = gen.generate("txt2img", lora=a, **req)[0][1]
+    assert gen.loads == loads and gen.lora_switches >= 3  # the model was never read again
+
+    def same(x, y):
+        return np.array_equal(np.asarray(x), np.asarray(y))
+
+    fresh_a = Engine.load(base, lora=a).generate("txt2img", **req)[0].image
+    fresh_b = Engine.load(base, lora=b, lora_scale=0.5).generate("txt2img", **req)[0].image
+    assert same(with_a[1], fresh_a) and same(again_a, fresh_a) and same(with_b_half[1], fresh_b)
+    assert same(again_plain, plain) and not same(plain, fresh_a)
+    assert with_a[2]["lora"] == str(Path(a).resolve()) and with_b_half[2]["lora_scale"] == 0.5
+    with pytest.raises(SdtuneError):
+        gen.generate("txt2img", lora=str(gen.sandbox.outputs / "missing"), **req)
+    assert same(gen.generate("txt2img", **req)[0][1], plain)  # a refused LoRA left the engine as it was

@@ -415,6 +415,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         unet.requires_grad_(True)
         for te in text_encoders:
             te.requires_grad_(cfg.train_text_encoder)
+    if sdxl and cfg.train_text_encoder:
+        sdxl_parts.freeze_unread_layers(text_encoder)  # SDXL reads its penultimate layer only
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

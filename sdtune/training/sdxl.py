@@ -70,6 +70,22 @@ class XLPromptEncoder:
         return self._window
 
 
+def freeze_unread_layers(text_encoder) -> list[str]:
+    """Freeze what SDXL never reads of its first text encoder: the last layer and the final layer norm.
+
+    SDXL conditions on the first encoder's penultimate hidden state (its pooled output is unused), so those
+    weights get no gradient; left trainable they would only be dead weight in a LoRA and, under DDP, break
+    gradient reduction (unused parameters). A LoRA there stays at its zero start. Returns the frozen names.
+    """
+    last = int(text_encoder.config.num_hidden_layers) - 1
+    frozen = []
+    for name, p in text_encoder.named_parameters():
+        if p.requires_grad and (f"encoder.layers.{last}." in name or "final_layer_norm" in name):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def added_cond(pooled: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> dict:
     """The UNet's ``added_cond_kwargs`` for SDXL: pooled text embedding and the six size/crop time ids."""
     return {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(device=pooled.device, dtype=dtype)}

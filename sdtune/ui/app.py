@@ -235,7 +235,8 @@ def build(state: State):
     family = dict(models)
     none = [("none", "")]
 
-    with gr.Blocks(title="sdtune", analytics_enabled=False) as demo:
+    # gradio's own copies of uploads and outputs (its cache) are deleted after a day
+    with gr.Blocks(title="sdtune", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## sdtune · DreamBooth and generation, offline\nOutputs: `{sb.outputs}`")
         with gr.Tabs():
             # ------------------------------------------------ Generate

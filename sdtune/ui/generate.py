@@ -18,7 +18,7 @@ from pathlib import Path
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic
 from sdtune.models.embedded import KINDS, embedded_model, has_embedded
-from sdtune.ui.safety import Sandbox, check_upload
+from sdtune.ui.safety import MAX_UPLOAD_PIXELS, Sandbox, check_upload
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 NONE = ""  # the "no LoRA" / "no dedicated model" choice
@@ -149,6 +149,8 @@ class Generator:
             return None
         if isinstance(value, (str, Path)):
             return check_upload(value, what).convert("RGB")
+        if value.width * value.height > MAX_UPLOAD_PIXELS:
+            raise SdtuneError(f"{what} is {value.width}x{value.height}; the limit is {MAX_UPLOAD_PIXELS} pixels")
         return value.convert("RGB")
 
     # ------------------------------------------------------------ generation

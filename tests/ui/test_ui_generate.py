@@ -160,3 +160,34 @@ def test_switching_loras_keeps_the_engine_and_gives_a_fresh_loads_pixels(gen):
     with pytest.raises(SdtuneError):
         gen.generate("txt2img", lora=str(gen.sandbox.outputs / "missing"), **req)
     assert same(gen.generate("txt2img", **req)[0][1], plain)  # a refused LoRA left the engine as it was
+
+
+def test_a_huge_image_from_the_editor_is_refused(gen):
+    with pytest.raises(SdtuneError, match="the limit is"):
+        gen.input_image(Image.new("RGB", (5000, 5000)))
+
+
+def test_clicking_a_gallery_image_shows_its_parameters():
+    from sdtune.ui.app import select_handler
+
+    state = [("b.png", "b", {"seed": 2}), ("a.png", "a", {"seed": 1})]
+    assert json.loads(select_handler(state, 1)) == {"seed": 1}
+    assert select_handler(state, 5) is None and select_handler([], 0) is None
+
+
+def test_inspect_tools_and_their_errors(gen):
+    from sdtune.ui.app import State, inspect_grid_handler, inspect_schedule_handler, inspect_tokens_handler
+
+    state = State(gen.sandbox, gen, None)
+    assert "49406 -> <|startoftext|>" in inspect_tokens_handler(state, "a photo")
+    path, text = inspect_schedule_handler(state, "lms")
+    assert Path(path).is_file() and Path(path).parent == gen.sandbox.outputs / "ui" / "inspect" and "LMS" in text
+    two, status = inspect_grid_handler(state, "schedulers", "a photo of a red ball", "pndm,euler", 3, 1)
+    assert status.startswith("schedulers")
+    three, status = inspect_grid_handler(state, "guidance", "a photo", "1,7.5,12", 3, 1)
+    assert two.width * 3 == three.width * 2  # one tile per scheduler / per scale
+    assert inspect_grid_handler(state, "schedulers", "x", "pndm,nope", 3, 1) == \
+        (None, inspect_grid_handler(state, "schedulers", "x", "nope", 3, 1)[1])
+    assert "unknown scheduler 'nope'" in inspect_grid_handler(state, "schedulers", "x", "nope", 3, 1)[1]
+    assert inspect_grid_handler(state, "guidance", "x", "a,b", 3, 1)[1].startswith("sdtune: error: scales")
+    assert inspect_grid_handler(state, "guidance", "x", "1", 0, 1)[1].startswith("sdtune: error: --steps")

@@ -119,3 +119,44 @@ def test_train_stop_with_a_checkpoint_then_resume_to_the_end(trainer, subject_im
     assert (again.run_dir / "pytorch_lora_weights.safetensors").is_file()
     steps = [s for s, _ in losses(again.run_dir)]
     assert steps[-1] == 60 and set(range(1, 61)) <= set(steps)
+
+
+def test_runs_tab_lists_runs_with_card_samples_and_metrics(sandbox):
+    import json
+
+    from sdtune.ui.app import State, runs_handler
+    from sdtune.ui.runs import list_runs, lora_choices
+
+    lora = sandbox.outputs / "dog"
+    (lora / "samples").mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (lora / "README.md").write_text("---\nbase_model: x\n---\n# DreamBooth LoRA\n")
+    Image.new("RGB", (8, 8)).save(lora / "samples" / "final-0.png")
+    (lora / "checkpoint-10").mkdir()
+    demo = sandbox.outputs / "demo" / "checker_box"
+    demo.mkdir(parents=True)
+    (demo / "metrics.json").write_text(json.dumps({"subject_fidelity": 0.4}))
+    assert {(r.name, r.kind) for r in list_runs(sandbox)} == {("dog", "lora"), ("checker_box", "metrics")}
+    assert lora_choices(sandbox) == [("dog", str(lora))]
+    card, samples, metrics, info = runs_handler(State(sandbox, None, None), "dog")
+    assert card.startswith("```yaml\nbase_model: x\n```") and samples == [str(lora / "samples" / "final-0.png")]
+    assert "checkpoint-10" in info and metrics is None
+    assert runs_handler(State(sandbox, None, None), "demo/checker_box")[2] == {"subject_fidelity": 0.4}
+
+
+def test_progress_and_loss_for_the_page(trainer, subject_images):
+    needs_embedded()
+    from sdtune.ui.app import State, train_poll, train_start_handler, train_stop_handler
+
+    state = State(trainer.sandbox, None, trainer)
+    assert train_start_handler(state, "run1", [], "", "sks", "box", "lora", 20, False, 4, None, "") == \
+        "sdtune: error: no training images: upload 3-5 images of the subject or name a folder"
+    assert train_stop_handler(state, "run1") == "sdtune: error: run run1 is not training"
+    status = train_start_handler(state, "run1", subject_images, "", "sks", "box", "lora", 20, False, 4, None, "")
+    assert status.startswith("started run1")
+    job = trainer.job("run1")
+    job.process.wait(120)
+    wait(job, lambda j: j.ended is not None, 10)
+    line, frame, samples, log = train_poll(state, "run1")
+    assert line.startswith("finished: step 20/20, loss ") and list(frame["step"]) == list(range(1, 21))
+    assert samples and all(s.endswith(".png") for s in samples) and "done: 20 steps" in log

@@ -188,6 +188,26 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.dev
     return torch.optim.AdamW(param_groups, fused=device.type in ("cpu", "cuda"), **kwargs)
 
 
+def check_launch(accelerator) -> None:
+    """Refuse a launch that accelerate quietly ran as something else than asked.
+
+    On a machine without GPUs, accelerate 1.15 turns ``accelerate launch --num_processes 2`` into two separate
+    single-process runs (each would write the same output_dir), and an FSDP or DeepSpeed config into plain
+    data parallelism (it sets FSDP and DeepSpeed up for GPU-like devices only). Both are said in one line.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        raise SdtuneError(f"launched as {launched} processes, but accelerate runs each one alone (no GPU found); on "
+                          "CPUs set ACCELERATE_USE_CPU=true for data parallelism on gloo, or launch one process")
+    for flag, kind, name in (("ACCELERATE_USE_FSDP", "FSDP", "FSDP"),
+                             ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", "DeepSpeed")):
+        asked = os.environ.get(flag, "false").lower() == "true"
+        if asked and accelerator.distributed_type.name != kind:
+            raise SdtuneError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs (here it "
+                              f"would run as {accelerator.distributed_type.name}); use "
+                              "configs/accelerate/multi_gpu.yaml on CPUs, or run on GPUs")
+
+
 def register_trainable_only_checkpoints(accelerator, models: list[torch.nn.Module]) -> None:
     """Checkpoints hold only trainable weights (a LoRA checkpoint is MBs, not the whole UNet).
 
@@ -363,6 +383,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_launch(accelerator)
     if accelerator.is_main_process:
         checkpointing.remove_partials(output_dir)
     for c, concept in enumerate(concepts_of(cfg)):  # every image checked before any model is loaded

@@ -60,3 +60,48 @@ def test_two_processes_on_gloo_end_identical_and_learn(tiny_models, tmp_path):
     assert info[1]["losses"] == losses and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert (out / "model_index.json").is_file()  # the main process saved the pipeline
+
+
+def _launch(tmp_path, tiny_models, accelerate_config: dict, env_extra: dict):
+    one = make_images(tmp_path / "one", 2)
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        model=str(tiny_models["sd1"]), instance_dir=str(one), instance_prompt="a photo of sks dog", resolution=32,
+        method="full", max_steps=2, train_batch_size=1, output_dir=str(out), seed=0)))
+    acc = tmp_path / "accelerate.yaml"
+    acc.write_text(yaml.safe_dump(accelerate_config))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
+                           str(RECIPE), str(cfg)], capture_output=True, text=True, env=env, timeout=600)
+    return proc, out
+
+
+CONFIGS = RECIPE.parents[1] / "configs" / "accelerate"
+FSDP_ON_CPU = {**yaml.safe_load((CONFIGS / "fsdp_full.yaml").read_text()),
+               "use_cpu": True, "mixed_precision": "no"}
+FSDP_ON_CPU["fsdp_config"] = {**FSDP_ON_CPU["fsdp_config"], "fsdp_sync_module_states": False,
+                              "fsdp_cpu_ram_efficient_loading": False}  # accelerate demands a GPU for syncing
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpus_is_refused_in_one_line_not_run_as_something_else(tiny_models, tmp_path):
+    """accelerate 1.15 sets FSDP up for GPU-like devices only: on CPUs the FSDP config would run as plain DDP
+    (MULTI_CPU). The recipe says so instead of training something the config did not ask for."""
+    proc, out = _launch(tmp_path, tiny_models, FSDP_ON_CPU, {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode != 0
+    lines = sorted(set(ln for ln in proc.stderr.splitlines() if ln.startswith("sdtune: error:")))
+    assert lines == ["sdtune: error: the accelerate config asks for FSDP, but accelerate runs it only on GPUs (here "
+                     "it would run as MULTI_CPU); use configs/accelerate/multi_gpu.yaml on CPUs, or run on GPUs"]
+    assert not (out / "model_index.json").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_two_processes_that_accelerate_runs_alone_are_refused(tiny_models, tmp_path):
+    """Without ACCELERATE_USE_CPU accelerate runs each of two CPU processes alone: two runs into one folder."""
+    proc, out = _launch(tmp_path, tiny_models, yaml.safe_load((CONFIGS / "multi_gpu.yaml").read_text()), {})
+    assert proc.returncode != 0
+    lines = set(ln for ln in proc.stderr.splitlines() if ln.startswith("sdtune: error:"))
+    assert len(lines) == 1 and "launched as 2 processes, but accelerate runs each one alone" in lines.pop()
+    assert not (out / "model_index.json").exists()

@@ -169,8 +169,9 @@ def inspect_tokens_handler(state: State, text):
     from sdtune.generation import teaching
 
     try:
-        pipe = state.generator.engine_for(state.generator.models()).pipeline("txt2img")
-        return teaching.format_tokens(teaching.inspect_tokens(pipe, text or ""))
+        with state.generator._lock:
+            pipe = state.generator.current().pipeline("txt2img")
+            return teaching.format_tokens(teaching.inspect_tokens(pipe, text or ""))
     except SdtuneError as exc:
         return _err(exc)
 
@@ -180,7 +181,8 @@ def inspect_schedule_handler(state: State, scheduler):
     from sdtune.models.schedulers import make_scheduler
 
     try:
-        pipe = state.generator.engine_for(state.generator.models()).pipeline("txt2img")
+        with state.generator._lock:
+            pipe = state.generator.current().pipeline("txt2img")
         sched = pipe.scheduler if scheduler in (None, "", "default") else make_scheduler(scheduler, pipe.scheduler.config)
         out = state.sandbox.outputs / "ui" / "inspect" / f"schedule-{scheduler or 'default'}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +207,7 @@ def inspect_grid_handler(state: State, tool, prompt, items, steps, seed):
     try:
         teaching._check_generation(int(steps), None, None)
         with state.generator._lock:
-            pipe = state.generator.engine_for(state.generator.models()).pipeline("txt2img")
+            pipe = state.generator.current().pipeline("txt2img")
             if tool == "guidance":
                 grid, _ = teaching.guidance_grid(pipe, prompt, _list(items, "scales", float), seed=int(seed),
                                                  steps=int(steps))

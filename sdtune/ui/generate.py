@@ -92,9 +92,14 @@ class Generator:
             self._set_lora(lora, scale)
         return self.engine
 
+    def current(self):
+        """The held engine as it is (model and LoRA), or the embedded family's when none is held yet."""
+        return self.engine if self.engine is not None else self.engine_for(self.models())
+
     def _lora_targets(self) -> list:
-        e = self.engine
-        return list({id(m): m for m in [*e.unets.values(), *e._text_encoders.values()]}.values())
+        e = self.engine  # every module Engine._apply_lora may change (SDXL: the second text encoder too)
+        modules = [*e.unets.values(), *e._text_encoders.values(), getattr(e, "text_encoder_2", None)]
+        return list({id(m): m for m in modules if m is not None}.values())
 
     def _set_lora(self, lora: str | None, scale: float) -> None:
         """Take the held engine's LoRA off (weights restored exactly) and put ``lora`` at ``scale`` on."""

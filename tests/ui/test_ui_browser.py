@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from uihelpers import SUBJECT, needs_embedded
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

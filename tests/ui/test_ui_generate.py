@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from uihelpers import needs_embedded
 
 from sdtune.errors import SdtuneError
-
-from uihelpers import needs_embedded
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,10 @@ import time
 
 import pytest
 from PIL import Image
+from uihelpers import needs_embedded
 
 from sdtune.errors import SdtuneError
 from sdtune.training.config import load_config
-
-from uihelpers import needs_embedded
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ def test_train_stop_with_a_checkpoint_then_resume_to_the_end(trainer, subject_im
     again.process.wait(120)
     wait(again, lambda j: j.ended is not None, 10)
     assert again.state == "finished", list(again.lines)
-    assert any(f"resumed from" in ln and f"at step {stopped_at}" in ln for ln in again.lines), list(again.lines)
+    assert any("resumed from" in ln and f"at step {stopped_at}" in ln for ln in again.lines), list(again.lines)
     assert (again.run_dir / "pytorch_lora_weights.safetensors").is_file()
     steps = [s for s, _ in losses(again.run_dir)]
     assert steps[-1] == 60 and set(range(1, 61)) <= set(steps)

@@ -152,7 +152,11 @@ def dry_run(cfg: TrainConfig) -> dict:
 
 
 def format_dry_run(report: dict) -> str:
-    lines = [f"model: {report['model']}"]
+    import yaml
+
+    lines = ["resolved config:"]
+    lines += ["  " + ln for ln in yaml.safe_dump(report["config"], sort_keys=True).splitlines()]
+    lines.append(f"model: {report['model']}")
     for i, c in enumerate(report["concepts"]):
         lines.append(f"concept {i}: {c['source']} - {len(c['images'])} image(s) x {c['repeats']} repeat(s), "
                      f"prompt '{c['instance_prompt']}'")

@@ -211,6 +211,7 @@ def test_dry_run_shows_images_buckets_class_images_and_parameters_without_traini
     text = capsys.readouterr().out
     assert "3 image(s)" in text and "80x40 -> bucket 40x24" in text and "'sks dog, wide'" in text
     assert "3 still to generate" in text and "trainable parameters: UNet" in text
+    assert "resolved config:" in text and "  buckets: auto" in text and "  resolution: 32" in text  # overrides applied
     assert not out.exists() and not (tmp_path / "cls").exists()  # nothing trained, generated or written
     # a bad input shows in the dry run first, as one line
     (images / "bad.txt").write_bytes(b"\xff\xfe\x00bad")

@@ -9,6 +9,13 @@ cache so its ``first_step_s`` holds the whole one-off compilation a first run pa
 
     python bench/bench_training.py --quick          # tiny random model, 32 px (CI-sized)
     python bench/bench_training.py --model PATH --resolution 64 --steps 30
+    python bench/bench_training.py --sdxl tiny --resolution 32 --steps 4     # SDXL plumbing on a CPU
+    python bench/bench_training.py --sdxl full --resolution 1024 --mixed-precision fp16 \
+        --gradient-checkpointing --optimizer adamw8bit                       # SDXL at full size (CUDA)
+
+SDXL (``--sdxl``): a random model of SDXL's architecture (``full``: UNet 2.6B, both text encoders) or the tiny
+test fixture (``tiny``), against ``bench/stock_dreambooth_sdxl.py`` (diffusers' SDXL DreamBooth LoRA loop,
+text embeddings pre-computed as that script does for frozen encoders); LoRA only.
 
 The data: 4 subject + 4 class images, no flips, batch 1 (+1 class example). steps/s is measured over
 the steps after the first ``--warmup`` (default 4 = one epoch, during which the cached run encodes
@@ -74,7 +81,17 @@ def child(args) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / f"inductor-{args.method}")
     lr = 1e-4 if args.method == "lora" else 1e-5
     start = time.perf_counter()  # first_step_s = loading + the first step (+ compiling)
-    if args.cache == "stock":  # diffusers' example-script loop (bench/stock_dreambooth.py)
+    if args.cache == "stock" and args.sdxl != "none":  # diffusers' SDXL example loop
+        import stock_dreambooth_sdxl
+
+        losses = stock_dreambooth_sdxl.train_stock_sdxl(
+            args.model, work / "subject", "a photo of sks box", work / "class", "a photo of a box",
+            args.resolution, args.batch, args.warmup + args.steps, lr, seed=0,
+            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+            use_8bit_adam=args.optimizer == "adamw8bit",
+            on_step=lambda step, loss: stamps.append((time.perf_counter(), time.process_time())))
+        latent_encodes, prompt_encodes = 2 * args.batch * (args.warmup + args.steps), 2
+    elif args.cache == "stock":  # diffusers' example-script loop (bench/stock_dreambooth.py)
         import stock_dreambooth
 
         losses = stock_dreambooth.train_stock(
@@ -149,6 +166,50 @@ def save_sd_shaped(out: Path, full_size: bool = False) -> Path:
     return out
 
 
+def save_sdxl_shaped(out: Path, full_size: bool = True) -> Path:
+    """A random pipeline with SDXL base 1.0's exact architecture (``full_size``) or the tiny SDXL test fixture.
+
+    Full size: UNet 2.6B (320/640/1280 channels, 1/2/10 transformer layers, cross-attention 2048, text_time
+    conditioning 2816), the 4-block VAE with force_upcast, CLIP ViT-L (768) and OpenCLIP bigG (1280, 32 layers,
+    projection 1280) text encoders; written in fp16 (the recipe loads it in fp32 master weights).
+    """
+    import torch
+
+    from sdtune.models.fixtures import tiny_sdxl_pipeline, tiny_sdxl_scheduler, tiny_sdxl_tokenizer_2, tiny_tokenizer
+
+    if not full_size:
+        tiny_sdxl_pipeline("sdxl").save_pretrained(out, safe_serialization=True)
+        return out
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 3.5B weights: on the GPU
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                           bos_token_id=49406, eos_token_id=49407, hidden_act="quick_gelu"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407, hidden_act="gelu",
+            projection_dim=1280))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tiny_tokenizer(),
+                                     tokenizer_2=tiny_sdxl_tokenizer_2(), unet=unet, scheduler=tiny_sdxl_scheduler(),
+                                     add_watermarker=False)
+    pipe.to(dtype=torch.float16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def make_data(work: Path, resolution: int) -> None:
     import numpy as np
     from PIL import Image
@@ -175,6 +236,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
     p.add_argument("--sd15-full-size", action="store_true",
                    help="a random model with SD 1.5's exact architecture (860M UNet) instead of the quarter-width one")
+    p.add_argument("--sdxl", default="none", choices=("none", "tiny", "full"),
+                   help="SDXL: a random model of SDXL's architecture (full) or the tiny fixture; LoRA vs the SDXL "
+                        "example loop")
     p.add_argument("--compile", action="store_true",
                    help="also time sdtune with compile: true (torch.compile; minutes of one-off compilation)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "CACHE"), help=argparse.SUPPRESS)
@@ -186,7 +250,9 @@ def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
     """Each (method, cache on/off) run in its own process; return one dict of figures per run."""
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-") as tmp:
         work = Path(tmp)
-        if args.model is None:
+        if args.model is None and args.sdxl != "none":
+            args.model = str(save_sdxl_shaped(work / "sdxl-shaped", full_size=args.sdxl == "full"))
+        elif args.model is None:
             args.model = str(save_sd_shaped(work / "sd-shaped", full_size=args.sd15_full_size))
         make_data(work, args.resolution)
         rows = []
@@ -195,7 +261,7 @@ def measure(args, methods=("lora", "full"), echo=True) -> list[dict]:
                 cmd = [sys.executable, __file__, "--child", method, cache, "--work", str(work), "--model", args.model,
                        "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--batch", str(args.batch), "--threads", str(args.threads),
-                       "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer]
+                       "--mixed-precision", args.mixed_precision, "--optimizer", args.optimizer, "--sdxl", args.sdxl]
                 cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -216,13 +282,15 @@ def main() -> int:
     if args.quick:
         args.steps, args.resolution = 8, 64
 
+    methods = ("lora",) if args.sdxl != "none" else ("lora", "full")
     try:
-        rows = measure(args)
+        rows = measure(args, methods=methods)
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
 
-    print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else 'random SD-1.5-shaped, quarter width'}, "
+    shaped = {"none": "random SD-1.5-shaped, quarter width", "tiny": "tiny random SDXL", "full": "random SDXL architecture"}[args.sdxl]
+    print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else shaped}, "
           f"{args.resolution} px, batch {args.batch} (+{args.batch} class), {args.steps} timed steps, "
           f"{args.threads} threads, on = sdtune, off = sdtune without caching, stock = example-script loop")
     print(f"{'method':6} {'cache':5} {'steps/s':>8} {'CPU ms/step':>12} {'wall s':>7} {'peak RSS MB':>12} "
@@ -231,7 +299,7 @@ def main() -> int:
         print(f"{r['method']:6} {r['cache']:5} {r['steps_per_s']:8.2f} {r['cpu_ms_per_step']:12.0f} {r['wall_s']:7.1f} "
               f"{r['peak_rss_mb']:12.0f} "
               f"{r['vae_encoded_images']:9d} {r['text_encoder_calls']:9d}")
-    for method in ("lora", "full"):
+    for method in methods:
         on = next(r for r in rows if r["method"] == method and r["cache"] == "on")
         off = next(r for r in rows if r["method"] == method and r["cache"] == "off")
         stock = next(r for r in rows if r["method"] == method and r["cache"] == "stock")

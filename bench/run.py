@@ -31,7 +31,10 @@ vae_tiling, buckets, time_to_subject, ui, gpu).
 
 On a CPU, per-image and class-image times are process CPU seconds (steadier than wall time on a shared
 machine); cold start is wall time by nature. With CUDA present the inference, cold-start and
-class-image sections run again on cuda; otherwise the GPU section records "skipped: no CUDA".
+class-image sections run again on cuda, and GPU training runs SD 1.5's architecture at 512 px (LoRA and full)
+and SDXL base 1.0's at 1024 px (LoRA, fp16, gradient checkpointing, 8-bit Adam, cached text embeddings; vs
+bench/stock_dreambooth_sdxl.py, diffusers' SDXL DreamBooth LoRA loop; targets <= 10 GB peak VRAM, >= 1.3x
+steps/s); otherwise the GPU section records "skipped: no CUDA".
 """
 from __future__ import annotations
 
@@ -193,6 +196,27 @@ def section_gpu_training(args) -> dict:
         out[method] = dict(steps_per_s=dict(sdtune=on["steps_per_s"], stock=stock["steps_per_s"]),
                            peak_vram_mb=dict(sdtune=on["peak_vram_mb"], stock=stock["peak_vram_mb"]))
     return out
+
+
+def section_gpu_sdxl_training(args) -> dict:
+    """SDXL base 1.0's architecture (random weights) at 1024 px, LoRA, batch 1, fp16 mixed precision, gradient
+    checkpointing, 8-bit Adam and cached text embeddings on both sides (the SDXL example script pre-computes
+    them for frozen encoders; sdtune caches latents too): steps/s and peak VRAM. Targets: peak <= 10 GB and
+    >= 1.3x the example loop's steps/s."""
+    import bench_training
+
+    targs = bench_training.parse_args(["--sdxl", "full", "--resolution", "1024", "--batch", "1",
+                                       "--mixed-precision", "fp16", "--gradient-checkpointing",
+                                       "--optimizer", "adamw8bit", "--steps", "6" if args.quick else "30",
+                                       "--warmup", "4"])
+    rows = bench_training.measure(targs, methods=("lora",), echo=False)
+    on, stock = (next(r for r in rows if r["cache"] == c) for c in ("on", "stock"))
+    return dict(model="random, SDXL base 1.0 architecture (UNet 2.6B)", resolution=1024, batch=1,
+                settings="LoRA, fp16 mixed precision, gradient checkpointing, 8-bit AdamW, cached text embeddings",
+                timed_steps=targs.steps, runs=rows,
+                lora=dict(steps_per_s=dict(sdtune=on["steps_per_s"], stock=stock["steps_per_s"]),
+                          peak_vram_mb=dict(sdtune=on["peak_vram_mb"], stock=stock["peak_vram_mb"])),
+                targets=dict(peak_vram_mb_at_most=10 * 1024, steps_per_s_ratio_at_least=1.3))
 
 
 def section_inference(args, models, lora: Path, device: str) -> dict:
@@ -419,6 +443,15 @@ def _rows(results: dict):
                                  v["stock"] / v["sdtune"], ""))
             if "error" in tr:
                 rows.append(("training (cuda)", "error", None, None, None, tr["error"]))
+            xl = results.get("gpu_sdxl_training")
+            if xl is not None and "lora" in xl:
+                s, v = xl["lora"]["steps_per_s"], xl["lora"]["peak_vram_mb"]
+                rows.append(("training (cuda)", "SDXL lora 1024px steps/s", s["sdtune"], s["stock"],
+                             s["sdtune"] / s["stock"], "target >= 1.3x; fp16, grad ckpt, 8-bit Adam"))
+                rows.append(("training (cuda)", "SDXL lora 1024px peak VRAM MB", v["sdtune"], v["stock"],
+                             v["stock"] / v["sdtune"], "target sdtune <= 10240 MB"))
+            elif xl is not None and "error" in xl:
+                rows.append(("training (cuda)", "SDXL error", None, None, None, xl["error"]))
         elif tr is not None:
             if "error" in tr:
                 rows.append(("training", "error", None, None, None, tr["error"]))
@@ -580,6 +613,7 @@ def main(argv=None) -> int:
                                   note="training runs on the device accelerate picks (see training section)")
             run_device_sections(args, models, lora, "cuda", scratch, results, "gpu_")
             results["gpu_training"] = _guarded("gpu training", lambda: section_gpu_training(args))
+            results["gpu_sdxl_training"] = _guarded("gpu SDXL training", lambda: section_gpu_sdxl_training(args))
         elif "gpu" in args.only:
             results["gpu"] = dict(skipped="skipped: no CUDA")
     results["total_wall_s"] = round(time.perf_counter() - started, 1)

@@ -402,12 +402,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     # --- the base model: fp32 master weights, half precision only for what is frozen ---------------
     model_source = resolve_model(cfg)
-    pipe = load_pipeline(model_source, device=accelerator.device, dtype=torch.float32)
+    # A half-precision LoRA run on a GPU stages the model on the CPU: the frozen weights are cast before they
+    # reach the GPU, so its memory never holds their fp32 copy (SDXL's UNet alone is 10 GB in fp32).
+    stage_on_cpu = (accelerator.device.type == "cuda" and cfg.method == "lora"
+                    and cfg.mixed_precision in ("fp16", "bf16"))
+    pipe = load_pipeline(model_source, device="cpu" if stage_on_cpu else accelerator.device, dtype=torch.float32)
     info = describe(pipe)
     if info.mode != "txt2img":
         raise SdtuneError(f"DreamBooth trains a text-to-image model, but {model_source} is an {info.mode} model "
                           f"({info.unet_in_channels}-channel UNet); pass its text-to-image base model")
-    class_images = ensure_concept_class_images(cfg, accelerator, pipeline=pipe)
+    # Staged on the CPU: class images (if any are missing) get their own half-precision copy on the GPU.
+    class_images = ensure_concept_class_images(cfg, accelerator, pipeline=None if stage_on_cpu else pipe)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     sdxl = info.family == "sdxl"
     text_encoder_2 = pipe.text_encoder_2 if sdxl else None
@@ -450,6 +455,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     unet.train()
     for te in text_encoders:
         te.train(cfg.train_text_encoder)
+    if stage_on_cpu:
+        pipe.to(accelerator.device)
     if cfg.compile:
         # In place, so parameter names (checkpoints, LoRA export) stay those of the plain module. The
         # first steps pay the compilation (minutes on a CPU); it pays off on long runs only.

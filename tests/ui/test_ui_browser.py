@@ -271,6 +271,26 @@ def test_train_a_lora_watch_it_then_generate_with_it(page, server):
     assert np.abs(a - b).mean() > 1.0  # the LoRA changed the image
 
 
+def test_stop_checkpoints_and_resume_finishes(page, server):
+    state = server[0]
+    tab(page, "Train")
+    type_into(page, "train-name", "ui_stop")  # the four uploads are still in the file box
+    type_into(page, "train-steps", 40)
+    css(page, "#train-start").click()
+    wait_for(lambda: text_of(page, "train-progress").startswith("running: step")
+             and int(text_of(page, "train-progress").split("step ")[1].split("/")[0]) >= 3, 60, "a few steps")
+    css(page, "#train-stop").click()
+    wait_for(lambda: text_of(page, "train-progress").startswith("stopped"), 60, "the stop")
+    run = state.sandbox.outputs / "ui_stop"
+    checkpoints = sorted(run.glob("checkpoint-*"))
+    assert checkpoints and not (run / "pytorch_lora_weights.safetensors").exists()
+    css(page, "#train-resume").click()
+    wait_for(lambda: text_of(page, "train-status").startswith("resuming"), 20, "the resume")
+    wait_for(lambda: text_of(page, "train-progress").startswith("finished: step 40/40"), 120, "the resumed run")
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert any(f"resumed from {checkpoints[-1]}" in line for line in state.trainer.job("ui_stop").lines)
+
+
 def test_runs_shows_the_model_card(page, server):
     tab(page, "Runs")
     choose(page, "run-pick", "ui_box")

@@ -124,3 +124,37 @@ def test_sdtune_ui_serves_the_page_and_stops_on_ctrl_c(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert f"sdtune: note: web UI on http://127.0.0.1:{port}" in err
     assert "Traceback" not in err, err
+
+
+def test_the_server_connects_to_nothing_but_itself(tmp_path, monkeypatch):
+    """Every name looked up and every address connected to while the UI starts and serves: loopback only
+    (no analytics, version check, share tunnel or CDN)."""
+    pytest.importorskip("gradio")
+    import socket
+
+    import httpx
+
+    from sdtune.ui.app import launch, make_state
+
+    seen = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        seen.append(address[0] if isinstance(address, tuple) else address)
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        seen.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    demo, url = launch(make_state(tmp_path / "o"), host="127.0.0.1", port=None, block=False, quiet=True)
+    try:
+        assert httpx.get(url, timeout=10).status_code == 200
+        assert httpx.get(url + "config", timeout=10).status_code == 200
+        time.sleep(1.0)  # what a launch starts in the background has had its chance
+    finally:
+        demo.close()
+    hosts = {str(h) for h in seen}
+    assert hosts and hosts <= {"127.0.0.1", "localhost", "::1"}, hosts

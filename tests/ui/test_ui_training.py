@@ -124,7 +124,7 @@ def test_runs_tab_lists_runs_with_card_samples_and_metrics(sandbox):
     import json
 
     from sdtune.ui.app import State, runs_handler
-    from sdtune.ui.runs import list_runs, lora_choices
+    from sdtune.ui.runs import list_runs, lora_choices, model_choices
 
     lora = sandbox.outputs / "dog"
     (lora / "samples").mkdir(parents=True)
@@ -135,8 +135,13 @@ def test_runs_tab_lists_runs_with_card_samples_and_metrics(sandbox):
     demo = sandbox.outputs / "demo" / "checker_box"
     demo.mkdir(parents=True)
     (demo / "metrics.json").write_text(json.dumps({"subject_fidelity": 0.4}))
-    assert {(r.name, r.kind) for r in list_runs(sandbox)} == {("dog", "lora"), ("checker_box", "metrics")}
+    full = sandbox.outputs / "cat_full"
+    (full / "unet").mkdir(parents=True)
+    (full / "model_index.json").write_text("{}")
+    assert {(r.name, r.kind) for r in list_runs(sandbox)} == \
+        {("dog", "lora"), ("checker_box", "metrics"), ("cat_full", "full")}
     assert lora_choices(sandbox) == [("dog", str(lora))]
+    assert ("cat_full", str(full)) in model_choices(sandbox)  # a full fine-tune is offered as a model
     card, samples, metrics, info = runs_handler(State(sandbox, None, None), "dog")
     assert card.startswith("```yaml\nbase_model: x\n```") and samples == [str(lora / "samples" / "final-0.png")]
     assert "checkpoint-10" in info and metrics is None

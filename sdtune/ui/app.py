@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 GALLERY_SIZE = 24
+UNCHANGED = {"__type__": "update"}  # gr.update(): leave the field as it is (spelled out: no gradio import here)
 CSS = "#gallery img { image-rendering: pixelated; } .gen-status, .train-status { font-family: monospace; }"
 
 
@@ -92,8 +93,7 @@ def restore_handler(state: State, file):
     try:
         params = restore_from_png(file if isinstance(file, str) else file.name, state.sandbox)
     except SdtuneError as exc:
-        import gradio as gr
-        return [gr.update() for _ in keys] + [_err(exc)]
+        return [dict(UNCHANGED) for _ in keys] + [_err(exc)]
     values = [params.get(k) for k in keys]
     values[keys.index("scheduler")] = params.get("scheduler") or "default"
     values[keys.index("lora")] = params.get("lora") or ""

@@ -190,3 +190,23 @@ def test_inspect_tools_and_their_errors(gen):
     assert "unknown scheduler 'nope'" in inspect_grid_handler(state, "schedulers", "x", "nope", 3, 1)[1]
     assert inspect_grid_handler(state, "guidance", "x", "a,b", 3, 1)[1].startswith("sdtune: error: scales")
     assert inspect_grid_handler(state, "guidance", "x", "1", 0, 1)[1].startswith("sdtune: error: --steps")
+
+
+def test_switching_an_unfused_lora_restores_the_weights_exactly(gen, monkeypatch):
+    """Where fusing is not exact enough (fp16 on a GPU) the LoRA stays as adapter layers; taking it off must
+    drop them and give the plain model's pixels again. Forced here on the CPU."""
+    from sdtune.models import lora as lora_mod
+    from sdtune.models.embedded import embedded_model
+
+    monkeypatch.setattr(lora_mod, "FUSE_TOLERANCE", -1.0)  # never fuse
+    a = _random_lora(str(embedded_model("base")), gen.sandbox.outputs / "lora_unfused", 3)
+    req = dict(prompt="a photo of a blue ball", steps=5, seed=4)
+    plain = gen.generate("txt2img", **req)[0][1]
+    loads = gen.loads
+    (_, tuned, params), = gen.generate("txt2img", lora=a, **req)
+    assert params["lora_fused"] is False and lora_mod._lora_layers(gen.engine.unets["base"])
+    again = gen.generate("txt2img", **req)[0][1]
+    assert not lora_mod._lora_layers(gen.engine.unets["base"]) and not lora_mod._lora_layers(gen.engine.text_encoder)
+    assert np.array_equal(np.asarray(again), np.asarray(plain)) and not np.array_equal(np.asarray(tuned),
+                                                                                        np.asarray(plain))
+    assert gen.loads == loads

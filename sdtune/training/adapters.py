@@ -109,7 +109,6 @@ def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
 
     ``sdxl``: SDXL's writer, with ``text_encoder_2`` (SDXL's second encoder) when it has a LoRA."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -123,8 +122,12 @@ def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
             te2_layers, te2_meta = _te_layers(text_encoder_2)
             extra = dict(text_encoder_2_lora_layers=te2_layers, text_encoder_2_lora_adapter_metadata=te2_meta)
         writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        # The UNet's keys stay in peft's format (lora_A/lora_B) throughout: diffusers' loader decides from the
+        # file's *first* UNet key whether to convert the old "lora.down/up" names, so a file mixing both (the
+        # attention layers converted, convolutions and feed-forward layers not) lost its attention LoRAs whenever
+        # a non-attention key came first - SDXL's first block has no attention (seen with lora_targets: all).
         writer.save_lora_weights(
-            scratch, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state_dict(unet)),
+            scratch, unet_lora_layers=unet_lora_state_dict(unet),
             text_encoder_lora_layers=te_layers,
             unet_lora_adapter_metadata=_adapter_metadata(unet.peft_config["default"]),
             text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True, **extra)

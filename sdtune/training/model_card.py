@@ -13,20 +13,23 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
     """Markdown with YAML front matter: base model, prompts, how to load, the full config, samples."""
     prompt = config.get("instance_prompt", "")
     tags = ["stable-diffusion", "text-to-image", "diffusers", "dreambooth", "sdtune"]
+    cls = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    if family == "sdxl":
+        tags.insert(1, "stable-diffusion-xl")
     if method == "lora":
         tags.append("lora")
     front = ["---", f"base_model: {json.dumps(base_model)}", f"instance_prompt: {json.dumps(prompt)}",
              "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     if method == "lora":
-        how = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-               f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_model)})\n"
+        how = (f"```python\nfrom diffusers import {cls}\n"
+               f"pipe = {cls}.from_pretrained({json.dumps(base_model)})\n"
                "pipe.load_lora_weights(\"path/to/this/folder\")\n"
                f"image = pipe({json.dumps(prompt)}).images[0]\n```\n\n"
                "`lora_kohya.safetensors` holds the same weights with kohya/A1111 key names for "
                "AUTOMATIC1111 and ComfyUI.")
     else:
-        how = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-               "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n"
+        how = (f"```python\nfrom diffusers import {cls}\n"
+               f"pipe = {cls}.from_pretrained(\"path/to/this/folder\")\n"
                f"image = pipe({json.dumps(prompt)}).images[0]\n```")
     prior = (f"with prior preservation on \"{config.get('class_prompt')}\" "
              f"(weight {config.get('prior_loss_weight')})" if config.get("with_prior_preservation")

@@ -271,3 +271,42 @@ def test_sdxl_errors_are_one_clear_line(tiny_sdxl, tiny_models, engine, inputs, 
         with pytest.raises(SdtuneError, match=message) as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_sdxl_generate_many_equals_one_at_a_time(engine, inputs):
+    for mode in ("txt2img", "depth2img"):
+        image = inputs["image"] if mode != "txt2img" else None
+        requests = [dict(prompt=PROMPT, seed=5, image=image), dict(prompt="a blue car", seed=6, image=image)]
+        batch = engine.generate_many(mode, requests, steps=STEPS, batch_size=2)
+        for req, got in zip(requests, batch):
+            one = engine.generate(mode, prompt=req["prompt"], seed=req["seed"], steps=STEPS,
+                                  image=req["image"] if mode != "txt2img" else None)[0]
+            assert got.params["generated_in_batch_of"] == 2
+            assert np.abs(pixels(got) - pixels(one)).max() <= 2, mode  # a batch sums in another order
+
+
+def test_sdxl_hub_id_from_the_local_cache(tiny_sdxl, tmp_path, monkeypatch):
+    """A hub id resolves offline from the Hugging Face cache: SDXL recognised, a refiner refused."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.models.loading import load_pipeline
+
+    cache = tmp_path / "hub"
+    for variant, repo in (("sdxl", "someone/tiny-sdxl"), ("sdxl_refiner", "someone/tiny-refiner")):
+        root = cache / f"models--{repo.replace('/', '--')}"
+        snapshot = root / "snapshots" / ("0" * 40)
+        shutil.copytree(tiny_sdxl[variant], snapshot)
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    pipe = load_pipeline("someone/tiny-sdxl")
+    assert type(pipe) is StableDiffusionXLPipeline
+    with pytest.raises(SdtuneError, match="SDXL refiner"):
+        load_pipeline("someone/tiny-refiner")

@@ -78,6 +78,26 @@ def test_sdxl_lora_trains_unet_and_both_text_encoders(lora_run):
         assert any(k.startswith(prefix) for k in kohya), prefix
     assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # kohya's SDXL (original UNet) names
     assert not any(k.startswith("lora_unet_down_blocks_") for k in kohya)
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionXLPipeline.from_pretrained" in card and "stable-diffusion-xl" in card
+
+
+def test_engine_reads_the_kohya_sdxl_file_as_the_diffusers_one(tiny_sdxl, lora_run):
+    from sdtune.generation.engine import Engine
+    from sdtune.models.loading import load_pipeline
+
+    _, out = lora_run
+    a = Engine.load(tiny_sdxl["sdxl"], lora=out / "pytorch_lora_weights.safetensors")
+    b = Engine.load(tiny_sdxl["sdxl"], lora=out / "lora_kohya.safetensors")
+    plain = load_pipeline(tiny_sdxl["sdxl"])
+    for name, x, y, base in (("unet", a.unets["base"], b.unets["base"], plain.unet),
+                             ("text_encoder", a.text_encoder, b.text_encoder, plain.text_encoder),
+                             ("text_encoder_2", a.text_encoder_2, b.text_encoder_2, plain.text_encoder_2)):
+        sa, sb, s0 = x.state_dict(), y.state_dict(), base.state_dict()
+        assert sa.keys() == sb.keys() == s0.keys(), name
+        assert any(not torch.equal(sa[k], s0[k]) for k in sa), name  # the LoRA reached it
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-5)
 
 
 def test_sdxl_lora_loads_into_stock_diffusers_to_the_same_image_in_both_formats(tiny_sdxl, lora_run):
@@ -253,3 +273,39 @@ def test_sdxl_example_config_is_valid():
                       [] if torch.cuda.is_available() else ["optimizer=adamw"])
     assert cfg.model == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.resolution == 1024
     assert cfg.buckets == "auto" and cfg.cache_latents
+
+
+def test_lora_targets_all_sdxl_kohya_file_loads_like_the_diffusers_one(tiny_sdxl, tmp_path):
+    """ResNet convolutions, time projections and feed-forward layers too: kohya's original-UNet names for them
+    (in_layers_2, emb_layers_1, ...) come back through diffusers' conversion to the same weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    subject = make_images(tmp_path / "subject", 2)
+    out = tmp_path / "all"
+    recipe.train(config(tiny_sdxl["sdxl"], subject, out, lora_targets="all", max_steps=1, learning_rate=1e-2))
+    with safe_open(str(out / "lora_kohya.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any("_in_layers_2." in k for k in keys) and any("_emb_layers_1." in k for k in keys)
+    assert any("_ff_net_2." in k for k in keys)
+    fused = {}
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["sdxl"])
+        pipe.load_lora_weights(str(out), weight_name=name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        fused[name] = pipe.unet.state_dict()
+    plain = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["sdxl"]).unet.state_dict()
+    a, b = fused.values()
+    moved = [k for k in a if not torch.equal(a[k], plain[k])]
+    assert any("resnets" in k and "conv1" in k for k in moved) and any("time_emb_proj" in k for k in moved)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_sdxl_dry_run_counts_both_text_encoders(tiny_sdxl, tmp_path):
+    subject = make_images(tmp_path / "subject", 2)
+    lora = recipe.dry_run(config(tiny_sdxl["sdxl"], subject, tmp_path / "o", train_text_encoder=True))
+    only_unet = recipe.dry_run(config(tiny_sdxl["sdxl"], subject, tmp_path / "o"))
+    assert lora["trainable_parameters"]["unet"] == only_unet["trainable_parameters"]["unet"] > 0
+    # rank 4 on q/k/v/out of 2 layers each: 32-wide and 48-wide encoders
+    assert lora["trainable_parameters"]["text_encoder"] == 2 * 4 * (2 * 4 * 32) + 2 * 4 * (2 * 4 * 48)

@@ -234,7 +234,6 @@ def build(state: State):
     schedulers = ["default", *scheduler_names()]
     models = model_choices(sb)
     base = models[0][1] if models else None
-    family = dict(models)
     none = [("none", "")]
 
     # gradio's own copies of uploads and outputs (its cache) are deleted after a day
@@ -394,7 +393,6 @@ def build(state: State):
                 grid_go.click(lambda *a: inspect_grid_handler(state, *a),
                               [grid_tool, grid_prompt, grid_items, grid_steps, grid_seed], [grid_img, grid_status],
                               concurrency_limit=1)
-        del family
     demo.queue(default_concurrency_limit=1)
     return demo
 

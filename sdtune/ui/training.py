@@ -227,23 +227,35 @@ class Trainer:
             job = self.jobs.get(run_dir)
             if job is not None and job.returncode is None:
                 raise SdtuneError(f"run {run_dir.name} is already training; wait for it or press Stop")
+            new_folder = not run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
-            with output_lock(run_dir):  # refused here, in one line, if another process trains into it
-                pass
-            if data is not None:
-                if images:
-                    instance = Path(data["instance_dir"])
-                    for i, p in enumerate(images):
-                        save_image_atomic(check_upload(p, "training image").convert("RGB"), instance / f"{i:02d}.png")
-                import yaml
+            try:
+                with output_lock(run_dir):  # refused here, in one line, if another process trains into it
+                    pass
+                if data is not None:
+                    if images:
+                        instance = Path(data["instance_dir"])
+                        for i, p in enumerate(images):
+                            save_image_atomic(check_upload(p, "training image").convert("RGB"),
+                                              instance / f"{i:02d}.png")
+                    import yaml
 
-                write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False))
-            cmd = [self.python, "-m", "sdtune", "train", str(run_dir / CONFIG_NAME)]
-            if resume:
-                cmd.append("resume=latest")
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, cwd=str(ROOT), start_new_session=True)
+                    write_text_atomic(run_dir / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False))
+                cmd = [self.python, "-m", "sdtune", "train", str(run_dir / CONFIG_NAME)]
+                if resume:
+                    cmd.append("resume=latest")
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                try:
+                    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT),
+                                               start_new_session=True)
+                except OSError as exc:
+                    raise SdtuneError(f"the training process could not start ({self.python}: {exc.strerror})") \
+                        from None
+            except BaseException:
+                if new_folder and not resume:  # nothing half-written: a start that failed leaves no run behind
+                    clean_failed_start(run_dir)
+                raise
             job = Job(run_dir=run_dir, process=process, resumed=resume)
             job.lines.append(f"$ {' '.join(cmd)}")
             threading.Thread(target=job._read, args=(run_dir / LOG_NAME,), daemon=True).start()
@@ -281,5 +293,7 @@ class Trainer:
 
 def clean_failed_start(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but what the UI wrote before the recipe started."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_NAME, LOG_NAME, "instance"}:
+    from sdtune.training.checkpointing import LOCK_FILE
+
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_NAME, LOG_NAME, "instance", LOCK_FILE}:
         shutil.rmtree(run_dir)

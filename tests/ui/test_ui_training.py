@@ -164,3 +164,10 @@ def test_progress_and_loss_for_the_page(trainer, subject_images):
     line, frame, samples, log = train_poll(state, "run1")
     assert line.startswith("finished: step 20/20, loss ") and list(frame["step"]) == list(range(1, 21))
     assert samples and all(s.endswith(".png") for s in samples) and "done: 20 steps" in log
+
+
+def test_a_start_that_fails_leaves_no_run_behind(trainer, subject_images):
+    trainer.python = "/nonexistent/python"  # the recipe's process cannot start
+    with pytest.raises(SdtuneError, match="the training process could not start"):
+        trainer.start(images=subject_images, **form())
+    assert not (trainer.sandbox.outputs / "run1").exists()

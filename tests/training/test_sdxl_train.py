@@ -202,6 +202,9 @@ def test_caption_dropout_uses_zeros_as_sdxls_pipelines_do(tiny_sdxl):
         assert p1.shape == (3, 32)
         torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)  # the cache changes nothing
         torch.testing.assert_close(p1, p2, atol=1e-5, rtol=1e-5)
+        pos, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu")  # a caption: exactly the stock embedding
+        torch.testing.assert_close(e1[0, :77], pos[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(p1[0], pooled[0], atol=1e-6, rtol=1e-6)
         if zeros:
             assert e1[1].abs().max() == 0 and p1[1].abs().max() == 0
         else:  # the encoded empty prompt, what the stock pipeline gives for negative_prompt=""
@@ -309,3 +312,14 @@ def test_sdxl_dry_run_counts_both_text_encoders(tiny_sdxl, tmp_path):
     assert lora["trainable_parameters"]["unet"] == only_unet["trainable_parameters"]["unet"] > 0
     # rank 4 on q/k/v/out of 2 layers each: 32-wide and 48-wide encoders
     assert lora["trainable_parameters"]["text_encoder"] == 2 * 4 * (2 * 4 * 32) + 2 * 4 * (2 * 4 * 48)
+
+
+def test_sdxl_class_images_are_generated_by_the_sdxl_base(tiny_sdxl, tmp_path):
+    subject = make_images(tmp_path / "subject", 2)
+    class_dir = make_images(tmp_path / "class", 1, seed=1)
+    result = recipe.train(config(tiny_sdxl["sdxl"], subject, tmp_path / "out", with_prior_preservation=True,
+                                 class_prompt="a photo of dog", class_dir=str(class_dir), num_class_images=3,
+                                 class_generation_steps=2, max_steps=1))
+    made = sorted(p.name for p in class_dir.iterdir())
+    assert len(made) == 3 and result.global_step == 1
+    assert all(Image.open(class_dir / n).size == (32, 32) for n in made if n.startswith("class_"))

@@ -33,8 +33,10 @@ from sdtune.imageio import atomic_path
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # lora_targets "all": also the transformer blocks' feed-forward layers and the ResNet blocks' convolutions
-# (kohya's LoCon reaches the same convolutions). Not proj_in/proj_out: given a file that also holds those,
-# stock diffusers' load_lora_weights drops the attention LoRAs (measured, diffusers 0.42), so we train none.
+# (kohya's LoCon reaches the same convolutions). Not proj_in/proj_out: given a file that also held those,
+# stock diffusers' load_lora_weights dropped the attention LoRAs (measured, diffusers 0.42). The cause was the
+# file's mixed key formats (see save_diffusers_lora); since the export is peft-format throughout, such a file
+# loads whole (checked on the tiny SD model), but the targets are left as the demo was measured with.
 UNET_TARGETS_ALL = UNET_TARGETS + ["ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"

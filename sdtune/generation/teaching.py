@@ -184,8 +184,15 @@ def unet_dummy_call(pipe, seed: int = 0, steps: int = 50) -> dict:
     timestep = pipe.scheduler.timesteps[0]
     latents = torch.randn(1, unet.config.in_channels, side, side, generator=gen).to(unet.device, unet.dtype)
     text = torch.randn(1, max_len, cross, generator=gen).to(unet.device, unet.dtype)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and six size/crop time ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        size = side * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=gen).to(unet.device, unet.dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]], device=unet.device, dtype=unet.dtype)}
     with torch.no_grad():
-        out = unet(latents, timestep, text).sample
+        out = unet(latents, timestep, text, **extra).sample
     return {"timestep": int(timestep), "latents_shape": tuple(latents.shape),
             "text_embeddings_shape": tuple(text.shape), "output_shape": tuple(out.shape)}
 

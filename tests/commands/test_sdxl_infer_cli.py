@@ -42,3 +42,12 @@ def test_sdxl_single_file_txt2img_and_refiner_refused(tiny_sdxl, tiny_models, tm
     code, out, err = run_cli(capsys, "txt2img", "--model", tiny_sdxl["sdxl_refiner"], "--prompt", "a cat",
                              "--out", tmp_path / "r")
     assert code == 2 and "SDXL refiner" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_tools_take_an_sdxl_model(tiny_sdxl, capsys):
+    code = main(["inspect", "unet", "--model", str(tiny_sdxl["sdxl"])])
+    out = capsys.readouterr().out
+    assert code == 0 and "UNet output shape: torch.Size([1, 4, 16, 16])" in out
+    assert "Text embeddings shape: torch.Size([1, 77, 80])" in out
+    code = main(["inspect", "tokens", "a photo of a cat", "--model", str(tiny_sdxl["sdxl"])])
+    assert code == 0 and "77" in capsys.readouterr().out

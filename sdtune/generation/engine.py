@@ -169,9 +169,6 @@ class Engine:
         if sdxl and depth_model is not None:
             raise SdtuneError("SDXL has no 5-channel depth model: SDXL depth2img runs through a depth ControlNet; "
                               "pass --controlnet (and --depth-estimator or --depth-map) instead of --depth-model")
-        if sdxl and base is not None:
-            raise SdtuneError("--base (add difference to the dedicated UNets) is not supported for SDXL; "
-                              "pass the fine-tuned SDXL model as --model (or train a LoRA, which reaches every mode)")
         kind = {9: "inpaint", 5: "depth"}.get(main_info.unet_in_channels, "base")
         unets, schedulers = {kind: main.unet}, {kind: main.scheduler}
         text_encoders = {k: main.text_encoder for k in ("base", "inpaint", "depth")}
@@ -201,8 +198,16 @@ class Engine:
                                   f"{dedicated.unet.config.in_channels} input channels)")
             _check_text_dim(dedicated.unet, main.text_encoder, src, getattr(main, "text_encoder_2", None))
             if base_pipe is not None and "base" in unets:
+                if describe(base_pipe).family != main_info.family:
+                    raise SdtuneError(f"--base {base} is not of --model's family ({main_info.family}); pass the model "
+                                      "--model was fine-tuned from")
                 add_difference(dedicated.unet, unets["base"], base_pipe.unet)
-                if not _same_weights(dedicated.text_encoder, base_pipe.text_encoder):
+                if sdxl and not (_same_weights(dedicated.text_encoder, base_pipe.text_encoder)
+                                 and _same_weights(dedicated.text_encoder_2, base_pipe.text_encoder_2)):
+                    raise SdtuneError(f"{src} has text encoders of its own (not --base's); SDXL's modes share one "
+                                      "pair, so carry the fine-tuning over only to a dedicated model that kept the "
+                                      "base's (as the public SDXL inpainting model did)")
+                if not sdxl and not _same_weights(dedicated.text_encoder, base_pipe.text_encoder):
                     # Its text encoder was trained too: it needs its own (dedicated + fine-tuned - base).
                     add_difference(dedicated.text_encoder, main.text_encoder, base_pipe.text_encoder, "text encoder")
                     text_encoders[dkind] = dedicated.text_encoder

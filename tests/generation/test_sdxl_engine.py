@@ -310,3 +310,29 @@ def test_sdxl_hub_id_from_the_local_cache(tiny_sdxl, tmp_path, monkeypatch):
     assert type(pipe) is StableDiffusionXLPipeline
     with pytest.raises(SdtuneError, match="SDXL refiner"):
         load_pipeline("someone/tiny-refiner")
+
+
+def test_sdxl_add_difference_carries_full_fine_tuning_to_the_inpaint_unet(tiny_sdxl, tmp_path):
+    from sdtune.generation.engine import Engine
+    from sdtune.models.fixtures import tiny_sdxl_pipeline
+    from sdtune.models.loading import load_pipeline
+
+    tuned = load_pipeline(tiny_sdxl["sdxl"])
+    with torch.no_grad():  # a "fine-tune": every UNet weight moved a little
+        for p in tuned.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    tuned.save_pretrained(tmp_path / "ft", safe_serialization=True)
+    eng = Engine.load(tmp_path / "ft", inpaint_model=tiny_sdxl["sdxl_inpaint"], base=tiny_sdxl["sdxl"])
+    ft, base = tuned.unet.state_dict(), load_pipeline(tiny_sdxl["sdxl"]).unet.state_dict()
+    dedicated = load_pipeline(tiny_sdxl["sdxl_inpaint"]).unet.state_dict()
+    merged = eng.unets["inpaint"].state_dict()
+    for key in (next(k for k in merged if k.endswith("attn2.to_k.weight")), "add_embedding.linear_1.weight"):
+        assert torch.allclose(merged[key], dedicated[key] + ft[key] - base[key], atol=1e-6), key
+        assert not torch.allclose(merged[key], dedicated[key])
+    assert torch.equal(merged["conv_in.weight"], dedicated["conv_in.weight"])  # the 9-channel conv_in kept
+    pipe = eng.pipeline("inpaint")
+    assert pipe.text_encoder is eng.text_encoder and pipe.text_encoder_2 is eng.text_encoder_2
+    own = tiny_sdxl_pipeline("sdxl_inpaint", seed=1)  # an inpainting model with text encoders of its own
+    own.save_pretrained(tmp_path / "own", safe_serialization=True)
+    with pytest.raises(SdtuneError, match="text encoders of its own"):
+        Engine.load(tmp_path / "ft", inpaint_model=tmp_path / "own", base=tiny_sdxl["sdxl"])

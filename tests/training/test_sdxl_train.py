@@ -162,6 +162,19 @@ def test_time_ids_follow_the_image_its_bucket_crop_and_flip(tmp_path):
     assert seen == {False: (40, 81, 0, 4, 24, 40), True: (40, 81, 0, 5, 24, 40)}
     square = TrainingData(examples, resolution=32, center_crop=True).example("instance", 0, 0)
     assert square["time_ids"] == (40, 81, 0, (65 - 32) // 2, 32, 32)  # 81x40 covers 32x32 at 65x32
+    # Random crops: each draw's own offset, and the pixels are that crop of the image scaled to cover the bucket.
+    from sdtune.training.data import to_tensor
+
+    scaled = examples[0].image().resize((49, 24), Image.LANCZOS)
+    random_data = TrainingData(examples, resolution=32, buckets=[(40, 24)], center_crop=False)
+    lefts = set()
+    for epoch in range(8):
+        r = random_data.example("instance", 0, epoch)
+        _, _, top, left, _, _ = r["time_ids"]
+        lefts.add(left)
+        assert top == 0 and 0 <= left <= 9
+        assert torch.equal(r["pixels"], to_tensor(scaled.crop((left, 0, left + 40, 24))))
+    assert len(lefts) > 1
     batch = collate([ex, ex])[0]
     assert batch["time_ids"].shape == (2, 6) and batch["time_ids"].dtype == torch.float32
 

@@ -289,7 +289,8 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 1
 
-    shaped = {"none": "random SD-1.5-shaped, quarter width", "tiny": "tiny random SDXL", "full": "random SDXL architecture"}[args.sdxl]
+    shaped = {"none": "random SD-1.5-shaped, quarter width", "tiny": "tiny random SDXL",
+              "full": "random SDXL architecture"}[args.sdxl]
     print(f"\nmodel {args.model if not args.model.startswith(tempfile.gettempdir()) else shaped}, "
           f"{args.resolution} px, batch {args.batch} (+{args.batch} class), {args.steps} timed steps, "
           f"{args.threads} threads, on = sdtune, off = sdtune without caching, stock = example-script loop")

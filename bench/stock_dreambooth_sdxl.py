@@ -16,7 +16,6 @@ Kept in ``bench/`` because it exists only to be measured against.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -141,7 +140,8 @@ def train_stock_sdxl(model: str, instance_dir, instance_prompt: str, class_dir, 
                 if prior:
                     pred, pred_prior = torch.chunk(pred, 2, dim=0)
                     target, target_prior = torch.chunk(target, 2, dim=0)
-                    loss = F.mse_loss(pred.float(), target.float()) + F.mse_loss(pred_prior.float(), target_prior.float())
+                    loss = (F.mse_loss(pred.float(), target.float())
+                            + F.mse_loss(pred_prior.float(), target_prior.float()))
                 else:
                     loss = F.mse_loss(pred.float(), target.float())
                 accelerator.backward(loss)

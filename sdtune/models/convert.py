@@ -195,7 +195,7 @@ def to_ldm_state_dict(pipe, dtype: torch.dtype | None = None) -> dict[str, torch
     info = describe(pipe)
     if info.family not in {"sd1", "sd2", "sdxl"}:
         raise SdtuneError(f"single-file export supports SD 1.x, 2.x and SDXL; this model is {info.family}")
-    parts = ("unet", "vae", "text_encoder", "text_encoder_2") if info.family == "sdxl" else ("unet", "vae", "text_encoder")
+    parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if info.family == "sdxl" else ())
     for part in parts:
         if any("lora_" in k or ".base_layer." in k for k in getattr(pipe, part).state_dict()):
             raise SdtuneError(f"the {part} carries unfused LoRA layers; fuse them into the weights first "
@@ -203,7 +203,8 @@ def to_ldm_state_dict(pipe, dtype: torch.dtype | None = None) -> dict[str, torch
     text = pipe.text_encoder.state_dict()
     if info.family == "sdxl":
         text_part = {SDXL_CLIP_PREFIX + k: v for k, v in clip_to_ldm(text).items()}
-        text_part.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in openclip_to_ldm(pipe.text_encoder_2.state_dict()).items()})
+        second = openclip_to_ldm(pipe.text_encoder_2.state_dict())
+        text_part.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in second.items()})
     elif info.family == "sd1":
         text_part = {CLIP_PREFIX + k: v for k, v in clip_to_ldm(text).items()}
     else:

@@ -219,7 +219,8 @@ def tiny_sdxl_pipeline(variant: str = "sdxl", seed: int = 0, prediction_type: st
             unet=tiny_sdxl_unet(4, cross_dim=48, seed=seed, refiner=True), scheduler=tiny_sdxl_scheduler(),
             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     common = dict(vae=vae, text_encoder=tiny_text_encoder(seed=seed), tokenizer=tiny_tokenizer(),
-                  text_encoder_2=te2, tokenizer_2=tiny_sdxl_tokenizer_2(), scheduler=tiny_sdxl_scheduler(prediction_type))
+                  text_encoder_2=te2, tokenizer_2=tiny_sdxl_tokenizer_2(),
+                  scheduler=tiny_sdxl_scheduler(prediction_type))
     if variant == "sdxl_inpaint":
         return StableDiffusionXLInpaintPipeline(unet=tiny_sdxl_unet(9, seed=seed), **common)
     return StableDiffusionXLPipeline(unet=tiny_sdxl_unet(4, seed=seed), **common)

@@ -149,7 +149,8 @@ def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
 
 def sgm_module_name(module: str, unet_config) -> str:
     """A diffusers UNet module path in the original (SGM/LDM) UNet's names, as kohya's SDXL LoRAs use:
-    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
     from sdtune.models.convert import unet_to_ldm
 
     (name,) = unet_to_ldm({module + ".weight": None}, unet_config)

@@ -2,7 +2,6 @@
 pixels, modes share the loaded components, LoRAs reach all four modes, metadata regenerates, long prompts."""
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np

@@ -130,3 +130,71 @@ def test_controlnet_and_depth_estimator_load(tiny_sdxl, tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
     with pytest.raises(SdtuneError, match="not a transformers model folder"):
         load_depth_estimator(tmp_path)
+
+
+def _meta_sdxl():
+    """SDXL base 1.0's UNet and second text encoder at their real sizes, on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280))
+    return unet, te2
+
+
+def test_full_size_sdxl_layout_matches_diffusers_reader():
+    """At SDXL's real sizes (UNet 2.6B), diffusers' single-file reader inverts our export key for key."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    from sdtune.models import convert
+
+    unet, te2 = _meta_sdxl()
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base 1.0's UNet
+    state = unet.state_dict()
+    ldm = convert.unet_to_ldm(state, unet.config)
+    assert len(ldm) == len(state)
+    for landmark in ("label_emb.0.0.weight", "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+                     "middle_block.1.transformer_blocks.9.ff.net.2.weight", "output_blocks.2.2.conv.weight",
+                     "out.2.bias"):
+        assert landmark in ldm, landmark
+    back = sfu.convert_ldm_unet_checkpoint({convert.UNET_PREFIX + k: v for k, v in ldm.items()}, dict(unet.config))
+    assert back.keys() == state.keys() and all(back[k].shape == state[k].shape for k in state)
+    second = convert.openclip_to_ldm(te2.state_dict())
+    assert second["text_projection"].shape == (1280, 1280)
+    assert second["transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    back = sfu.convert_open_clip_checkpoint(te2, {convert.SDXL_OPENCLIP_PREFIX + k: v for k, v in second.items()},
+                                            prefix=convert.SDXL_OPENCLIP_PREFIX)
+    want = {k for k in te2.state_dict() if not k.endswith("position_ids")}
+    assert set(back) == want
+
+
+def test_full_size_sdxl_kohya_names_map_back_through_diffusers():
+    """kohya's SDXL LoRA names (original UNet blocks) for every target of lora_targets: all, at SDXL's real
+    layout, come back through diffusers' kohya conversion as the modules they were made from."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.training import adapters
+
+    unet, _ = _meta_sdxl()
+    targets = [n for n, m in unet.named_modules()
+               if any(n == t or n.endswith("." + t) for t in adapters.UNET_TARGETS_ALL) and hasattr(m, "weight")]
+    peft_sd = {}
+    for name in targets:
+        peft_sd[f"{name}.lora_A.weight"] = torch.zeros(1, 1)
+        peft_sd[f"{name}.lora_B.weight"] = torch.zeros(1, 1)
+    kohya = adapters.kohya_state_dict(peft_sd, None, alpha=1.0, unet_config=unet.config)
+    assert not any("down_blocks" in k or "up_blocks" in k for k in kohya)
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    back, _ = StableDiffusionXLPipeline.lora_state_dict(kohya, unet_config=unet.config)
+    back = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in back.items()})  # as the loader
+    modules = {k.rsplit(".lora_", 1)[0] for k in back}
+    assert modules == set(targets), sorted(set(targets) ^ modules)[:5]

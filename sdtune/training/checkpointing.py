@@ -133,7 +133,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, keep:
     if accelerator.is_main_process:
         if partial.exists():
             shutil.rmtree(partial)
-        partial.mkdir()  # before any rank writes into it (under FSDP every rank writes its own shard and state)
+        partial.mkdir(parents=True)  # before any rank writes into it (under FSDP every rank writes its own shard and state)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(partial))  # each rank writes its own RNG state; main writes the rest

@@ -4,6 +4,7 @@ Every bad input a user can give raises ``SdtuneError`` with one line that says w
 how to fix it; the CLI prints it without a traceback and exits non-zero.
 """
 import errno
+import os
 
 # Errors that mean "the disk cannot take this write" rather than a bug: said in one line wherever sdtune writes.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -43,8 +44,6 @@ def disk_reason(exc: BaseException, path=None) -> str | None:
 
 
 def _free_bytes(path) -> int:
-    import os
-
     for candidate in (path, os.path.dirname(os.fspath(path))):
         try:
             st = os.statvfs(candidate)

@@ -1,6 +1,6 @@
 """The web UI's overhead: one txt2img image through the Generate tab's handler vs through the Engine directly.
 
-    python bench/bench_ui.py --model data/models/base [--steps 20] [--repeats 7] [--threads 1]
+    python bench/bench_ui.py --model data/models/base [--steps 20] [--repeats 7] [--threads 1] [--size 256]
 
 "Through the UI" is ``sdtune.ui.app.generate_handler``, exactly what the page's Generate button calls: the
 sandbox check of the picked model, the CLI's request checks, the held engine, the PNG + JSON written under the
@@ -21,7 +21,9 @@ from pathlib import Path
 PROMPT = "a photo of a red ball on grass"
 
 
-def measure(model: str, scratch: Path, steps: int = 20, repeats: int = 7, seed: int = 0) -> dict:
+def measure(model: str, scratch: Path, steps: int = 20, repeats: int = 7, seed: int = 0, size: int = 0) -> dict:
+    """``size``: width = height in pixels (0 = the model's own); the UI's fixed cost per request is the same at any
+    size, the image's own cost grows with its pixels."""
     import numpy as np
     import torch
     from PIL import Image
@@ -32,20 +34,22 @@ def measure(model: str, scratch: Path, steps: int = 20, repeats: int = 7, seed: 
     from sdtune.ui.safety import Sandbox
 
     model = str(Path(model).resolve())
+    wh = size or None
     sandbox = Sandbox(scratch / "outputs", [Path(model).parent])
     state = State(sandbox, Generator(sandbox), None)
     engine = Engine.load(model)
 
     def through_ui():
         gallery, params, status, _, _ = generate_handler(
-            state, "txt2img", model, "", "", "", 1.0, PROMPT, "", steps, 7.5, seed, 0, 0, "default", 1, 0.8, None,
+            state, "txt2img", model, "", "", "", 1.0, PROMPT, "", steps, 7.5, seed, size, size, "default", 1, 0.8, None,
             None, [])
         if not status.startswith("done"):
             raise RuntimeError(status)
         return Image.open(gallery[0][0]).convert("RGB")
 
     def direct():
-        return engine.generate("txt2img", prompt=PROMPT, steps=steps, guidance=7.5, seed=seed)[0].image
+        return engine.generate("txt2img", prompt=PROMPT, steps=steps, guidance=7.5, seed=seed, width=wh,
+                               height=wh)[0].image
 
     def cpu(fn):
         start = time.process_time()
@@ -60,17 +64,18 @@ def measure(model: str, scratch: Path, steps: int = 20, repeats: int = 7, seed: 
             times[side].append(t)
     ui, eng = statistics.median(times["ui"]), statistics.median(times["engine"])
     diff = int(np.abs(np.asarray(ui_image, dtype=int) - np.asarray(direct_image, dtype=int)).max())
-    out = dict(model=model, steps=steps, repeats=repeats, threads=torch.get_num_threads(), time_unit="cpu_s",
+    out = dict(model=model, steps=steps, size=size or "model's own", repeats=repeats,
+               threads=torch.get_num_threads(), time_unit="cpu_s",
                per_image=dict(ui=ui, engine=eng), overhead=ui / eng - 1.0, all_cpu_s=times,
                engine_loads_in_ui=state.generator.loads, max_pixel_difference=diff)
     try:
-        out["http"] = _through_the_server(state, model, engine, steps, repeats, seed)
+        out["http"] = _through_the_server(state, model, engine, steps, repeats, seed, size)
     except ImportError as exc:  # no [ui] extra: the handler row above still stands
         out["http"] = dict(skipped=f"gradio not installed ({exc.name})")
     return out
 
 
-def _through_the_server(state, model, engine, steps, repeats, seed) -> dict:
+def _through_the_server(state, model, engine, steps, repeats, seed, size=0) -> dict:
     """Wall seconds of the same image as an HTTP request to the running page (gradio's queue, gradio_client),
     vs Engine.generate's wall seconds, and a 1-step image to show gradio's fixed per-request cost."""
     import gradio  # noqa: F401
@@ -83,7 +88,7 @@ def _through_the_server(state, model, engine, steps, repeats, seed) -> dict:
         client = Client(url, verbose=False, download_files=False)
 
         def request(n):
-            return client.predict("txt2img", model, "", "", "", 1.0, PROMPT, "", n, 7.5, seed, 0, 0, "default", 1,
+            return client.predict("txt2img", model, "", "", "", 1.0, PROMPT, "", n, 7.5, seed, size, size, "default", 1,
                                   0.8, None, None, api_name="/generate")
 
         def wall(fn):
@@ -96,7 +101,7 @@ def _through_the_server(state, model, engine, steps, repeats, seed) -> dict:
         for _ in range(repeats):
             times["http"].append(wall(lambda: request(steps)))
             times["engine"].append(wall(lambda: engine.generate("txt2img", prompt=PROMPT, steps=steps, guidance=7.5,
-                                                                seed=seed)))
+                                                                seed=seed, width=size or None, height=size or None)))
             times["http_1_step"].append(wall(lambda: request(1)))
     finally:
         demo.close()
@@ -111,12 +116,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size", type=int, default=0, help="width = height in pixels (default: the model's own)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="sdtune-bench-ui-") as tmp:
-        out = measure(args.model, Path(tmp), args.steps, args.repeats)
+        out = measure(args.model, Path(tmp), args.steps, args.repeats, size=args.size)
     print(f"per image: UI {out['per_image']['ui']:.3f} CPU s, engine {out['per_image']['engine']:.3f} CPU s, "
           f"overhead {out['overhead'] * 100:+.1f} %, max px diff {out['max_pixel_difference']}, "
           f"engine loads in the UI {out['engine_loads_in_ui']}")

@@ -14,19 +14,10 @@ from safetensors import safe_open
 from sdtune.training.config import config_from_dict
 from sdtune.training.recipe import load_recipe
 
+from test_train_recipe import make_images  # the same two-tone subjects as the SD tests
+
 recipe = load_recipe()
 PROMPT = "a photo of sks dog"
-
-
-def make_images(folder, n, seed=0, size=(36, 40)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        a = np.zeros((size[1], size[0], 3), np.uint8)
-        a[:, : size[0] // 2] = rng.integers(0, 255, 3)
-        a[size[1] // 3: size[1] // 2] = 255
-        Image.fromarray(a).save(folder / f"img{i}.png")
-    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -85,23 +85,30 @@ def encode_batch(tokenizer, text_encoder, prompts: list[str], device=None) -> to
     return _windows_through(tokenizer, text_encoder, [w + [[]] * (n - len(w)) for w in windows], device)
 
 
-def encode_prompts(tokenizer, text_encoder, prompt: str, negative_prompt: str = "", *,
-                   long_prompt: str = CHUNK, device=None) -> EncodedPrompts:
-    """Embeddings for ``prompt`` and ``negative_prompt``; long prompts chunked or truncated (with a warning)."""
+def prompt_pair_ids(tokenizer, prompt: str, negative_prompt: str, long_prompt: str = CHUNK,
+                    reader: str = "the text encoder reads") -> tuple[list[int], list[int], int, bool]:
+    """Token ids of a prompt and its negative, the encoder's window width, and whether anything was cut: whole
+    for ``chunk``, cut to one window (with a warning naming what was dropped) for ``truncate``."""
     if long_prompt not in (CHUNK, TRUNCATE):
         raise ValueError(f"long_prompt must be {CHUNK!r} or {TRUNCATE!r}")
-    device = device or text_encoder.device
     width = tokenizer.model_max_length - 2
     pos, neg = token_ids(tokenizer, prompt or ""), token_ids(tokenizer, negative_prompt or "")
     truncated = False
     if long_prompt == TRUNCATE:
         for name, ids in (("prompt", pos), ("negative prompt", neg)):
             if len(ids) > width:
-                dropped = tokenizer.decode(ids[width:])
-                log.warning("%s has %d tokens; the text encoder reads %d, so this was cut: %r",
-                            name, len(ids), width, dropped)
+                log.warning("%s has %d tokens; %s %d, so this was cut: %r", name, len(ids), reader, width,
+                            tokenizer.decode(ids[width:]))
                 truncated = True
         pos, neg = pos[:width], neg[:width]
+    return pos, neg, width, truncated
+
+
+def encode_prompts(tokenizer, text_encoder, prompt: str, negative_prompt: str = "", *,
+                   long_prompt: str = CHUNK, device=None) -> EncodedPrompts:
+    """Embeddings for ``prompt`` and ``negative_prompt``; long prompts chunked or truncated (with a warning)."""
+    device = device or text_encoder.device
+    pos, neg, width, truncated = prompt_pair_ids(tokenizer, prompt, negative_prompt, long_prompt)
     pos_w, neg_w = _windows(pos, width), _windows(neg, width)
     n = max(len(pos_w), len(neg_w))
     # Pad the shorter side with empty windows (BOS EOS pad...), as A1111 does, so both have equal length.

@@ -23,14 +23,11 @@ training (``encode_batch_xl`` with ``dropped``), so classifier-free guidance see
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from sdtune.models.prompts import CHUNK, TRUNCATE, EncodedPrompts, _window_batch, _windows, token_ids
-
-log = logging.getLogger("sdtune")
+from sdtune.models.prompts import CHUNK, EncodedPrompts, _window_batch, _windows, prompt_pair_ids, token_ids
 
 
 @dataclass
@@ -71,20 +68,10 @@ def encode_prompts_xl(tokenizers, text_encoders, prompt: str, negative_prompt: s
                       device=None) -> EncodedPromptsXL:
     """SDXL's embeddings (sequence + pooled) for ``prompt`` and ``negative_prompt``, as the stock pipeline
     computes them for prompts of <= 75 tokens; longer ones chunked, or cut with a warning (``truncate``)."""
-    if long_prompt not in (CHUNK, TRUNCATE):
-        raise ValueError(f"long_prompt must be {CHUNK!r} or {TRUNCATE!r}")
-    tok = tokenizers[0]  # both SDXL tokenizers share CLIP's BPE vocabulary: same tokens, same windows
     device = device or text_encoders[-1].device
-    width = tok.model_max_length - 2
-    pos, neg = token_ids(tok, prompt or ""), token_ids(tok, negative_prompt or "")
-    truncated = False
-    if long_prompt == TRUNCATE:
-        for name, ids in (("prompt", pos), ("negative prompt", neg)):
-            if len(ids) > width:
-                log.warning("%s has %d tokens; the text encoders read %d, so this was cut: %r",
-                            name, len(ids), width, tok.decode(ids[width:]))
-                truncated = True
-        pos, neg = pos[:width], neg[:width]
+    # Both SDXL tokenizers share CLIP's BPE vocabulary: the same tokens, the same windows for both encoders.
+    pos, neg, width, truncated = prompt_pair_ids(tokenizers[0], prompt, negative_prompt, long_prompt,
+                                                 reader="the text encoders read")
     pos_w, neg_w = _pad_windows([_windows(pos, width), _windows(neg, width)])
     embeds, pooled = _encode_both(tokenizers, text_encoders, [pos_w], device)
     if not (negative_prompt or "") and force_zeros_for_empty_prompt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -70,8 +71,6 @@ def _decode(source, name: str, mode: str, what: str) -> Image.Image:
 
 
 def _stated_pixels(exc: Exception) -> str:
-    import re
-
     found = re.search(r"\((\d+) pixels\)", str(exc))
     return f"{int(found.group(1)):,}" if found else "billions of"
 

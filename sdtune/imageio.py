@@ -61,7 +61,8 @@ def _decode(source, name: str, mode: str, what: str) -> Image.Image:
         raise SdtuneError(f"{what} {name} says it is {_stated_pixels(exc)} pixels, far more than any image sdtune "
                           "works with (a corrupt file or a decompression bomb); pass a real image") from None
     except Exception as exc:  # a corrupt file reaches many decoder errors (OSError, SyntaxError, struct.error, ...)
-        raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); is it corrupt?") from None
+        raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); "
+                          "is it corrupt?") from None
     img = _to_8bit(img)
     if img.mode in {"RGBA", "LA", "P", "PA"}:
         img = img.convert("RGBA")

@@ -186,17 +186,9 @@ class Engine:
         for dkind, src, dconfig in (("inpaint", inpaint_model, inpaint_config), ("depth", depth_model, depth_config)):
             if src is None:
                 continue
-            dedicated = load_pipeline(src, device=device, dtype=dtype, config=dconfig, allow_pickle=allow_pickle)
-            dinfo = describe(dedicated)
-            got = {9: "inpaint", 5: "depth"}.get(dinfo.unet_in_channels, "base")
-            if (dinfo.family == "sdxl") != sdxl:
-                raise SdtuneError(f"--{dkind}-model {src} is {'an SDXL' if dinfo.family == 'sdxl' else 'an SD 1.x/2.x'}"
-                                  f" model but --model is {'SDXL' if sdxl else 'SD 1.x/2.x'}; use one family")
-            if got != dkind:
-                want = {"inpaint": "a 9-channel inpainting", "depth": "a 5-channel depth"}[dkind]
-                raise SdtuneError(f"--{dkind}-model {src} is not {want} model (its UNet has "
-                                  f"{dedicated.unet.config.in_channels} input channels)")
-            _check_text_dim(dedicated.unet, main.text_encoder, src, getattr(main, "text_encoder_2", None))
+            dedicated = _load_dedicated(dkind, src, dconfig, sdxl=sdxl, text_encoder=main.text_encoder,
+                                        text_encoder_2=getattr(main, "text_encoder_2", None), device=device,
+                                        dtype=dtype, allow_pickle=allow_pickle)
             if base_pipe is not None and "base" in unets:
                 if describe(base_pipe).family != main_info.family:
                     raise SdtuneError(f"--base {base} is not of --model's family ({main_info.family}); pass the model "
@@ -251,6 +243,39 @@ class Engine:
         if compile:
             engine.compile_unets()
         return engine
+
+    def replace_dedicated(self, kind: str, src, config=None, allow_pickle: bool = False) -> None:
+        """Swap the dedicated ``kind`` ("inpaint" | "depth") model for ``src`` (None: none, the mode then runs as
+        without one), loading only that model: the shared VAE, text encoders and the other UNets stay as they are.
+
+        For an engine with no LoRA on it and no ``base`` (add difference) - what the web UI holds between requests.
+        """
+        if kind not in ("inpaint", "depth"):
+            raise SdtuneError(f"replace_dedicated takes 'inpaint' or 'depth', got {kind!r}")
+        if self.sources.get("lora") is not None or self.sources.get("base") is not None:
+            raise SdtuneError("take the LoRA (and --base) off before swapping a dedicated model; or load a new engine")
+        if "base" not in self.unets:
+            raise SdtuneError("the engine's main model is itself a dedicated model; load a new engine")
+        if kind == "depth" and self.controlnet is not None and src is not None:
+            raise SdtuneError("pass either --depth-model (a 5-channel depth model) or --controlnet, not both")
+        if src is not None:
+            _check_source(src, f"--{kind}-model")
+            dedicated = _load_dedicated(kind, src, config, sdxl=self.sdxl, text_encoder=self.text_encoder,
+                                        text_encoder_2=self.text_encoder_2, device=self.device, dtype=self.dtype,
+                                        allow_pickle=allow_pickle)
+            if self.compiled:
+                dedicated.unet.compile()
+            self.unets[kind], self._schedulers[kind] = dedicated.unet, dedicated.scheduler
+            if kind == "depth":
+                self.depth_estimator, self.feature_extractor = dedicated.depth_estimator, dedicated.feature_extractor
+        else:
+            self.unets.pop(kind, None)
+            self._schedulers.pop(kind, None)
+            if kind == "depth" and self.controlnet is None:
+                self.depth_estimator, self.feature_extractor = None, None
+        self._text_encoders[kind] = self.text_encoder
+        self.sources.update({f"{kind}_model": _source_name(src), f"{kind}_config": _source_name(config)})
+        self._pipes.clear()  # pipelines are built around the UNets: the next request builds them anew
 
     def set_vae_tiling(self, on: bool) -> None:
         """Encode/decode in overlapping tiles of the VAE's own sample size (diffusers' tiling), for every mode.
@@ -623,6 +648,24 @@ def check_request(mode, **request) -> None:
 
 # ---------------------------------------------------------------- helpers
 
+def _load_dedicated(dkind: str, src, config, *, sdxl: bool, text_encoder, text_encoder_2, device, dtype,
+                    allow_pickle: bool):
+    """Load ``src`` as the dedicated ``dkind`` ("inpaint" | "depth") model of an engine whose main model is (or is
+    not) SDXL with these text encoders; refuse, in one line, a model of another family, kind or text width."""
+    dedicated = load_pipeline(src, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+    dinfo = describe(dedicated)
+    got = {9: "inpaint", 5: "depth"}.get(dinfo.unet_in_channels, "base")
+    if (dinfo.family == "sdxl") != sdxl:
+        raise SdtuneError(f"--{dkind}-model {src} is {'an SDXL' if dinfo.family == 'sdxl' else 'an SD 1.x/2.x'}"
+                          f" model but --model is {'SDXL' if sdxl else 'SD 1.x/2.x'}; use one family")
+    if got != dkind:
+        want = {"inpaint": "a 9-channel inpainting", "depth": "a 5-channel depth"}[dkind]
+        raise SdtuneError(f"--{dkind}-model {src} is not {want} model (its UNet has "
+                          f"{dedicated.unet.config.in_channels} input channels)")
+    _check_text_dim(dedicated.unet, text_encoder, src, text_encoder_2)
+    return dedicated
+
+
 def _check_source(src, flag: str) -> None:
     try:
         resolve_source(src)
@@ -743,7 +786,8 @@ def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, m
                                   "smaller and upscale")
     scheduler = scheduler or DEFAULT_SCHEDULER
     if not isinstance(scheduler, str):
-        raise SdtuneError(f"--scheduler must be a name, got {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
+        raise SdtuneError(f"--scheduler must be a name, got {scheduler!r}; choose one of: "
+                          f"{', '.join(scheduler_names())}")
     if scheduler != DEFAULT_SCHEDULER and scheduler.lower() not in scheduler_names():
         raise SdtuneError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(scheduler_names())}")
     scheduler = scheduler.lower()

@@ -2,7 +2,8 @@
 
 ``Generator.generate`` is what the page calls. It resolves the picked models through the sandbox, reuses the held
 engine when the models are the same (a mode switch or a new prompt loads nothing; another LoRA or scale is swapped
-on the held engine, the weights restored from a CPU copy; another model loads a new engine in place of the old one),
+on the held engine, the weights restored from a CPU copy; another inpaint or depth model is loaded alone into the
+held engine; another main model loads a new engine in place of the old one),
 stores uploaded inputs and painted masks under ``OUTPUTS/ui/inputs`` (content-named,
 written atomically) so every PNG it writes can be regenerated with ``sdtune infer --from-png``, and saves the images
 with their parameters (``sdtune.generation.metadata``) under ``OUTPUTS/ui/images``.
@@ -37,6 +38,7 @@ class Generator:
         self.engine = None
         self.key: tuple | None = None
         self.loads = 0  # how many engines were loaded (tests and the status line read it)
+        self.partial_loads = 0  # how many times only a dedicated (inpaint/depth) model was swapped in
         self.last_load_s = 0.0
         self.lora_switches, self.last_lora_s = 0, 0.0  # LoRAs put on the held engine without reloading it
         self._pristine: list | None = None  # CPU copies of the weights a LoRA changes, taken before the first one
@@ -73,13 +75,29 @@ class Generator:
 
         The same models: the engine is reused. Only the LoRA or its scale differs: the weights are put back from a
         CPU copy taken before the first LoRA and the new LoRA is applied (``Engine._apply_lora``, as ``Engine.load``
-        does) - the models are not read again. Another model: a new engine replaces the old one.
+        does) - the models are not read again. Only the inpaint or depth model differs: that one alone is loaded into
+        the held engine (``Engine.replace_dedicated``). Another main model: a new engine replaces the old one.
         """
         from sdtune.generation.engine import Engine
 
         if self.engine is not None and self.key == key:
             return self.engine
         model, inpaint_model, depth_model, lora, scale = key
+        if self.engine is not None and self.key[0] == model and self.key[1:3] != key[1:3]:
+            # Only a dedicated model differs: the LoRA comes off (weights restored), that model alone is loaded.
+            self._set_lora(None, 1.0)
+            self._pristine = None  # the modules a LoRA reaches change with the UNets
+            start = time.perf_counter()
+            try:
+                for kind, old, new in (("inpaint", self.key[1], inpaint_model), ("depth", self.key[2], depth_model)):
+                    if old != new:
+                        self.engine.replace_dedicated(kind, new)
+            except BaseException:
+                self.engine, self.key = None, None  # half swapped: the next request loads a whole new engine
+                raise
+            self.key = (model, inpaint_model, depth_model, None, 1.0)
+            self.last_load_s = time.perf_counter() - start
+            self.partial_loads += 1
         if self.engine is None or self.key[:3] != key[:3]:
             self.engine, self.key, self._pristine = None, None, None  # free the old one before loading the next
             start = time.perf_counter()

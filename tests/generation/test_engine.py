@@ -550,3 +550,30 @@ def test_single_file_inpaint_model_with_its_config(tiny_models, inputs, tmp_path
     a, b = eng.generate("inpaint", **kw)[0], ref.generate("inpaint", **kw)[0]
     assert a.params["inpaint_config"] == str(tiny_models["inpaint"].resolve())
     assert np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+def test_replace_dedicated_loads_only_that_model_and_matches_a_fresh_load(tiny_models, engine, plain_engine, inputs):
+    """The web UI's model switch: a dedicated inpaint/depth model swapped in (or out) on a held engine gives a
+    fresh load's pixels, and the shared VAE, text encoder and base UNet stay the very same objects."""
+    from sdtune.generation.engine import Engine
+
+    held = Engine.load(tiny_models["sd1"])
+    shared = (held.vae, held.text_encoder, held.unets["base"])
+    inpaint = dict(prompt="a cat", steps=2, seed=3, image=inputs["image"], mask=inputs["mask"])
+    depth = dict(prompt="a cat", steps=2, seed=3, image=inputs["image"], depth_map=inputs["depth_lr"])
+    with pytest.raises(SdtuneError, match="depth2img needs a 5-channel depth model"):
+        held.generate("depth2img", **depth)
+    held.generate("inpaint", **inpaint)  # a pipeline built (and cached) around the base UNet first
+    held.replace_dedicated("inpaint", tiny_models["inpaint"])
+    held.replace_dedicated("depth", tiny_models["depth"])
+    assert (held.vae, held.text_encoder, held.unets["base"]) == shared
+    assert held.unets["inpaint"].config.in_channels == 9 and held.unets["depth"].config.in_channels == 5
+    for mode, request in (("inpaint", inpaint), ("depth2img", depth)):
+        assert np.array_equal(pixels(held.generate(mode, **request)[0]), pixels(engine.generate(mode, **request)[0]))
+    assert held.sources["inpaint_model"] == engine.sources["inpaint_model"]
+    held.replace_dedicated("inpaint", None)  # back to inpainting on the ordinary UNet
+    assert np.array_equal(pixels(held.generate("inpaint", **inpaint)[0]),
+                          pixels(plain_engine.generate("inpaint", **inpaint)[0]))
+    with pytest.raises(SdtuneError, match="is not a 9-channel inpainting model"):
+        held.replace_dedicated("inpaint", tiny_models["depth"])
+    assert "inpaint" not in held.unets  # a refused swap changes nothing

@@ -132,7 +132,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(tiny_models, tm
     used_kb = int(subprocess.run(["du", "-sk", str(first)], capture_output=True, text=True).stdout.split()[0])
     checkpoint_kb = int(subprocess.run(["du", "-sk", str(first / "checkpoint-1")], capture_output=True,
                                        text=True).stdout.split()[0])
-    small = mount_tmpfs("small", used_kb + checkpoint_kb // 2, fill_from=first)  # ... on a disk with half a checkpoint free
+    # ... on a disk with room for half a checkpoint more
+    small = mount_tmpfs("small", used_kb + checkpoint_kb // 2, fill_from=first)
     proc = sdtune_cli("train", *common, "max_steps=4", "resume=latest", f"output_dir={small}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sdtune: error:")]

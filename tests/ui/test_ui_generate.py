@@ -210,3 +210,34 @@ def test_switching_an_unfused_lora_restores_the_weights_exactly(gen, monkeypatch
     assert np.array_equal(np.asarray(again), np.asarray(plain)) and not np.array_equal(np.asarray(tuned),
                                                                                         np.asarray(plain))
     assert gen.loads == loads
+
+
+def test_switching_the_inpaint_model_loads_only_that_one(gen):
+    """Another inpaint model: only it is read (the held engine keeps its VAE, text encoder and base UNet), the
+    LoRA comes back on it, and the pixels are a fresh load's."""
+    import shutil
+
+    from sdtune.generation.engine import Engine
+    from sdtune.models.embedded import embedded_model
+
+    base = str(embedded_model("base"))
+    other = gen.sandbox.outputs / "inpaint_copy"
+    # another folder, the same weights (the links to the base's VAE and text encoder copied as files)
+    shutil.copytree(embedded_model("inpaint"), other, symlinks=False, dirs_exist_ok=True)
+    lora = _random_lora(base, gen.sandbox.outputs / "lora_c", 3)
+    src = Image.new("RGB", (64, 64), (40, 160, 60))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    req = dict(prompt="a photo of a red ball", steps=4, seed=2, image=src, mask=mask, lora=lora)
+    first = gen.generate("inpaint", **req)[0][1]
+    loads, partial, shared = gen.loads, gen.partial_loads, (gen.engine.vae, gen.engine.unets["base"])
+    switched = gen.generate("inpaint", inpaint_model=str(other), **req)[0]
+    assert gen.loads == loads and gen.partial_loads == partial + 1
+    assert (gen.engine.vae, gen.engine.unets["base"]) == shared
+    assert switched[2]["inpaint_model"] == str(other.resolve()) and switched[2]["lora"] == str(Path(lora).resolve())
+    fresh = Engine.load(base, inpaint_model=str(other), lora=lora).generate(
+        "inpaint", **{k: v for k, v in req.items() if k != "lora"})[0].image
+    assert np.array_equal(np.asarray(switched[1]), np.asarray(fresh))
+    assert np.array_equal(np.asarray(switched[1]), np.asarray(first))  # same weights, another folder: same image
+    back = gen.generate("inpaint", **req)[0][1]
+    assert gen.loads == loads and np.array_equal(np.asarray(back), np.asarray(first))

@@ -2,7 +2,6 @@
 test_train_multiprocess.py and test_train_recipe.py): identical weights on both ranks; a resumed run matches."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from test_train_multiprocess import run_on_gloo
 from test_train_recipe import DRIVER as KILL_DRIVER
 from test_sdxl_train import PROMPT, make_images
 
@@ -51,20 +50,10 @@ def _one_thread(one_thread):
 def test_sdxl_two_processes_on_gloo_end_identical(tiny_sdxl, tmp_path):
     one = make_images(tmp_path / "one", 2)
     out = tmp_path / "out"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
+    info, w0, w1 = run_on_gloo(tmp_path, dict(
         model=str(tiny_sdxl["sdxl"]), instance_dir=str(one), instance_prompt=PROMPT, resolution=32, max_steps=4,
         learning_rate=2e-3, train_batch_size=1, caption_dropout=0.3, train_text_encoder=True, output_dir=str(out),
-        seed=0)))
-    driver = tmp_path / "driver.py"
-    driver.write_text(GLOO_DRIVER.format(recipe_dir=str(RECIPE.parent)))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), str(cfg)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(i["world"] == 2 and i["type"] == "DistributedType.MULTI_CPU" for i in info), info
-    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+        seed=0), driver=GLOO_DRIVER)
     assert w0.keys() == w1.keys()
     for part in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(part) for k in w0), part

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,25 +35,31 @@ with open(os.path.join(result.output_dir, f"rank{{state.process_index}}.json"), 
 """
 
 
+def run_on_gloo(tmp_path, cfg: dict, driver: str = DRIVER):
+    """Train ``cfg`` in two processes on gloo (torchrun, ACCELERATE_USE_CPU=true) with a ``driver`` that saves
+    each rank's weights and run info; return ([info of rank 0, 1], weights of rank 0, weights of rank 1)."""
+    out = Path(cfg["output_dir"])
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    driver_path = tmp_path / "driver.py"
+    driver_path.write_text(driver.format(recipe_dir=str(RECIPE.parent)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver_path), str(cfg_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["world"] == 2 and i["type"] == "DistributedType.MULTI_CPU" for i in info), info
+    return info, load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+
+
 @pytest.mark.slow
 def test_two_processes_on_gloo_end_identical_and_learn(tiny_models, tmp_path):
     one = make_images(tmp_path / "one", 2)
     out = tmp_path / "out"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
+    info, w0, w1 = run_on_gloo(tmp_path, dict(
         model=str(tiny_models["sd1"]), instance_dir=str(one), instance_prompt="a photo of sks dog", resolution=32,
         method="full", max_steps=10, learning_rate=2e-3, train_batch_size=1, caption_dropout=0.0,
-        output_dir=str(out), seed=0)))
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(recipe_dir=str(RECIPE.parent)))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), str(cfg)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-
-    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(i["world"] == 2 and i["type"] == "DistributedType.MULTI_CPU" for i in info), info
-    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+        output_dir=str(out), seed=0))
     assert w0.keys() == w1.keys() and len(w0) > 10
     for key in w0:  # DDP all-reduces the gradients: both replicas take the very same steps
         assert (w0[key] == w1[key]).all(), key

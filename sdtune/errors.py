@@ -16,6 +16,11 @@ class SdtuneError(Exception):
     exit_code = 2
 
 
+class LaunchError(SdtuneError):
+    """A problem with how a multi-process run was launched: every process finds the same one, so only the main
+    process says it (two processes writing one line to one stderr interleave it)."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ``SdtuneError(message)`` unless ``condition`` holds."""
     if not condition:

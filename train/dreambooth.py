@@ -38,7 +38,7 @@ import torch
 
 from sdtune import console
 from sdtune.console import SdtuneWarning
-from sdtune.errors import SdtuneError
+from sdtune.errors import LaunchError, SdtuneError
 from sdtune.imageio import save_image_atomic
 from sdtune.models.loading import describe, load_pipeline
 from sdtune.training import adapters, checkpointing
@@ -201,13 +201,13 @@ def check_launch(accelerator) -> None:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and accelerator.num_processes == 1:
-        raise SdtuneError(f"launched as {launched} processes, but accelerate runs each one alone (no GPU found); on "
+        raise LaunchError(f"launched as {launched} processes, but accelerate runs each one alone (no GPU found); on "
                           "CPUs set ACCELERATE_USE_CPU=true for data parallelism on gloo, or launch one process")
     for flag, kind, name in (("ACCELERATE_USE_FSDP", "FSDP", "FSDP"),
                              ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED", "DeepSpeed")):
         asked = os.environ.get(flag, "false").lower() == "true"
         if asked and accelerator.distributed_type.name != kind:
-            raise SdtuneError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs (here it "
+            raise LaunchError(f"the accelerate config asks for {name}, but accelerate runs it only on GPUs (here it "
                               f"would run as {accelerator.distributed_type.name}); use "
                               "configs/accelerate/multi_gpu.yaml on CPUs, or run on GPUs")
 
@@ -662,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = train(cfg)
     except SdtuneError as exc:
-        print(f"sdtune: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, LaunchError) and os.environ.get("RANK", "0") not in ("", "0")):
+            sys.stderr.write(f"sdtune: error: {exc}\n")  # one write: a line another process cannot split
+            sys.stderr.flush()
         return exc.exit_code
     print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
     return 0

@@ -5,8 +5,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# `datasets` caches what it reads (imagefolder metadata); tests keep that out of the user's home.
-os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="sdtune-tests-datasets-"))
+# `datasets` caches what it reads (imagefolder metadata); tests keep that out of the user's home, and remove it.
+if "HF_DATASETS_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="sdtune-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

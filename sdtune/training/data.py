@@ -232,8 +232,16 @@ class TrainingData:
         key = (ex.key, bucket, flip) if self.center_crop else None
         # SDXL's size/crop conditioning: (original height, width, crop top, left, target height, width).
         time_ids = (ex.size[1], ex.size[0], top, left, bucket[1], bucket[0])
-        return {"kind": kind, "pixels": to_tensor(img), "prompt": ex.caption, "key": key, "name": ex.name,
+        return {"kind": kind, "pixels": to_tensor(img), "prompt": caption_variant(ex.caption, gen), "key": key,
+                "name": ex.name,
                 "concept": ex.concept, "time_ids": time_ids}
+
+
+def caption_variant(caption: str, gen: torch.Generator) -> str:
+    """One line of a caption of several (its variants, e.g. with and without the context), drawn by ``gen``:
+    the same line for the same (seed, epoch, example), so a resumed run draws what the uninterrupted one did."""
+    lines = caption.split("\n")
+    return lines[0] if len(lines) == 1 else lines[int(torch.randint(len(lines), (), generator=gen))]
 
 
 def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:

@@ -3,6 +3,7 @@
 A *concept* (a subject, or the one subject of a plain run) reads its instance images from one source:
 
 * a folder of images, each optionally with a same-name ``.txt`` caption beside it (kohya's convention);
+  a caption of several lines holds variants of it, one drawn per step;
 * an image folder with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` plus a caption column: the
   ``datasets`` imagefolder convention);
 * a saved dataset (``dataset: path/saved`` from ``Dataset.save_to_disk``) or a hub dataset id
@@ -181,15 +182,17 @@ def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, d
                               "use a larger photo, remove it, or lower min_image_fraction")
         caption = row["caption"]
         if caption is not None:
-            caption = str(caption).strip()
-            if not caption:
+            # Several non-empty lines are variants of one caption: each step draws one (see TrainingData.example).
+            lines = [ln.strip() for ln in str(caption).splitlines() if ln.strip()]
+            if not lines:
                 raise SdtuneError(f"{what}: the caption of {name} is empty; write one, or remove it so the image "
                                   "trains on instance_prompt")
-            if identifier and not _has_word(caption, identifier):
+            if identifier and not all(_has_word(ln, identifier) for ln in lines):
                 if caption_prefix:
-                    caption = f"{caption_prefix.rstrip()} {caption}"
+                    lines = [ln if _has_word(ln, identifier) else f"{caption_prefix.rstrip()} {ln}" for ln in lines]
                 else:
                     lacking.append(name)
+            caption = "\n".join(lines)
         else:
             if not default_caption:
                 raise SdtuneError(f"{what}: {name} has no caption and no instance_prompt is set; give one of them")

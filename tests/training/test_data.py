@@ -290,6 +290,18 @@ def test_square_examples_are_the_shorter_side_resized_and_center_cropped(subject
         assert torch.allclose(e["pixels"], load_pixels(path, R), atol=2 / 127.5)  # same crop, resampling aside
 
 
+def test_caption_variants_are_drawn_per_step_evenly_and_reproducibly(tmp_path):
+    save(tmp_path / "a.png", rgb(R, R))
+    (tmp_path / "a.txt").write_text("sks dog\nsks dog on grass\nsks dog at night")
+    prompts = [e["prompt"] for g in range(300) for e in TrainingData(examples(tmp_path, "instance"), resolution=R,
+                                                                      seed=3).micro_batch("instance", g, 1)]
+    counts = {p: prompts.count(p) for p in set(prompts)}
+    assert sorted(counts) == ["sks dog", "sks dog at night", "sks dog on grass"]
+    assert min(counts.values()) > 70  # about 100 each
+    again = TrainingData(examples(tmp_path, "instance"), resolution=R, seed=3)
+    assert [again.micro_batch("instance", g, 1)[0]["prompt"] for g in range(300)] == prompts  # resume draws the same
+
+
 def test_each_micro_step_draws_b_instance_and_b_class_examples(subject):
     inst, cls = subject
     data = TrainingData(examples(inst[0].parent, "instance", "inst"), examples(cls[0].parent, "class", "class"),

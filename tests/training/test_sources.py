@@ -42,6 +42,16 @@ def test_kohya_txt_captions_replace_the_prompt(folder):
     assert [e.caption for e in ex] == ["a photo of sks dog", "sks dog on a beach", "a photo of sks dog"]
 
 
+def test_a_caption_of_several_lines_holds_its_variants(folder):
+    (folder / "0.txt").write_text("sks dog on a beach\n\n  sks dog  \n")
+    (folder / "1.txt").write_text("a dog on grass\nsks dog")
+    ex = read(Source(instance_dir=str(folder)), identifier="sks", caption_prefix="sks dog,")
+    assert ex[0].caption == "sks dog on a beach\nsks dog"  # blank lines dropped, each line stripped
+    assert ex[1].caption == "sks dog, a dog on grass\nsks dog"  # the prefix goes where the identifier lacks
+    with pytest.warns(SdtuneWarning, match=r"1 caption\(s\) lack the identifier 'sks' \(e\.g\. 1\.png\)"):
+        read(Source(instance_dir=str(folder)), identifier="sks")
+
+
 def test_imagefolder_metadata_jsonl_and_csv(folder, tmp_path):
     rows = [{"file_name": f"{i}.png", "text": f"sks dog number {i}"} for i in range(3)]
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

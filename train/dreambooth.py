@@ -341,6 +341,12 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
     def restore(self) -> None:
         import signal
 
@@ -517,76 +523,75 @@ def _train(cfg: TrainConfig) -> TrainResult:
     progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     with_prior = data.with_prior
     loop_start = time.perf_counter()
-    stop = StopRequest(enabled=world == 1)
-    while global_step < cfg.max_steps:
-        sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
-        for micro in range(cfg.gradient_accumulation_steps):
-            with accelerator.accumulate(*trained):
-                gen = step_generator(cfg.seed, global_step, micro, rank)
-                g = micro_step(global_step, micro, rank, world, cfg.gradient_accumulation_steps)
-                passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
-                                 data.micro_batch("class", g, cfg.train_batch_size) if with_prior else ())
-                per_example, is_class, weights = [], [], []
-                for batch in passes:  # one pass, or two when the class examples are in another bucket
-                    n = len(batch["prompts"])
-                    latents = latents_of(batch["pixels"], batch["keys"], gen).float()
-                    noise = obj.sample_noise(latents, gen, cfg.noise_offset)
-                    timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen, latents.device)
-                    dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
-                    prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
-                    extra = {}
-                    if sdxl:
-                        embeddings, pooled = encode(prompts)
-                        extra["added_cond_kwargs"] = sdxl_parts.added_cond(pooled, batch["time_ids"], weight_dtype)
-                    else:
-                        embeddings = encode(prompts)
+    with StopRequest(enabled=world == 1) as stop:  # the handlers go back however the loop ends
+        while global_step < cfg.max_steps:
+            sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
+            for micro in range(cfg.gradient_accumulation_steps):
+                with accelerator.accumulate(*trained):
+                    gen = step_generator(cfg.seed, global_step, micro, rank)
+                    g = micro_step(global_step, micro, rank, world, cfg.gradient_accumulation_steps)
+                    passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
+                                     data.micro_batch("class", g, cfg.train_batch_size) if with_prior else ())
+                    per_example, is_class, weights = [], [], []
+                    for batch in passes:  # one pass, or two when the class examples are in another bucket
+                        n = len(batch["prompts"])
+                        latents = latents_of(batch["pixels"], batch["keys"], gen).float()
+                        noise = obj.sample_noise(latents, gen, cfg.noise_offset)
+                        timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen,
+                                                         latents.device)
+                        dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
+                        prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
+                        extra = {}
+                        if sdxl:
+                            embeddings, pooled = encode(prompts)
+                            extra["added_cond_kwargs"] = sdxl_parts.added_cond(pooled, batch["time_ids"], weight_dtype)
+                        else:
+                            embeddings = encode(prompts)
 
-                    noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
-                    pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False,
-                                **extra)[0]
-                    target = obj.training_target(noise_scheduler, latents, noise, timesteps)
-                    per_example.append(obj.per_example_mse(pred, target))
-                    is_class.append(batch["is_class"])
-                    if cfg.snr_gamma:
-                        weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,
-                                                           noise_scheduler.config.prediction_type))
-                loss, instance_loss, prior_loss = obj.dreambooth_loss(
-                    torch.cat(per_example), torch.cat(is_class), cfg.prior_loss_weight,
-                    torch.cat(weights) if weights else None)
+                        noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
+                        pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False,
+                                    **extra)[0]
+                        target = obj.training_target(noise_scheduler, latents, noise, timesteps)
+                        per_example.append(obj.per_example_mse(pred, target))
+                        is_class.append(batch["is_class"])
+                        if cfg.snr_gamma:
+                            weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,
+                                                               noise_scheduler.config.prediction_type))
+                    loss, instance_loss, prior_loss = obj.dreambooth_loss(
+                        torch.cat(per_example), torch.cat(is_class), cfg.prior_loss_weight,
+                        torch.cat(weights) if weights else None)
 
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach(), instance_loss.detach(),
-                                 prior_loss.detach() if prior_loss is not None else torch.zeros((), device=loss.device)])
-        global_step += 1
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                prior = prior_loss.detach() if prior_loss is not None else torch.zeros((), device=loss.device)
+                sums += torch.stack([loss.detach(), instance_loss.detach(), prior])
+            global_step += 1
 
-        # --- watch: every process's mean, logged once ------------------------------------------------
-        means = (accelerator.reduce(sums, reduction="mean") / cfg.gradient_accumulation_steps).tolist()
-        result.losses.append(means[0])
-        logs = {"loss": means[0], "instance_loss": means[1], "lr": lr_scheduler.get_last_lr()[0]}
-        if with_prior:
-            logs["prior_loss"] = means[2]
-        accelerator.log(logs, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{means[0]:.4f}")
+            # --- watch: every process's mean, logged once ------------------------------------------------
+            means = (accelerator.reduce(sums, reduction="mean") / cfg.gradient_accumulation_steps).tolist()
+            result.losses.append(means[0])
+            logs = {"loss": means[0], "instance_loss": means[1], "lr": lr_scheduler.get_last_lr()[0]}
+            if with_prior:
+                logs["prior_loss"] = means[2]
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{means[0]:.4f}")
 
-        if cfg.validation_prompts and cfg.validation_every and global_step % cfg.validation_every == 0:
-            run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir)
-        if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
-            checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
-        elif stop.signum is not None:
-            checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
-        if stop.signum is not None:
-            stop.restore()
-            progress.close()
-            print(f"sdtune: note: stopped at step {global_step}; saved checkpoint-{global_step} in {output_dir} "
-                  "(resume=latest continues from it)", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
-    stop.restore()
+            if cfg.validation_prompts and cfg.validation_every and global_step % cfg.validation_every == 0:
+                run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir)
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
+                checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
+            elif stop.signum is not None:
+                checkpointing.save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_keep)
+            if stop.signum is not None:
+                progress.close()
+                print(f"sdtune: note: stopped at step {global_step}; saved checkpoint-{global_step} in {output_dir} "
+                      "(resume=latest continues from it)", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     progress.close()
     result.loop_s = time.perf_counter() - loop_start
 

@@ -139,6 +139,21 @@ def test_loss_falls_when_overfitting_one_image(tiny_models, tmp_path):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses  # measured: ~0.5
 
 
+def test_a_loop_that_dies_gives_the_signal_handlers_back(tiny_models, tmp_path, monkeypatch):
+    """The loop's stop-and-checkpoint handlers must not outlive a run that failed of something else."""
+    one = make_images(tmp_path / "one", 1)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def broken(pred, target):
+        assert signal.getsignal(signal.SIGINT) not in before  # the loop's own handler is installed
+        raise RuntimeError("broken step")
+
+    monkeypatch.setattr(recipe.obj, "per_example_mse", broken)
+    with pytest.raises(RuntimeError, match="broken step"):
+        recipe.train(config(tiny_models, one, tmp_path / "out", max_steps=2))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_cache_reuses_latents_and_prompts_and_changes_nothing(tiny_models, tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
 

@@ -89,6 +89,8 @@ def parse_args(argv=None):
                    help="also time torch.compile'd training and inference (adds minutes of compiling)")
     p.add_argument("--only", type=_sections, default=SECTIONS, metavar="A,B",
                    help=f"run only these sections ({','.join(SECTIONS)})")
+    p.add_argument("--judge-every", type=int, default=100, metavar="N",
+                   help="time to subject: judge both recipes every N steps (each judgement samples 32 images)")
     p.add_argument("--out", default=str(BENCH / "results.json"))
     return p.parse_args(argv)
 
@@ -392,7 +394,7 @@ def section_time_to_subject(args, models, scratch: Path) -> dict:
     if args.quick:  # tiny random models: the judge scores noise; this only proves the section runs
         return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts", every=2, max_steps=2,
                                        stock_factor=1, prompts=2, sample_steps=2, say=lambda s: None)
-    return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts")
+    return time_to_subject.measure(models["sd1"], DEFAULT_SUBJECT, scratch / "tts", every=args.judge_every)
 
 
 def section_ui(args, models, scratch: Path) -> dict:

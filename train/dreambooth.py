@@ -41,7 +41,7 @@ from sdtune.console import SdtuneWarning
 from sdtune.errors import LaunchError, SdtuneError
 from sdtune.imageio import save_image_atomic
 from sdtune.models.loading import describe, load_pipeline
-from sdtune.training import adapters, checkpointing
+from sdtune.training import adapters, checkpointing, identifier
 from sdtune.training import sdxl as sdxl_parts
 from sdtune.training import objectives as obj
 from sdtune.training.buckets import parse_buckets
@@ -446,6 +446,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if cfg.train_text_encoder:
             for te in text_encoders:
                 adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.train_identifier_embedding:  # the identifier's own embedding rows (pivotal tuning)
+            if sdxl:
+                raise SdtuneError("train_identifier_embedding works with SD 1.x/2.x models so far, not SDXL; "
+                                  "set train_identifier_embedding: false")
+            identifier.attach(text_encoder, tokenizer, [c.identifier for c in concepts_of(cfg)])
         cast_training_params([unet, *text_encoders] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
@@ -471,8 +476,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # --- optimizer, lr schedule, processes ---------------------------------------------------------
     groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:
-        groups.append({"params": [p for te in text_encoders for p in adapters.trainable_parameters(te)],
+        rows = identifier.rows_of(text_encoder)
+        rows = [rows.identifier_rows] if rows is not None else []
+        groups.append({"params": [p for te in text_encoders for p in adapters.trainable_parameters(te)
+                                  if not any(p is r for r in rows)],
                        "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+        if rows:  # no weight decay: it would pull the identifier towards the zero vector, not towards a word
+            groups.append({"params": rows, "lr": cfg.identifier_learning_rate or cfg.learning_rate,
+                           "weight_decay": 0.0})
     optimizer = make_optimizer(cfg, groups, accelerator.device)
     # accelerate steps a prepared schedule once per process per optimizer step, hence the x world.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
@@ -598,6 +609,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # --- save: LoRA files or a full pipeline, plus the model card ----------------------------------
     accelerator.wait_for_everyone()
     unet_final, te_final = final_modules(accelerator, unet, text_encoder, cfg)
+    identifier_rows = identifier.detach(te_final) if cfg.train_identifier_embedding else {}  # back into the table
     samples = []
     if cfg.validation_prompts and accelerator.is_main_process:
         samples = run_validation(cfg, pipe, unet, text_encoder, accelerator, global_step, output_dir, final=True)
@@ -607,6 +619,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     "sdtune_steps": str(global_step)}
         te2_final = pipe.text_encoder_2 if sdxl and cfg.train_text_encoder else None  # trained in place
         if cfg.method == "lora":
+            # Before the LoRA file, which the engine finds first: a LoRA file present has its embedding beside it.
+            if identifier_rows:
+                identifier.save(output_dir, identifier_rows, tokenizer, [c.identifier for c in concepts_of(cfg)],
+                                metadata)
+            else:  # an earlier run's embedding in this folder would be loaded with this run's LoRA
+                (output_dir / identifier.IDENTIFIER_FILE).unlink(missing_ok=True)
             adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata,
                                          text_encoder_2=te2_final, sdxl=sdxl)
             adapters.save_kohya_lora(output_dir / adapters.KOHYA_FILE, unet_final,
@@ -614,6 +632,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                      alpha=cfg.lora_alpha or cfg.lora_rank, extra_metadata=metadata,
                                      text_encoder_2=te2_final, sdxl=sdxl)
             files = [adapters.LORA_FILE, adapters.KOHYA_FILE]
+            files += [identifier.IDENTIFIER_FILE] if identifier_rows else []
         else:
             save_full_pipeline(output_dir, pipe, unet_final, te_final, metadata)
             files = ["model_index.json", "unet/", "text_encoder/", "vae/", "tokenizer/", "scheduler/"]

@@ -319,6 +319,10 @@ class Engine:
             lora_mod.load_into(lf, text_encoder=self.text_encoder_2, prefix="text_encoder_2")
             extra.append(self.text_encoder_2)
         self.lora_fused = lora_mod.scale_and_fuse([*self.unets.values(), *text_encoders, *extra], scale, fuse)
+        identifier = lora_mod.identifier_file_of(path)
+        if identifier is not None:  # trained with train_identifier_embedding: the identifier's own rows
+            for te in text_encoders:
+                lora_mod.load_identifier_embedding(identifier, te, self.tokenizer, scale)
 
     # ------------------------------------------------------------ modes
 

@@ -12,7 +12,10 @@ injecting the adapter layers into the UNet are diffusers' own (``lora_state_dict
   removed, so sampling costs the same as without a LoRA. In fp32 that is exact to rounding. In
   fp16/bf16 a small delta added to a large weight can round away, so fusing is "auto": done only if
   every layer keeps its delta within ``FUSE_TOLERANCE`` (relative); otherwise the adapter stays
-  unfused (still correct, a little slower).
+  unfused (still correct, a little slower);
+* the identifier's trained embedding (``identifier_embedding.safetensors`` beside a LoRA trained with
+  ``train_identifier_embedding``): its rows go into the text encoder's token table, scaled like the LoRA
+  (``load_identifier_embedding``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ log = logging.getLogger("sdtune")
 ADAPTER = "sdtune"
 FUSE_TOLERANCE = 0.02  # max relative error of a fused layer's delta, || fused - (W + dW) || / || dW ||
 DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
+IDENTIFIER_FILE = "identifier_embedding.safetensors"  # the identifier's own embedding rows, beside the LoRA
 
 
 @dataclass
@@ -271,3 +275,47 @@ def scale_and_fuse(models, scale: float, fuse: bool | str = "auto") -> bool:
         for m in models:
             _merge_and_remove(m)
     return bool(fuse)
+
+
+def identifier_token_ids(tokenizer, word: str) -> list[int]:
+    """The token ids ``tokenizer`` reads ``word`` as (no start/end tokens)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise SdtuneError(f"the identifier {word!r} reads as no token; use a word such as sks")
+    return list(ids)
+
+
+def identifier_file_of(lora_path: str | os.PathLike) -> Path | None:
+    """The identifier embedding written with the LoRA at ``lora_path`` (a folder or its file), if any."""
+    p = Path(lora_path).expanduser()
+    candidate = (p if p.is_dir() else p.parent) / IDENTIFIER_FILE
+    return candidate if candidate.is_file() else None
+
+
+def load_identifier_embedding(path: str | os.PathLike, text_encoder, tokenizer, scale: float = 1.0) -> list[str]:
+    """Write the identifier rows of ``path`` into ``text_encoder``'s token table: base + scale * (trained - base),
+    so scale 1 is as trained and 0 leaves the table as it was. Returns the identifiers.
+
+    The file's token ids must be the ones ``tokenizer`` reads each identifier as, and its width the table's."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        rows = {k: f.get_tensor(k) for k in f.keys()}
+    table = text_encoder.get_input_embeddings().weight
+    updates = []
+    for word, tensor in rows.items():
+        ids = [int(i) for i in meta.get(f"token_ids.{word}", "").split(",") if i]
+        if ids != identifier_token_ids(tokenizer, word):
+            raise SdtuneError(f"{path}: the identifier {word!r} was trained as tokens {ids}, but this model's "
+                              "tokenizer reads it otherwise; use the base model the LoRA was trained on")
+        if tensor.shape != (len(ids), table.shape[1]):
+            raise SdtuneError(f"{path}: the embedding of {word!r} is {tuple(tensor.shape)} wide, this text "
+                              f"encoder's tokens are {table.shape[1]}; use the base model the LoRA was trained on")
+        updates.append((ids, tensor))
+    with torch.no_grad():
+        for ids, tensor in updates:
+            index = torch.tensor(ids, device=table.device)
+            base = table[index].float()
+            table[index] = (base + scale * (tensor.to(table.device).float() - base)).to(table.dtype)
+    return list(rows)

@@ -64,6 +64,8 @@ class TrainConfig:
     # ResNet convolutions (kohya's LoCon), which reach textures the attention layers cannot
     lora_targets: str = "attention"
     train_text_encoder: bool = False
+    # also train the identifier's own token embedding (pivotal tuning; LoRA with train_text_encoder, SD 1.x/2.x)
+    train_identifier_embedding: bool = False
     # --- data ---
     resolution: int = 512
     center_crop: bool = True  # False -> random crop
@@ -82,6 +84,7 @@ class TrainConfig:
     max_steps: int = 400
     learning_rate: float = 1e-4
     text_encoder_learning_rate: float | None = None  # None -> learning_rate
+    identifier_learning_rate: float | None = None  # the identifier's embedding; None -> learning_rate
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     optimizer: str = "adamw"  # adamw | adamw8bit (CUDA + bitsandbytes)
@@ -322,6 +325,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _range(0 <= cfg.min_image_fraction <= 1, "min_image_fraction", "in [0, 1] (0 accepts any size)",
            cfg.min_image_fraction)
     _range(cfg.learning_rate > 0, "learning_rate", "> 0", cfg.learning_rate)
+    if cfg.identifier_learning_rate is not None:
+        _range(cfg.identifier_learning_rate > 0, "identifier_learning_rate", "> 0 (or null)",
+               cfg.identifier_learning_rate)
+    if cfg.train_identifier_embedding:
+        if cfg.method != "lora" or not cfg.train_text_encoder:
+            raise SdtuneError("train_identifier_embedding trains beside a text-encoder LoRA: set method: lora and "
+                              "train_text_encoder: true (a full fine-tune with the text encoder trains every "
+                              "embedding already)")
+        for i, c in enumerate(concepts_of(cfg)):
+            if not (c.identifier or "").strip():
+                where = f"concepts[{i}]." if cfg.concepts else ""
+                raise SdtuneError(f"train_identifier_embedding needs {where}identifier, the subject's rare word "
+                                  "in its prompt (e.g. identifier: sks)")
     if cfg.text_encoder_learning_rate is not None:
         _range(cfg.text_encoder_learning_rate > 0, "text_encoder_learning_rate", "> 0 (or null)",
                cfg.text_encoder_learning_rate)

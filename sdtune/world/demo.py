@@ -148,6 +148,7 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     data = read_yaml(DEMO_CONFIG)
     data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
+                identifier=subject.identifier,
                 class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),
                 output_dir=str(out / "lora"), resolution=resolution)
     if quick:

@@ -1,0 +1,101 @@
+"""train_identifier_embedding: the identifier's own embedding rows trained beside the LoRA, saved beside it,
+loaded by the engine (scaled like the LoRA), resumed exactly, and refused where it cannot apply."""
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdtune.errors import SdtuneError
+from sdtune.models.lora import IDENTIFIER_FILE, identifier_token_ids
+from sdtune.training import identifier
+from sdtune.training.config import config_from_dict
+from test_train_recipe import config, make_images, recipe  # noqa: F401 (the recipe module, loaded once)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture
+def subject(tmp_path):
+    return make_images(tmp_path / "subject", 2)
+
+
+def test_only_the_identifier_rows_change_and_only_they_get_gradients():
+    base = torch.nn.Embedding(10, 4)
+    module = identifier.IdentifierEmbedding(base, [3, 7])
+    ids = torch.tensor([[1, 3, 5, 7, 3]])
+    with torch.no_grad():
+        module.identifier_rows += 1.0
+    out = module(ids)
+    assert torch.equal(out[0, [0, 2]], base(ids)[0, [0, 2]])  # other words read as before
+    assert torch.allclose(out[0, 1], base.weight[3] + 1) and torch.allclose(out[0, 4], base.weight[3] + 1)
+    assert torch.allclose(out[0, 3], base.weight[7] + 1)
+    base.weight.requires_grad_(False)
+    out.sum().backward()
+    assert module.identifier_rows.grad is not None and torch.equal(module.identifier_rows.grad[0], torch.full((4,), 2.))
+    assert module.weight is base.weight  # what transformers reads for dtype/device
+
+
+def test_trained_rows_are_saved_and_the_engine_loads_them_scaled(tiny_models, subject, tmp_path):
+    from sdtune.generation.engine import Engine
+
+    out = tmp_path / "out"
+    result = recipe.train(config(tiny_models, subject, out, train_text_encoder=True, train_identifier_embedding=True,
+                                 identifier="sks", method="lora", max_steps=3, identifier_learning_rate=1e-2))
+    plain = Engine.load(tiny_models["sd1"])
+    ids = identifier_token_ids(plain.tokenizer, "sks")
+    before = plain.text_encoder.get_input_embeddings().weight.detach().clone()
+    with safe_open(str(out / IDENTIFIER_FILE), framework="pt") as f:
+        assert f.keys() == ["sks"] and f.metadata()["token_ids.sks"] == ",".join(map(str, ids))
+        rows = f.get_tensor("sks")
+    assert (rows - before[ids]).abs().max() > 1e-3  # it trained (Adam moves each entry by about the lr per step)
+    # The returned encoder holds the rows in its own table again, the rest of the table untouched.
+    table = result.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.allclose(table[ids], rows)
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(table[others], before[others])
+
+    full = Engine.load(tiny_models["sd1"], lora=out).text_encoder.get_input_embeddings().weight.detach()
+    assert torch.allclose(full[ids], rows, atol=1e-6) and torch.equal(full[others], before[others])
+    half = Engine.load(tiny_models["sd1"], lora=out, lora_scale=0.5).text_encoder.get_input_embeddings().weight
+    assert torch.allclose(half.detach()[ids], (before[ids] + rows) / 2, atol=1e-6)
+
+    # A later run into the same folder without it leaves no stale embedding for the engine to pick up.
+    recipe.train(config(tiny_models, subject, out, train_text_encoder=True, method="lora", max_steps=1))
+    assert not (out / IDENTIFIER_FILE).exists()
+
+
+def test_resumed_run_ends_on_the_same_rows(tiny_models, subject, tmp_path):
+    common = dict(train_text_encoder=True, train_identifier_embedding=True, identifier="sks", max_steps=4,
+                  checkpoint_every=2, identifier_learning_rate=1e-2)
+    recipe.train(config(tiny_models, subject, tmp_path / "whole", **common))
+    recipe.train(config(tiny_models, subject, tmp_path / "half", **{**common, "max_steps": 3}))
+    recipe.train(config(tiny_models, subject, tmp_path / "resumed",
+                        **{**common, "resume": str(tmp_path / "half" / "checkpoint-2")}))
+
+    def rows(folder):
+        with safe_open(str(folder / IDENTIFIER_FILE), framework="pt") as f:
+            return f.get_tensor("sks")
+
+    assert torch.equal(rows(tmp_path / "whole"), rows(tmp_path / "resumed"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(train_text_encoder=False, identifier="sks"), "trains beside a text-encoder LoRA"),
+    (dict(train_text_encoder=True, method="full", identifier="sks"), "trains beside a text-encoder LoRA"),
+    (dict(train_text_encoder=True), "needs identifier"),
+])
+def test_refused_in_one_line_where_it_cannot_apply(tiny_models, subject, tmp_path, keys, message):
+    with pytest.raises(SdtuneError, match=message):
+        config(tiny_models, subject, tmp_path / "out", train_identifier_embedding=True, **keys)
+
+
+def test_refused_for_sdxl(tiny_sdxl, tmp_path):
+    subject = make_images(tmp_path / "subject", 1)
+    cfg = config_from_dict(dict(model=str(tiny_sdxl["sdxl"]), instance_dir=str(subject), instance_prompt="a photo of sks dog",
+                                identifier="sks", resolution=32, max_steps=1, train_text_encoder=True,
+                                train_identifier_embedding=True, output_dir=str(tmp_path / "out")))
+    with pytest.raises(SdtuneError, match="SD 1.x/2.x models so far, not SDXL"):
+        recipe.train(cfg)

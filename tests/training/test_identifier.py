@@ -62,6 +62,23 @@ def test_trained_rows_are_saved_and_the_engine_loads_them_scaled(tiny_models, su
     half = Engine.load(tiny_models["sd1"], lora=out, lora_scale=0.5).text_encoder.get_input_embeddings().weight
     assert torch.allclose(half.detach()[ids], (before[ids] + rows) / 2, atol=1e-6)
 
+    # Stock diffusers: load_lora_weights, then the README's three lines put the rows in; the prompt then
+    # encodes as the engine encodes it.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd1"], safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(out)
+    with safe_open(str(out / IDENTIFIER_FILE), "pt") as f:
+        for word in f.keys():
+            ids_ = [int(i) for i in f.metadata()[f"token_ids.{word}"].split(",")]
+            pipe.text_encoder.get_input_embeddings().weight.data[ids_] = f.get_tensor(word).to(pipe.text_encoder.dtype)
+    engine = Engine.load(tiny_models["sd1"], lora=out, fuse_lora=False)
+    tokens = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock_emb = pipe.text_encoder(tokens)[0]
+        ours = engine.text_encoder(tokens)[0]
+    assert torch.allclose(stock_emb, ours, atol=1e-5)
+
     # A later run into the same folder without it leaves no stale embedding for the engine to pick up.
     recipe.train(config(tiny_models, subject, out, train_text_encoder=True, method="lora", max_steps=1))
     assert not (out / IDENTIFIER_FILE).exists()

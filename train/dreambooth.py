@@ -141,6 +141,8 @@ def dry_run(cfg: TrainConfig) -> dict:
         if cfg.train_text_encoder:
             for te in encoders:
                 adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.train_identifier_embedding and len(encoders) == 1:  # counted with the text encoder's parameters
+            identifier.attach(pipe.text_encoder, pipe.tokenizer, [c.identifier for c in concepts_of(cfg)])
     else:
         pipe.unet.requires_grad_(True)
         for te in encoders:

@@ -116,3 +116,12 @@ def test_refused_for_sdxl(tiny_sdxl, tmp_path):
                                 train_identifier_embedding=True, output_dir=str(tmp_path / "out")))
     with pytest.raises(SdtuneError, match="SD 1.x/2.x models so far, not SDXL"):
         recipe.train(cfg)
+
+
+def test_dry_run_counts_the_identifier_rows(tiny_models, subject, tmp_path):
+    keys = dict(train_text_encoder=True, identifier="sks", method="lora")
+    plain = recipe.dry_run(config(tiny_models, subject, tmp_path / "a", **keys))["trainable_parameters"]
+    rows = recipe.dry_run(config(tiny_models, subject, tmp_path / "b", train_identifier_embedding=True,
+                                 **keys))["trainable_parameters"]
+    assert rows["unet"] == plain["unet"]
+    assert rows["text_encoder"] - plain["text_encoder"] == 32  # "sks" is one token; the tiny encoder is 32 wide

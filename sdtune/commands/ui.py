@@ -59,7 +59,7 @@ def run(args) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         raise SdtuneError(f"--port must be 1-65535, got {args.port}")
     auth = parse_auth(args.auth)
-    from sdtune.ui.app import LOOPBACK, launch, make_state
+    from sdtune.ui.app import LOOPBACK, launch, make_state, wait_for_interrupt
 
     if args.host not in LOOPBACK:
         print(f"sdtune: warning: --host {args.host} exposes the UI to the network: anyone who reaches it can generate, "
@@ -68,8 +68,16 @@ def run(args) -> int:
     state = make_state(args.outputs, args.allow, device=args.device, dtype=args.dtype)
     print(f"sdtune: note: web UI on http://{args.host}:{args.port} (outputs in {state.sandbox.outputs}); Ctrl-C stops it",
           file=sys.stderr)
+    import gradio as gr
+
+    # Our own wait, not gradio's: a Ctrl-C that lands while gradio is still starting (its server thread already
+    # up) must stop the server too, or the process lives on (seen in CI on a loaded machine).
     try:
-        launch(state, host=args.host, port=args.port, auth=auth, block=True, quiet=True)
+        launch(state, host=args.host, port=args.port, auth=auth, block=False, quiet=True)
+        wait_for_interrupt()
+    except KeyboardInterrupt:
+        pass
     finally:
         state.trainer.shutdown()
+        gr.close_all()
     return 0

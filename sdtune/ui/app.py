@@ -400,6 +400,14 @@ def build(state: State):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C (KeyboardInterrupt) while the server threads serve."""
+    import time
+
+    while True:
+        time.sleep(0.5)
+
+
 def launch(state: State, *, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
            block: bool = True, quiet: bool = False):
     """Start the server (never a share link); returns (demo, url)."""

@@ -34,6 +34,7 @@ def fake_launch(monkeypatch):
 
     calls = []
     monkeypatch.setattr(app, "launch", lambda state, **kw: calls.append(kw))
+    monkeypatch.setattr(app, "wait_for_interrupt", lambda: None)  # the real one waits for Ctrl-C
     return calls
 
 
@@ -124,6 +125,33 @@ def test_sdtune_ui_serves_the_page_and_stops_on_ctrl_c(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert f"sdtune: note: web UI on http://127.0.0.1:{port}" in err
     assert "Traceback" not in err, err
+
+
+def test_ctrl_c_while_the_ui_is_still_starting_stops_it(tmp_path):
+    """A Ctrl-C that lands while gradio is starting (not yet waiting) stops the server as well."""
+    pytest.importorskip("gradio")
+    import os
+    import signal
+
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "ui", "--port", str(_free_port()),
+                             "--outputs", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stderr.readline()  # printed right before the server starts
+        assert "sdtune: note: web UI on" in first, first
+        time.sleep(1.0)  # somewhere inside gradio's start
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_the_server_connects_to_nothing_but_itself(tmp_path, monkeypatch):

@@ -48,6 +48,10 @@ def parse_auth(text: str | None):
     return user, password
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     from sdtune.errors import SdtuneError
 
@@ -68,10 +72,18 @@ def run(args) -> int:
     state = make_state(args.outputs, args.allow, device=args.device, dtype=args.dtype)
     print(f"sdtune: note: web UI on http://{args.host}:{args.port} (outputs in {state.sandbox.outputs}); Ctrl-C stops it",
           file=sys.stderr)
+    import signal
+
     import gradio as gr
 
-    # Our own wait, not gradio's: a Ctrl-C that lands while gradio is still starting (its server thread already
-    # up) must stop the server too, or the process lives on (seen in CI on a loaded machine).
+    # Started from a script with `&`, a shell leaves SIGINT ignored, and Python then installs no handler for it:
+    # Ctrl-C or `kill -INT` would never stop the server (seen when CI was started that way). So the handler is
+    # set here, and SIGTERM stops the UI the same way: the training runs it started stop with a checkpoint
+    # rather than being left behind. The wait is ours, not gradio's, so that an interrupt that lands while
+    # gradio is still starting closes its server too.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(state, host=args.host, port=args.port, auth=auth, block=False, quiet=True)
         wait_for_interrupt()
@@ -80,4 +92,6 @@ def run(args) -> int:
     finally:
         state.trainer.shutdown()
         gr.close_all()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0

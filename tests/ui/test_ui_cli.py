@@ -98,51 +98,90 @@ def test_the_server_refuses_an_upload_over_the_limit(tmp_path):
         demo.close()
 
 
-def test_sdtune_ui_serves_the_page_and_stops_on_ctrl_c(tmp_path):
-    pytest.importorskip("gradio")
+# `sdtune ui` with faulthandler on SIGUSR1: a run that does not stop shows where each thread is.
+UI_DRIVER = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+             "from sdtune.commands.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _start_ui(tmp_path, port, ignore_sigint: bool = False):
     import os
     import signal
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "ui", "--port", str(port), "--outputs", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # ignore_sigint: as a shell without job control starts `cmd &` (SIGINT ignored, and inherited as ignored).
+    return subprocess.Popen([sys.executable, "-c", UI_DRIVER, "ui", "--port", str(port), "--outputs",
+                             str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
+
+
+def _wait_until_served(proc, port) -> str:
+    end = time.time() + 60
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None and time.time() < end, proc.communicate(timeout=5)
+            time.sleep(0.5)
+
+
+def _ctrl_c(proc, seen_err: str = "", signum=None) -> tuple[str, str]:
+    """Send SIGINT (or ``signum``); the process must end within 30 s, else the test fails with its threads'
+    stacks and its signal masks (/proc: what it ignores and blocks)."""
+    import signal
+    from pathlib import Path
+
+    proc.send_signal(signal.SIGINT if signum is None else signum)
     try:
-        end = time.time() + 60
-        while True:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.time() < end, proc.communicate(timeout=5)
-                time.sleep(0.5)
-        assert "gradio" in page.lower()
-    finally:
-        proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
+        return out, seen_err + err
+    except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{proc.pid}/status")
+        masks = [ln for ln in status.read_text().splitlines() if ln.startswith("Sig")] if status.exists() else []
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+        pytest.fail(f"sdtune ui still running 30 s after Ctrl-C; {masks}; stderr:\n{seen_err}{err}")
+
+
+def test_sdtune_ui_serves_the_page_and_stops_on_ctrl_c(tmp_path):
+    pytest.importorskip("gradio")
+    port = _free_port()
+    proc = _start_ui(tmp_path, port)
+    try:
+        assert "gradio" in _wait_until_served(proc, port).lower()
+    finally:
+        out, err = _ctrl_c(proc)
     assert f"sdtune: note: web UI on http://127.0.0.1:{port}" in err
-    assert "Traceback" not in err, err
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("how", ["SIGINT, started with SIGINT ignored", "SIGTERM"])
+def test_the_ui_stops_on_sigint_even_if_started_ignoring_it_and_on_sigterm(tmp_path, how):
+    """A script's `sdtune ui &` inherits SIGINT ignored; a supervisor stops with SIGTERM: both stop it cleanly."""
+    pytest.importorskip("gradio")
+    import signal
+
+    port = _free_port()
+    proc = _start_ui(tmp_path, port, ignore_sigint=how.startswith("SIGINT"))
+    try:
+        _wait_until_served(proc, port)
+    finally:
+        out, err = _ctrl_c(proc, signum=signal.SIGINT if how.startswith("SIGINT") else signal.SIGTERM)
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 def test_ctrl_c_while_the_ui_is_still_starting_stops_it(tmp_path):
     """A Ctrl-C that lands while gradio is starting (not yet waiting) stops the server as well."""
     pytest.importorskip("gradio")
-    import os
-    import signal
-
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "-m", "sdtune", "ui", "--port", str(_free_port()),
-                             "--outputs", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = _start_ui(tmp_path, _free_port())
+    first = ""
     try:
         first = proc.stderr.readline()  # printed right before the server starts
         assert "sdtune: note: web UI on" in first, first
         time.sleep(1.0)  # somewhere inside gradio's start
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = _ctrl_c(proc, first)
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 

@@ -311,6 +311,9 @@ class Engine:
             lora_mod.check_fits(lf, text_encoder=te)
         if self.text_encoder_2 is not None:
             lora_mod.check_fits(lf, text_encoder=self.text_encoder_2, prefix="text_encoder_2")
+        identifier = lora_mod.identifier_file_of(path)  # with train_identifier_embedding: the identifier's own rows
+        rows = [] if identifier is None else lora_mod.read_identifier_embedding(
+            identifier, self.tokenizer, self.text_encoder.get_input_embeddings().weight.shape[1])
         lora_mod.load_into(lf, unets=list(self.unets.values()))
         for te in text_encoders:  # each distinct text encoder once: the shared one is not loaded twice
             lora_mod.load_into(lf, text_encoder=te)
@@ -319,10 +322,8 @@ class Engine:
             lora_mod.load_into(lf, text_encoder=self.text_encoder_2, prefix="text_encoder_2")
             extra.append(self.text_encoder_2)
         self.lora_fused = lora_mod.scale_and_fuse([*self.unets.values(), *text_encoders, *extra], scale, fuse)
-        identifier = lora_mod.identifier_file_of(path)
-        if identifier is not None:  # trained with train_identifier_embedding: the identifier's own rows
-            for te in text_encoders:
-                lora_mod.load_identifier_embedding(identifier, te, self.tokenizer, scale)
+        for te in text_encoders if rows else ():
+            lora_mod.load_identifier_embedding(rows, te, scale)
 
     # ------------------------------------------------------------ modes
 

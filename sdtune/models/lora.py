@@ -292,30 +292,37 @@ def identifier_file_of(lora_path: str | os.PathLike) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_identifier_embedding(path: str | os.PathLike, text_encoder, tokenizer, scale: float = 1.0) -> list[str]:
-    """Write the identifier rows of ``path`` into ``text_encoder``'s token table: base + scale * (trained - base),
-    so scale 1 is as trained and 0 leaves the table as it was. Returns the identifiers.
-
-    The file's token ids must be the ones ``tokenizer`` reads each identifier as, and its width the table's."""
+def read_identifier_embedding(path: str | os.PathLike, tokenizer, width: int) -> list[tuple[list[int], torch.Tensor]]:
+    """The (token ids, rows) of an identifier-embedding file, checked to fit ``tokenizer`` and a token width of
+    ``width``: one line for a file that is not one, or was trained on another model."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        rows = {k: f.get_tensor(k) for k in f.keys()}
-    table = text_encoder.get_input_embeddings().weight
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            rows = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own types for a damaged file
+        raise SdtuneError(f"{path} is not a readable safetensors file ({_first_line(exc)}); retrain, or remove "
+                          "it to use the LoRA without the identifier's embedding") from None
     updates = []
     for word, tensor in rows.items():
-        ids = [int(i) for i in meta.get(f"token_ids.{word}", "").split(",") if i]
+        ids = [int(i) for i in meta.get(f"token_ids.{word}", "").split(",") if i.strip().isdigit()]
         if ids != identifier_token_ids(tokenizer, word):
             raise SdtuneError(f"{path}: the identifier {word!r} was trained as tokens {ids}, but this model's "
                               "tokenizer reads it otherwise; use the base model the LoRA was trained on")
-        if tensor.shape != (len(ids), table.shape[1]):
-            raise SdtuneError(f"{path}: the embedding of {word!r} is {tuple(tensor.shape)} wide, this text "
-                              f"encoder's tokens are {table.shape[1]}; use the base model the LoRA was trained on")
+        if tuple(tensor.shape) != (len(ids), width):
+            raise SdtuneError(f"{path}: the embedding of {word!r} is {tuple(tensor.shape)}, this text encoder's "
+                              f"tokens are {width} wide; use the base model the LoRA was trained on")
         updates.append((ids, tensor))
+    return updates
+
+
+def load_identifier_embedding(updates: list[tuple[list[int], torch.Tensor]], text_encoder, scale: float = 1.0) -> None:
+    """Write ``read_identifier_embedding``'s rows into ``text_encoder``'s token table: base + scale * (trained -
+    base), so scale 1 is as trained and 0 leaves the table as it was."""
+    table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         for ids, tensor in updates:
             index = torch.tensor(ids, device=table.device)
             base = table[index].float()
             table[index] = (base + scale * (tensor.to(table.device).float() - base)).to(table.dtype)
-    return list(rows)

@@ -79,6 +79,20 @@ def test_trained_rows_are_saved_and_the_engine_loads_them_scaled(tiny_models, su
         ours = engine.text_encoder(tokens)[0]
     assert torch.allclose(stock_emb, ours, atol=1e-5)
 
+    # A damaged file, or one for another model, is one line, before anything is loaded.
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("latent_cache", "logs"))
+    (bad / IDENTIFIER_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(SdtuneError, match="is not a readable safetensors file"):
+        Engine.load(tiny_models["sd1"], lora=bad)
+    save_file({"sks": torch.zeros(1, 7)}, str(bad / IDENTIFIER_FILE), metadata={"token_ids.sks": str(ids[0])})
+    with pytest.raises(SdtuneError, match="tokens are 32 wide; use the base model the LoRA was trained on"):
+        Engine.load(tiny_models["sd1"], lora=bad)
+
     # A later run into the same folder without it leaves no stale embedding for the engine to pick up.
     recipe.train(config(tiny_models, subject, out, train_text_encoder=True, method="lora", max_steps=1))
     assert not (out / IDENTIFIER_FILE).exists()

@@ -66,7 +66,8 @@ def test_trained_rows_are_saved_and_the_engine_loads_them_scaled(tiny_models, su
     # encodes as the engine encodes it.
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd1"], safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd1"], safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.load_lora_weights(out)
     with safe_open(str(out / IDENTIFIER_FILE), "pt") as f:
         for word in f.keys():
@@ -125,7 +126,8 @@ def test_refused_in_one_line_where_it_cannot_apply(tiny_models, subject, tmp_pat
 
 def test_refused_for_sdxl(tiny_sdxl, tmp_path):
     subject = make_images(tmp_path / "subject", 1)
-    cfg = config_from_dict(dict(model=str(tiny_sdxl["sdxl"]), instance_dir=str(subject), instance_prompt="a photo of sks dog",
+    cfg = config_from_dict(dict(model=str(tiny_sdxl["sdxl"]), instance_dir=str(subject),
+                                instance_prompt="a photo of sks dog",
                                 identifier="sks", resolution=32, max_steps=1, train_text_encoder=True,
                                 train_identifier_embedding=True, output_dir=str(tmp_path / "out")))
     with pytest.raises(SdtuneError, match="SD 1.x/2.x models so far, not SDXL"):

@@ -142,7 +142,7 @@ def dry_run(cfg: TrainConfig) -> dict:
             for te in encoders:
                 adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
         if cfg.train_identifier_embedding and len(encoders) == 1:  # counted with the text encoder's parameters
-            identifier.attach(pipe.text_encoder, pipe.tokenizer, [c.identifier for c in concepts_of(cfg)])
+            identifier.attach(pipe.text_encoder, pipe.tokenizer, [c.identifier for c in concepts])
     else:
         pipe.unet.requires_grad_(True)
         for te in encoders:
@@ -398,7 +398,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     check_launch(accelerator)
     if accelerator.is_main_process:
         checkpointing.remove_partials(output_dir)
-    for c, concept in enumerate(concepts_of(cfg)):  # every image checked before any model is loaded
+    concepts = concepts_of(cfg)
+    identifiers = [c.identifier for c in concepts]  # the words whose embedding rows train_identifier_embedding trains
+    for c, concept in enumerate(concepts):  # every image checked before any model is loaded
         read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
                       identifier=concept.identifier, caption_prefix=concept.caption_prefix,
                       min_side=min_image_side(cfg), what=f"concepts[{c}]" if cfg.concepts else
@@ -452,7 +454,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
             if sdxl:
                 raise SdtuneError("train_identifier_embedding works with SD 1.x/2.x models so far, not SDXL; "
                                   "set train_identifier_embedding: false")
-            identifier.attach(text_encoder, tokenizer, [c.identifier for c in concepts_of(cfg)])
+            identifier.attach(text_encoder, tokenizer, identifiers)
         cast_training_params([unet, *text_encoders] if cfg.train_text_encoder else [unet], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
@@ -623,8 +625,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if cfg.method == "lora":
             # Before the LoRA file, which the engine finds first: a LoRA file present has its embedding beside it.
             if identifier_rows:
-                identifier.save(output_dir, identifier_rows, tokenizer, [c.identifier for c in concepts_of(cfg)],
-                                metadata)
+                identifier.save(output_dir, identifier_rows, tokenizer, identifiers, metadata)
             else:  # an earlier run's embedding in this folder would be loaded with this run's LoRA
                 (output_dir / identifier.IDENTIFIER_FILE).unlink(missing_ok=True)
             adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata,

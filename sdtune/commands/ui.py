@@ -56,7 +56,7 @@ def run(args) -> int:
     from sdtune.errors import SdtuneError
 
     try:
-        import gradio  # noqa: F401
+        import gradio as gr
     except ImportError:
         raise SdtuneError("the web UI needs gradio, which is not installed; install the extra: pip install -e '.[ui]'") \
             from None
@@ -73,8 +73,6 @@ def run(args) -> int:
     print(f"sdtune: note: web UI on http://{args.host}:{args.port} (outputs in {state.sandbox.outputs}); Ctrl-C stops it",
           file=sys.stderr)
     import signal
-
-    import gradio as gr
 
     # Started from a script with `&`, a shell leaves SIGINT ignored, and Python then installs no handler for it:
     # Ctrl-C or `kill -INT` would never stop the server (seen when CI was started that way). So the handler is

@@ -80,10 +80,8 @@ def save(output_dir: str | os.PathLike, rows: dict[int, torch.Tensor], tokenizer
     from sdtune.imageio import atomic_path
 
     tensors, meta = {}, dict(metadata or {})
-    for word in identifiers:
+    for word in dict.fromkeys(identifiers):  # each word once, in order
         ids = identifier_token_ids(tokenizer, word)
-        if word in tensors:
-            continue
         tensors[word] = torch.stack([rows[i] for i in ids]).contiguous()
         meta[f"token_ids.{word}"] = ",".join(map(str, ids))
     if not tensors:

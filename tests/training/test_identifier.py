@@ -8,17 +8,8 @@ from sdtune.errors import SdtuneError
 from sdtune.models.lora import IDENTIFIER_FILE, identifier_token_ids
 from sdtune.training import identifier
 from sdtune.training.config import config_from_dict
-from test_train_recipe import config, make_images, recipe  # noqa: F401 (the recipe module, loaded once)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture
-def subject(tmp_path):
-    return make_images(tmp_path / "subject", 2)
+# The recipe module (loaded once) and the recipe tests' helpers and fixtures (one torch thread, a 3-image subject).
+from test_train_recipe import _one_thread, config, make_images, recipe, subject  # noqa: F401
 
 
 def test_only_the_identifier_rows_change_and_only_they_get_gradients():

@@ -9,7 +9,7 @@ script does the same and calls it pivotal tuning). Only those rows change: every
 The rows live in ``IdentifierEmbedding``, a stand-in for the encoder's ``nn.Embedding`` that holds them as its
 one parameter (checkpoints hold them with the LoRA and nothing of the 49k-row table). After training they go
 back into the table and the file ``identifier_embedding.safetensors`` beside the LoRA holds them
-(``sdtune.models.lora.load_identifier_embedding`` reads it, as the engine does with the LoRA).
+(the engine reads it with the LoRA: ``sdtune.models.lora.read_identifier_embedding`` and ``load_identifier_embedding``).
 """
 from __future__ import annotations
 

@@ -52,7 +52,18 @@ def open_image_bytes(data: bytes, name: str, mode: str = "RGB", what: str = "ima
     return _decode(io.BytesIO(data), name, mode, what)
 
 
-def _decode(source, name: str, mode: str, what: str) -> Image.Image:
+def image_and_alpha_of_bytes(data: bytes, name: str, what: str = "image") -> tuple[Image.Image, Image.Image | None]:
+    """(RGB, alpha as L or None) of an encoded image, EXIF rotation applied. The RGB is the file's own
+    colour under every pixel, NOT flattened on white: a masked loss needs the real pixels where the mask is
+    transparent too (a render or photo with a painted mask keeps its background there)."""
+    img = _decode(io.BytesIO(data), name, None, what)
+    if img.mode not in {"RGBA", "LA", "P", "PA"} or (img.mode == "P" and "transparency" not in img.info):
+        return img.convert("RGB"), None
+    img = img.convert("RGBA")
+    return img.convert("RGB"), img.getchannel("A")
+
+
+def _decode(source, name: str, mode: str | None, what: str) -> Image.Image:
     try:
         with Image.open(source) as img:
             img.load()
@@ -64,6 +75,8 @@ def _decode(source, name: str, mode: str, what: str) -> Image.Image:
         raise SdtuneError(f"{what} {name} could not be read as an image ({type(exc).__name__}); "
                           "is it corrupt?") from None
     img = _to_8bit(img)
+    if mode is None:  # the caller takes the decoded image as it is
+        return img
     if img.mode in {"RGBA", "LA", "P", "PA"}:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -102,7 +102,7 @@ def read_data(cfg: TrainConfig, class_images: list[list[Path]]) -> TrainingData:
     return TrainingData(instance, klass, resolution=cfg.resolution,
                         buckets=parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect),
                         center_crop=cfg.center_crop, random_flip=cfg.random_flip, seed=cfg.seed,
-                        repeats=[c.repeats for c in concepts])
+                        repeats=[c.repeats for c in concepts], masked_loss=cfg.masked_loss)
 
 
 def dry_run(cfg: TrainConfig) -> dict:
@@ -149,7 +149,7 @@ def dry_run(cfg: TrainConfig) -> dict:
             te.requires_grad_(cfg.train_text_encoder)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     report["trainable_parameters"] = {"unet": count(pipe.unet), "text_encoder": sum(
-        count(te) for te in encoders) if cfg.train_text_encoder else 0}
+        count(te) for te in encoders) if text_encoder_trains(cfg) else 0}
     return report
 
 
@@ -192,6 +192,12 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.dev
     # The fused kernel updates all parameters in one pass: a LoRA has hundreds of small tensors, and
     # the per-tensor loop of the default implementation costs ~7% of a small model's CPU step.
     return torch.optim.AdamW(param_groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+
+
+def text_encoder_trains(cfg: TrainConfig) -> bool:
+    """Whether the text encoder has trainable weights: its LoRA (``train_text_encoder``), or only the identifier's
+    embedding rows (``train_identifier_embedding`` alone: pivotal tuning with every other word frozen)."""
+    return cfg.train_text_encoder or (cfg.method == "lora" and cfg.train_identifier_embedding)
 
 
 def check_launch(accelerator) -> None:
@@ -400,11 +406,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
         checkpointing.remove_partials(output_dir)
     concepts = concepts_of(cfg)
     identifiers = [c.identifier for c in concepts]  # the words whose embedding rows train_identifier_embedding trains
+    masked = []
     for c, concept in enumerate(concepts):  # every image checked before any model is loaded
-        read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
-                      identifier=concept.identifier, caption_prefix=concept.caption_prefix,
-                      min_side=min_image_side(cfg), what=f"concepts[{c}]" if cfg.concepts else
-                      ("instance_dir" if concept.instance_dir else "dataset"))
+        examples = read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
+                                 identifier=concept.identifier, caption_prefix=concept.caption_prefix,
+                                 min_side=min_image_side(cfg), what=f"concepts[{c}]" if cfg.concepts else
+                                 ("instance_dir" if concept.instance_dir else "dataset"))
+        masked += [ex.has_mask for ex in examples]
+    if cfg.masked_loss and not any(masked) and accelerator.is_main_process:
+        warnings.warn("masked_loss is on but no instance image has a mask (an alpha channel, or masks/NAME.png in "
+                      "its folder): every pixel counts, as without it", SdtuneWarning, stacklevel=2)
     resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
     if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
         log.info("resume: latest found no checkpoint in %s; starting from step 0", output_dir)
@@ -431,6 +442,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     text_encoders = [text_encoder] + ([text_encoder_2] if sdxl else [])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas and prediction_type
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    te_trains = text_encoder_trains(cfg)  # a LoRA on it, or the identifier's embedding rows alone
 
     half = weight_dtype != torch.float32
     # SDXL's VAE overflows in fp16 (its config says force_upcast, as the SDXL pipelines honour): keep it fp32.
@@ -455,7 +467,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 raise SdtuneError("train_identifier_embedding works with SD 1.x/2.x models so far, not SDXL; "
                                   "set train_identifier_embedding: false")
             identifier.attach(text_encoder, tokenizer, identifiers)
-        cast_training_params([unet, *text_encoders] if cfg.train_text_encoder else [unet], dtype=torch.float32)
+        cast_training_params([unet, *text_encoders] if te_trains else [unet], dtype=torch.float32)
     else:
         unet.requires_grad_(True)
         for te in text_encoders:
@@ -464,12 +476,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
         sdxl_parts.freeze_unread_layers(text_encoder)  # SDXL reads its penultimate layer only
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
+        if te_trains:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
     unet.train()
     for te in text_encoders:
-        te.train(cfg.train_text_encoder)
+        te.train(te_trains)
     if stage_on_cpu:
         pipe.to(accelerator.device)
     if cfg.compile:
@@ -479,12 +491,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
     # --- optimizer, lr schedule, processes ---------------------------------------------------------
     groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]
-    if cfg.train_text_encoder:
+    if te_trains:
         rows = identifier.rows_of(text_encoder)
         rows = [rows.identifier_rows] if rows is not None else []
-        groups.append({"params": [p for te in text_encoders for p in adapters.trainable_parameters(te)
-                                  if not any(p is r for r in rows)],
-                       "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+        lora_params = [p for te in text_encoders for p in adapters.trainable_parameters(te)
+                       if not any(p is r for r in rows)]
+        if lora_params:
+            groups.append({"params": lora_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
         if rows:  # no weight decay: it would pull the identifier towards the zero vector, not towards a word
             groups.append({"params": rows, "lr": cfg.identifier_learning_rate or cfg.learning_rate,
                            "weight_decay": 0.0})
@@ -492,11 +505,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # accelerate steps a prepared schedule once per process per optimizer step, hence the x world.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
-    if cfg.train_text_encoder and sdxl:
+    if te_trains and sdxl:
         unet, text_encoder, text_encoder_2, optimizer, lr_scheduler = accelerator.prepare(
             unet, text_encoder, text_encoder_2, optimizer, lr_scheduler)
         trained = [unet, text_encoder, text_encoder_2]
-    elif cfg.train_text_encoder:
+    elif te_trains:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
         trained = [unet, text_encoder]
     else:
@@ -515,11 +528,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if sdxl:  # both encoders, pooled embedding; zeros for dropped captions when the model says so
         encode = sdxl_parts.XLPromptEncoder(
             [tokenizer, pipe.tokenizer_2], [text_encoder, text_encoder_2], accelerator.device,
-            cache=cfg.cache_latents and not cfg.train_text_encoder,
+            cache=cfg.cache_latents and not te_trains,
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
     else:
         encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
-                               cache=cfg.cache_latents and not cfg.train_text_encoder)
+                               cache=cfg.cache_latents and not te_trains)
     if cfg.cache_latents and not cfg.center_crop and accelerator.is_main_process:
         log.warning("random crops (center_crop: false) give new pixels every step: VAE latents are not cached")
 
@@ -567,7 +580,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False,
                                     **extra)[0]
                         target = obj.training_target(noise_scheduler, latents, noise, timesteps)
-                        per_example.append(obj.per_example_mse(pred, target))
+                        weight = (obj.mask_weights(batch["masks"], latents.shape[-2:], cfg.masked_loss_floor)
+                                  if batch["masks"] is not None else None)
+                        per_example.append(obj.per_example_mse(pred, target, weight))
                         is_class.append(batch["is_class"])
                         if cfg.snr_gamma:
                             weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,

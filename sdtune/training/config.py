@@ -64,7 +64,8 @@ class TrainConfig:
     # ResNet convolutions (kohya's LoCon), which reach textures the attention layers cannot
     lora_targets: str = "attention"
     train_text_encoder: bool = False
-    # also train the identifier's own token embedding (pivotal tuning; LoRA with train_text_encoder, SD 1.x/2.x)
+    # also train the identifier's own token embedding (pivotal tuning; LoRA, SD 1.x/2.x); without
+    # train_text_encoder it is the text encoder's only trained part, so no other word's meaning moves
     train_identifier_embedding: bool = False
     # --- data ---
     resolution: int = 512
@@ -73,6 +74,10 @@ class TrainConfig:
     bucket_step: int | None = None  # bucket sides move in this many pixels (default resolution / 8)
     max_aspect: float = 2.0  # the widest bucket of `auto` (2 = 2:1 and 1:2)
     random_flip: bool = False
+    # the instance images' alpha channel weighs the loss (kohya's alpha mask): opaque pixels count fully,
+    # transparent ones masked_loss_floor; images without alpha count everywhere
+    masked_loss: bool = False
+    masked_loss_floor: float = 0.1
     # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush
     min_image_fraction: float = 0.25
     dataloader_num_workers: int = 0
@@ -329,10 +334,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _range(cfg.identifier_learning_rate > 0, "identifier_learning_rate", "> 0 (or null)",
                cfg.identifier_learning_rate)
     if cfg.train_identifier_embedding:
-        if cfg.method != "lora" or not cfg.train_text_encoder:
-            raise SdtuneError("train_identifier_embedding trains beside a text-encoder LoRA: set method: lora and "
-                              "train_text_encoder: true (a full fine-tune with the text encoder trains every "
-                              "embedding already)")
+        if cfg.method != "lora":
+            raise SdtuneError("train_identifier_embedding trains beside a LoRA: set method: lora (a full fine-tune "
+                              "with train_text_encoder trains every embedding already)")
         for i, c in enumerate(concepts_of(cfg)):
             if not (c.identifier or "").strip():
                 where = f"concepts[{i}]." if cfg.concepts else ""
@@ -364,6 +368,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.snr_gamma is not None:
         _range(cfg.snr_gamma > 0, "snr_gamma", "> 0 (5.0 is usual) or null for off", cfg.snr_gamma)
     _range(cfg.noise_offset >= 0, "noise_offset", ">= 0 (0.05 is usual)", cfg.noise_offset)
+    _range(0 <= cfg.masked_loss_floor <= 1, "masked_loss_floor", "in [0, 1] (0: the background is not learned at all)",
+           cfg.masked_loss_floor)
     _range(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
     _range(cfg.validation_every >= 0, "validation_every", ">= 0 (0 = off)", cfg.validation_every)
     _range(cfg.validation_steps >= 1, "validation_steps", ">= 1", cfg.validation_steps)

@@ -153,12 +153,14 @@ class TrainingData:
     KINDS = ("instance", "class")
 
     def __init__(self, instance, klass=None, *, resolution: int, buckets=None, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0, repeats: Sequence[int] | None = None):
+                 random_flip: bool = False, seed: int = 0, repeats: Sequence[int] | None = None,
+                 masked_loss: bool = False):
         if not instance:
             raise SdtuneError("no instance images given")
         self.examples = {"instance": list(instance), "class": list(klass or [])}
         self.resolution, self.buckets = resolution, buckets
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        self.masked_loss = masked_loss  # instance examples carry their mask (file or alpha) as a loss weight
         rep = list(repeats or [])
         self.items: dict[str, list[int]] = {}  # kind -> example index of every stream position
         self.groups: dict[str, dict[tuple[int, int], list[int]]] = {}  # kind -> bucket -> stream positions
@@ -213,28 +215,51 @@ class TrainingData:
 
     def example(self, kind: str, position: int, epoch: int, bucket=None) -> dict:
         """Stream position ``position`` of ``kind`` in ``epoch``: pixels, caption and its latent-cache key."""
-        from sdtune.training.buckets import cover_size, fit
+        from sdtune.training.buckets import cover_size
 
         ex = self.examples[kind][self.items[kind][position]]
         bucket = bucket or self.bucket_of(ex)
         gen = example_generator(self.seed, epoch, kind, position)
         flip = bool(self.random_flip and torch.rand((), generator=gen) < 0.5)
+        masked = self.masked_loss and kind == "instance"
         if self.center_crop:  # the same pixels every time: fitted once
             cache_key = (kind, self.items[kind][position], bucket)
             if cache_key not in self._fitted:
-                self._fitted[cache_key] = fit(ex.image(), bucket, True, with_box=True)
-            img, (left, top) = self._fitted[cache_key]
+                self._fitted[cache_key] = _fit_with_mask(ex, bucket, True, None, masked)
+            img, mask, (left, top) = self._fitted[cache_key]
         else:
-            img, (left, top) = fit(ex.image(), bucket, False, gen, with_box=True)
+            img, mask, (left, top) = _fit_with_mask(ex, bucket, False, gen, masked)
         if flip:
             img = ImageOps.mirror(img)
+            mask = ImageOps.mirror(mask) if mask is not None else None
             left = cover_size(ex.size, bucket)[0] - left - bucket[0]  # the crop's left edge in the mirrored image
         key = (ex.key, bucket, flip) if self.center_crop else None
         # SDXL's size/crop conditioning: (original height, width, crop top, left, target height, width).
         time_ids = (ex.size[1], ex.size[0], top, left, bucket[1], bucket[0])
         return {"kind": kind, "pixels": to_tensor(img), "prompt": caption_variant(ex.caption, gen), "key": key,
-                "name": ex.name,
+                "name": ex.name, "mask": None if mask is None else mask_tensor(mask),
                 "concept": ex.concept, "time_ids": time_ids}
+
+
+def _fit_with_mask(ex, bucket, center_crop: bool, gen, masked: bool):
+    """(image, its mask or None, crop box) fitted to ``bucket``; the mask is scaled and cropped exactly as the
+    image (one box), so every masked pixel stays over its image pixel."""
+    from sdtune.training.buckets import cover_size, fit
+
+    if not masked:
+        img, box = fit(ex.image(), bucket, center_crop, gen, with_box=True)
+        return img, None, box
+    img, mask = ex.image_and_mask()
+    img, (left, top) = fit(img, bucket, center_crop, gen, with_box=True)
+    if mask is not None:
+        mask = mask.resize(cover_size(mask.size, bucket), resample=Image.BILINEAR)
+        mask = mask.crop((left, top, left + bucket[0], top + bucket[1]))
+    return img, mask, (left, top)
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """An L mask as a [1, H, W] float tensor in [0, 1] (opaque = 1: counts fully in a masked loss)."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy()).float().div(255.0).unsqueeze(0)
 
 
 def caption_variant(caption: str, gen: torch.Generator) -> str:
@@ -248,7 +273,9 @@ def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
     """A micro-step's examples as forward passes: one when instance and class share a shape, else two.
 
     Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor, "time_ids": [N, 6] (SDXL's
-    original size, crop top-left and target size of each example)}; instance examples first.
+    original size, crop top-left and target size of each example), "masks": [N, 1, H, W] in [0, 1], or None
+    when no example of the pass has one (an example without a mask counts everywhere: ones)}; instance
+    examples first.
     """
     groups: list[list[dict]] = [list(instance)]
     if klass:
@@ -258,8 +285,15 @@ def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
             groups.append(list(klass))
     return [{"pixels": torch.stack([e["pixels"] for e in g]).contiguous(), "prompts": [e["prompt"] for e in g],
              "keys": [e["key"] for e in g], "is_class": torch.tensor([e["kind"] == "class" for e in g]),
-             "time_ids": torch.tensor([e["time_ids"] for e in g], dtype=torch.float32)}
+             "time_ids": torch.tensor([e["time_ids"] for e in g], dtype=torch.float32), "masks": _masks(g)}
             for g in groups]
+
+
+def _masks(examples: Sequence[dict]) -> torch.Tensor | None:
+    if all(e.get("mask") is None for e in examples):
+        return None
+    return torch.stack([e["mask"] if e.get("mask") is not None else torch.ones_like(e["pixels"][:1])
+                        for e in examples])
 
 
 def caption_dropout_mask(n: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -80,9 +80,28 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return capped  # "sample": the x0-space weight itself
 
 
-def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per example, in float32 (half-precision MSE loses the small losses)."""
-    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per example, in float32 (half-precision MSE loses the small losses).
+
+    ``weight`` [N, 1, h, w] (``mask_weights``): the weighted mean over each example's latent pixels, so an
+    example's loss keeps its scale however much of it the mask covers.
+    """
+    err = (pred.float() - target.float()).pow(2)
+    dims = tuple(range(1, pred.ndim))
+    if weight is None:
+        return err.mean(dim=dims)
+    weight = weight.to(err.device, err.dtype).expand_as(err)
+    return (err * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1e-8)
+
+
+def mask_weights(masks: torch.Tensor, latent_size, floor: float) -> torch.Tensor:
+    """Image-space masks [N, 1, H, W] in [0, 1] -> latent-space loss weights [N, 1, h, w] in [floor, 1].
+
+    Each latent pixel takes the mean of the image pixels it covers (area resampling); ``floor`` is what a fully
+    transparent pixel still counts, so the background is learned a little instead of left free to drift.
+    """
+    small = torch.nn.functional.interpolate(masks.float(), size=tuple(latent_size), mode="area")
+    return floor + (1.0 - floor) * small
 
 
 def dreambooth_loss(per_example: torch.Tensor, is_class: torch.Tensor, prior_loss_weight: float,

@@ -31,7 +31,7 @@ from PIL import Image
 
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
-from sdtune.imageio import IMAGE_SUFFIXES, open_image_bytes
+from sdtune.imageio import IMAGE_SUFFIXES, image_and_alpha_of_bytes, open_image_bytes
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
@@ -63,9 +63,22 @@ class Example:
     caption: str
     size: tuple[int, int]  # width, height after EXIF rotation
     key: str = ""  # SHA-256 of the encoded bytes
+    mask_data: bytes | None = field(default=None, repr=False)  # masks/<stem>.png beside a folder's image
+    has_alpha: bool = False  # the image's own alpha channel, the mask when there is no mask file
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_data is not None or self.has_alpha
 
     def image(self) -> Image.Image:
         return open_image_bytes(self.data, self.name, "RGB", what=f"{self.kind} image")
+
+    def image_and_mask(self) -> tuple[Image.Image, Image.Image | None]:
+        """(RGB, its L mask or None) for ``masked_loss``: the mask file if there is one (the image as ``image``
+        gives it), else the image's alpha channel (kohya's alpha mask) under the file's own, unflattened RGB."""
+        if self.mask_data is not None:
+            return self.image(), open_image_bytes(self.mask_data, f"mask of {self.name}", "L", what="mask")
+        return image_and_alpha_of_bytes(self.data, self.name, what=f"{self.kind} image")
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -197,7 +210,9 @@ def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, d
             if not default_caption:
                 raise SdtuneError(f"{what}: {name} has no caption and no instance_prompt is set; give one of them")
             caption = default_caption
-        examples.append(Example(kind, concept, name, data, caption, (w, h), hashlib.sha256(data).hexdigest()))
+        mask_data, has_alpha = _mask_of(source, name, (w, h), data, what)
+        examples.append(Example(kind, concept, name, data, caption, (w, h), hashlib.sha256(data).hexdigest(),
+                                mask_data, has_alpha))
     if lacking:
         warnings.warn(f"{what} {source.name}: {len(lacking)} caption(s) lack the identifier {identifier!r} "
                       f"(e.g. {Path(lacking[0]).name}); the subject is then not tied to it - add it, or set "
@@ -209,6 +224,24 @@ def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, d
                           "it counts twice", SdtuneWarning, stacklevel=2)
         seen.setdefault(ex.key, ex.name)
     return examples
+
+
+MASK_FOLDER = "masks"  # <instance_dir>/masks/<image stem>.png: white = the subject (for masked_loss)
+
+
+def _mask_of(source: Source, name: str, size: tuple[int, int], data: bytes, what: str) -> tuple[bytes | None, bool]:
+    """(the bytes of the image's mask file, or None; whether the image has an alpha channel)."""
+    mask_data = None
+    if source.instance_dir and not source.dataset:
+        path = Path(source.instance_dir).expanduser() / MASK_FOLDER / f"{Path(name).stem}.png"
+        if path.is_file():
+            mask_data = path.read_bytes()
+            got = open_image_bytes(mask_data, str(path), "L", what="mask").size
+            if got != size:
+                raise SdtuneError(f"{what}: mask {path} is {got[0]}x{got[1]} but its image {Path(name).name} is "
+                                  f"{size[0]}x{size[1]}; make the mask the image's size")
+    _, alpha = image_and_alpha_of_bytes(data, name) if mask_data is None else (None, None)
+    return mask_data, alpha is not None
 
 
 def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:

@@ -13,9 +13,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from sdtune import DATA_DIR, ROOT
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
+from sdtune.training.sources import MASK_FOLDER
 from sdtune.world import scenes
 
 SUBJECTS_DIR = DATA_DIR / "subjects"
@@ -83,7 +87,8 @@ def subject_folders() -> list[Path]:
 
 
 def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
-    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs and subject.json."""
+    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/ and
+    subject.json."""
     if name not in scenes.SUBJECTS or name not in RENDERS:
         raise SdtuneError(f"unknown subject {name!r}; choose one of {', '.join(scenes.SUBJECTS)}")
     spec, folder = scenes.SUBJECTS[name], Path(folder)
@@ -91,7 +96,11 @@ def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
     renders = []
     for i, (sz, pos, bg, seed) in enumerate(RENDERS[name]):
         scene = scenes.Scene(kind=noun, colour="red", size=sz, position=pos, background=bg, seed=seed)
-        save_image_atomic(scenes.render(scene, size=size, subject=name).image, folder / f"{i:02d}.png")
+        render = scenes.render(scene, size=size, subject=name)
+        save_image_atomic(render.image, folder / f"{i:02d}.png")
+        # The subject's own pixels, for masked_loss (white = the subject); the renderer knows them exactly.
+        save_image_atomic(Image.fromarray(render.mask.astype(np.uint8) * 255, "L"),
+                          folder / MASK_FOLDER / f"{i:02d}.png")
         renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
     meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": f"a photo of {ident} {noun}",
             "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}

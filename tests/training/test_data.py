@@ -423,3 +423,65 @@ def test_caption_dropout_seeded():
 def test_caption_dropout_rejects_bad_probability():
     with pytest.raises(ValueError):
         caption_dropout_mask(10, 1.0, torch.Generator())
+
+
+def _rgba_with_square(w, h, box):
+    """An RGB noise image whose alpha is opaque on ``box`` (x0, y0, x1, y1), where the pixels are pure red."""
+    a = np.dstack([rgb(h, w, seed=5), np.zeros((h, w), np.uint8)])
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = (255, 0, 0, 255)
+    return Image.fromarray(a, "RGBA")
+
+
+@pytest.mark.parametrize("center_crop,flip", [(True, False), (True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("mask_from", ["alpha", "masks folder"])
+def test_masked_loss_gives_each_instance_its_mask_aligned_with_its_pixels(tmp_path, center_crop, flip, mask_from):
+    inst = tmp_path / "inst"
+    inst.mkdir()
+    image = _rgba_with_square(64, 40, (28, 8, 50, 30))  # off centre: crops and flips move it
+    if mask_from == "alpha":
+        save(inst / "a.png", image)
+    else:  # an RGB image, and its mask as masks/a.png
+        save(inst / "a.png", image.convert("RGB"))
+        (inst / "masks").mkdir()
+        save(inst / "masks" / "a.png", image.getchannel("A"))
+    assert examples(inst, "instance")[0].has_mask
+    data = TrainingData(examples(inst, "instance"), resolution=R, buckets=[(48, 24)] if center_crop else None,
+                        center_crop=center_crop, random_flip=flip, masked_loss=True, seed=1)
+    seen_flip = set()
+    for g in range(8):
+        e = data.micro_batch("instance", g, 1)[0]
+        seen_flip.add(e["key"][2] if e["key"] else None)
+        mask, px = e["mask"][0].numpy(), as_uint8(e["pixels"])
+        assert mask.shape == px.shape[:2]
+        opaque, clear = mask > 0.99, mask < 0.01
+        assert opaque.sum() > 8 and clear.sum() > 200
+        # under the mask: the red square; around it: the image's own noise, not flattened on white
+        assert (np.abs(px[opaque] - [255, 0, 0]) < 40).all()
+        assert px[clear].mean(axis=0).min() < 200
+    if flip and center_crop:
+        assert seen_flip == {False, True}
+    batch = collate(data.micro_batch("instance", 0, 1))[0]
+    assert batch["masks"].shape == (1, 1, *batch["pixels"].shape[-2:])
+
+
+def test_masked_loss_leaves_class_images_and_images_without_alpha_unmasked(subject):
+    inst, cls = subject
+    data = TrainingData(examples(inst[0].parent, "instance"), examples(cls[0].parent, "class"), resolution=R,
+                        masked_loss=True)
+    assert collate(data.micro_batch("instance", 0, 2), data.micro_batch("class", 0, 2))[0]["masks"] is None
+    plain = TrainingData(examples(inst[0].parent, "instance"), resolution=R)
+    assert plain.micro_batch("instance", 0, 1)[0]["mask"] is None
+
+
+def test_a_mask_file_of_another_size_is_one_line_and_the_masks_folder_is_not_an_image_folder(tmp_path):
+    save(tmp_path / "a.png", rgb(40, 40))
+    (tmp_path / "masks").mkdir()
+    save(tmp_path / "masks" / "a.png", np.zeros((20, 40), np.uint8))
+    with pytest.raises(SdtuneError, match=r"mask .*a.png is 40x20 but its image a.png is 40x40; make the mask"):
+        examples(tmp_path, "instance")
+    save(tmp_path / "masks" / "a.png", np.zeros((40, 40), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping non-image files" for the masks folder
+        (ex,) = examples(tmp_path, "instance")
+    assert ex.has_mask and ex.image_and_mask()[1].size == (40, 40)

@@ -90,8 +90,9 @@ def test_trained_rows_are_saved_and_the_engine_loads_them_scaled(tiny_models, su
     assert not (out / IDENTIFIER_FILE).exists()
 
 
-def test_resumed_run_ends_on_the_same_rows(tiny_models, subject, tmp_path):
-    common = dict(train_text_encoder=True, train_identifier_embedding=True, identifier="sks", max_steps=4,
+@pytest.mark.parametrize("with_te_lora", [True, False])
+def test_resumed_run_ends_on_the_same_rows(tiny_models, subject, tmp_path, with_te_lora):
+    common = dict(train_text_encoder=with_te_lora, train_identifier_embedding=True, identifier="sks", max_steps=4,
                   checkpoint_every=2, identifier_learning_rate=1e-2)
     recipe.train(config(tiny_models, subject, tmp_path / "whole", **common))
     recipe.train(config(tiny_models, subject, tmp_path / "half", **{**common, "max_steps": 3}))
@@ -106,8 +107,8 @@ def test_resumed_run_ends_on_the_same_rows(tiny_models, subject, tmp_path):
 
 
 @pytest.mark.parametrize("keys, message", [
-    (dict(train_text_encoder=False, identifier="sks"), "trains beside a text-encoder LoRA"),
-    (dict(train_text_encoder=True, method="full", identifier="sks"), "trains beside a text-encoder LoRA"),
+    (dict(train_text_encoder=True, method="full", identifier="sks"), "trains beside a LoRA"),
+    (dict(train_text_encoder=False, method="full", identifier="sks"), "trains beside a LoRA"),
     (dict(train_text_encoder=True), "needs identifier"),
 ])
 def test_refused_in_one_line_where_it_cannot_apply(tiny_models, subject, tmp_path, keys, message):
@@ -123,6 +124,30 @@ def test_refused_for_sdxl(tiny_sdxl, tmp_path):
                                 train_identifier_embedding=True, output_dir=str(tmp_path / "out")))
     with pytest.raises(SdtuneError, match="SD 1.x/2.x models so far, not SDXL"):
         recipe.train(cfg)
+
+
+def test_without_the_text_encoder_lora_only_the_identifier_rows_of_the_encoder_move(tiny_models, subject, tmp_path):
+    """Pivotal tuning with every other word frozen: the encoder's only trained part is the identifier's rows,
+    the LoRA file holds no text-encoder layers, and the engine applies the rows alone."""
+    from safetensors.torch import load_file
+
+    from sdtune.generation.engine import Engine
+
+    out = tmp_path / "out"
+    result = recipe.train(config(tiny_models, subject, out, train_text_encoder=False, train_identifier_embedding=True,
+                                 identifier="sks", max_steps=3, identifier_learning_rate=1e-2))
+    plain = Engine.load(tiny_models["sd1"])
+    ids = identifier_token_ids(plain.tokenizer, "sks")
+    base_state = plain.text_encoder.state_dict()
+    trained_state = result.text_encoder.state_dict()
+    emb = next(k for k in base_state if k.endswith("token_embedding.weight"))
+    changed = [k for k, v in base_state.items() if k != emb and not torch.equal(trained_state[k], v)]
+    assert not changed  # every layer as it was
+    moved = (trained_state[emb] - base_state[emb]).abs().amax(dim=1) > 0
+    assert moved.nonzero().flatten().tolist() == ids  # and in the table, the identifier's rows alone
+    assert not any(k.startswith("text_encoder") for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    loaded = Engine.load(tiny_models["sd1"], lora=out).text_encoder.get_input_embeddings().weight.detach()
+    assert torch.allclose(loaded[ids], trained_state[emb][ids], atol=1e-6)
 
 
 def test_dry_run_counts_the_identifier_rows(tiny_models, subject, tmp_path):

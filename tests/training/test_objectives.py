@@ -95,3 +95,27 @@ def test_per_example_mse():
     pred = torch.zeros(2, 4, 2, 2)
     target = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])
     assert obj.per_example_mse(pred, target).tolist() == [1.0, 4.0]
+
+
+def test_a_masked_mse_is_the_weighted_mean_and_ones_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(obj.per_example_mse(pred, target, ones), obj.per_example_mse(pred, target))
+    half = torch.zeros(2, 1, 4, 4)
+    half[..., :2] = 1.0  # only the left half counts
+    assert torch.allclose(obj.per_example_mse(pred, target, half),
+                          obj.per_example_mse(pred[..., :2], target[..., :2]))
+    # the right half is free: changing the prediction there changes nothing
+    moved = pred.clone()
+    moved[..., 2:] += 5.0
+    assert torch.allclose(obj.per_example_mse(moved, target, half), obj.per_example_mse(pred, target, half))
+
+
+def test_mask_weights_average_the_pixels_a_latent_covers_and_keep_the_floor():
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[..., :4, :4] = 1.0  # the top-left quarter is the subject
+    masks[..., 4:6, 4:6] = 1.0  # a quarter of the bottom-right latent pixel
+    w = obj.mask_weights(masks, (2, 2), floor=0.2)
+    assert torch.allclose(w[0, 0], torch.tensor([[1.0, 0.2], [0.2, 0.2 + 0.8 * 0.25]]))
+    assert torch.equal(obj.mask_weights(masks, (2, 2), floor=1.0), torch.ones(1, 1, 2, 2))  # floor 1: no mask

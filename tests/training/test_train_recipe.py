@@ -386,3 +386,26 @@ def test_lora_targets_all_reaches_resnets_and_loads_into_stock_diffusers(tiny_mo
     pipe = stock(tiny_models["sd1"])
     pipe.load_lora_weights(out)
     np.testing.assert_allclose(sample(pipe), sample(trained), atol=2e-4)
+
+
+def test_masked_loss_weighs_the_instance_loss_by_each_images_alpha(tiny_models, tmp_path):
+    rgb_dir, rgba_dir = make_images(tmp_path / "rgb", 2), tmp_path / "rgba"
+    rgba_dir.mkdir()
+    for p in sorted(rgb_dir.iterdir()):  # the same pixels, with the left half opaque
+        a = np.asarray(Image.open(p).convert("RGB"))
+        alpha = np.zeros(a.shape[:2], np.uint8)
+        alpha[:, : a.shape[1] // 2] = 255
+        Image.fromarray(np.dstack([a, alpha]), "RGBA").save(rgba_dir / p.name)
+
+    def losses(folder, out, **kw):
+        return recipe.train(config(tiny_models, folder, tmp_path / out, max_steps=2, **kw)).losses
+
+    plain = losses(rgb_dir, "plain")
+    # floor 1 counts every pixel: the RGBA run is then the plain run, so the pixels under alpha 0 are the file's own
+    assert np.allclose(losses(rgba_dir, "floor1", masked_loss=True, masked_loss_floor=1.0), plain, rtol=1e-5)
+    masked = losses(rgba_dir, "masked", masked_loss=True, masked_loss_floor=0.0)
+    assert not np.allclose(masked, plain, rtol=1e-3), (masked, plain)
+    with pytest.warns(UserWarning, match="masked_loss is on but no instance image has a mask"):
+        losses(rgb_dir, "none", masked_loss=True)
+    with pytest.raises(SdtuneError, match="masked_loss_floor must be in"):
+        config(tiny_models, rgba_dir, tmp_path / "bad", masked_loss=True, masked_loss_floor=1.5)

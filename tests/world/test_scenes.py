@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sdtune.errors import SdtuneError
 from sdtune.world import scenes
@@ -153,3 +154,22 @@ def test_shipped_subject_images_are_reproducible_renders():
         scene = scenes.Scene("box", "red", item["size"], item["position"], item["background"], seed=item["seed"])
         rendered = scenes.render(scene, subject=meta["name"]).image
         assert open_image(folder / item["file"]).tobytes() == rendered.tobytes(), item["file"]
+
+
+def test_every_shipped_subject_has_its_renderers_exact_masks(tmp_path):
+    """masks/NN.png (for masked_loss) are the subject's own pixels: write_subject's, and what the recipe reads."""
+    from sdtune.training.sources import Source, read_examples
+    from sdtune.world.subjects import subject_folders, write_subject
+
+    for folder in subject_folders():
+        fresh = write_subject(folder.name, tmp_path / folder.name)
+        shipped = read_examples(Source(instance_dir=str(folder)), default_caption="p")
+        assert len(shipped) == len(list((folder / "masks").glob("*.png"))) >= 3
+        for ex in shipped:
+            image, mask = ex.image_and_mask()
+            mask = np.asarray(mask) > 127
+            assert (mask == (np.asarray(Image.open(fresh / "masks" / Path(ex.name).name)) > 127)).all()
+            assert 0.01 < mask.mean() < 0.3  # the object, not the scene
+            # inside the mask the subject's colours, outside the background: the two differ
+            px = np.asarray(image, dtype=float)
+            assert np.abs(px[mask].mean(axis=0) - px[~mask].mean(axis=0)).max() > 20

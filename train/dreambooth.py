@@ -124,8 +124,9 @@ def dry_run(cfg: TrainConfig) -> dict:
                       if cfg.with_prior_preservation else 0)
         report["concepts"].append({
             "source": concept.source.name, "instance_prompt": concept.instance_prompt, "repeats": concept.repeats,
-            "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption}
-                       for e in examples],
+            "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption,
+                        "mask": (f"masks/{Path(e.name).stem}.png" if e.mask_data is not None else "alpha" if e.has_alpha else None)
+                        if cfg.masked_loss else None} for e in examples],
             "class_prompt": concept.class_prompt if cfg.with_prior_preservation else None,
             "class_dir": concept.class_dir if cfg.with_prior_preservation else None,
             "class_images_to_generate": class_todo})
@@ -137,6 +138,8 @@ def dry_run(cfg: TrainConfig) -> dict:
     pipe = load_pipeline(report["model"], device="cpu", dtype=torch.float32)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if describe(pipe).family == "sdxl" else [])
     if cfg.method == "lora":
+        for te in encoders:  # frozen as in training: only adapters (and the identifier's rows) count
+            te.requires_grad_(False)
         adapters.add_unet_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.train_text_encoder:
             for te in encoders:
@@ -163,8 +166,9 @@ def format_dry_run(report: dict) -> str:
         lines.append(f"concept {i}: {c['source']} - {len(c['images'])} image(s) x {c['repeats']} repeat(s), "
                      f"prompt '{c['instance_prompt']}'")
         for e in c["images"]:
+            mask = f"  mask: {e['mask']}" if e.get("mask") else ""
             lines.append(f"  {e['name']}  {e['size'][0]}x{e['size'][1]} -> bucket {e['bucket'][0]}x{e['bucket'][1]}  "
-                         f"'{e['caption']}'")
+                         f"'{e['caption']}'{mask}")
         if c["class_prompt"]:
             lines.append(f"  class images: '{c['class_prompt']}' in {c['class_dir']}, "
                          f"{c['class_images_to_generate']} still to generate")

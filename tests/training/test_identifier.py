@@ -157,3 +157,6 @@ def test_dry_run_counts_the_identifier_rows(tiny_models, subject, tmp_path):
                                  **keys))["trainable_parameters"]
     assert rows["unet"] == plain["unet"]
     assert rows["text_encoder"] - plain["text_encoder"] == 32  # "sks" is one token; the tiny encoder is 32 wide
+    alone = recipe.dry_run(config(tiny_models, subject, tmp_path / "c", train_identifier_embedding=True,
+                                  **{**keys, "train_text_encoder": False}))["trainable_parameters"]
+    assert alone == {"unet": plain["unet"], "text_encoder": 32}  # the encoder's only trained part

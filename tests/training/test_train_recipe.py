@@ -405,6 +405,8 @@ def test_masked_loss_weighs_the_instance_loss_by_each_images_alpha(tiny_models, 
     assert np.allclose(losses(rgba_dir, "floor1", masked_loss=True, masked_loss_floor=1.0), plain, rtol=1e-5)
     masked = losses(rgba_dir, "masked", masked_loss=True, masked_loss_floor=0.0)
     assert not np.allclose(masked, plain, rtol=1e-3), (masked, plain)
+    shown = recipe.format_dry_run(recipe.dry_run(config(tiny_models, rgba_dir, tmp_path / "dry", masked_loss=True)))
+    assert shown.count("mask: alpha") == 2
     with pytest.warns(UserWarning, match="masked_loss is on but no instance image has a mask"):
         losses(rgb_dir, "none", masked_loss=True)
     with pytest.raises(SdtuneError, match="masked_loss_floor must be in"):

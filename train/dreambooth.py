@@ -125,8 +125,7 @@ def dry_run(cfg: TrainConfig) -> dict:
         report["concepts"].append({
             "source": concept.source.name, "instance_prompt": concept.instance_prompt, "repeats": concept.repeats,
             "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption,
-                        "mask": (f"masks/{Path(e.name).stem}.png" if e.mask_data is not None else "alpha" if e.has_alpha else None)
-                        if cfg.masked_loss else None} for e in examples],
+                        "mask": mask_shown(e) if cfg.masked_loss else None} for e in examples],
             "class_prompt": concept.class_prompt if cfg.with_prior_preservation else None,
             "class_dir": concept.class_dir if cfg.with_prior_preservation else None,
             "class_images_to_generate": class_todo})
@@ -154,6 +153,13 @@ def dry_run(cfg: TrainConfig) -> dict:
     report["trainable_parameters"] = {"unet": count(pipe.unet), "text_encoder": sum(
         count(te) for te in encoders) if text_encoder_trains(cfg) else 0}
     return report
+
+
+def mask_shown(example) -> str | None:
+    """Where an instance image's masked_loss mask comes from, for the dry run."""
+    if example.mask_data is not None:
+        return f"masks/{Path(example.name).stem}.png"
+    return "alpha" if example.has_alpha else None
 
 
 def format_dry_run(report: dict) -> str:

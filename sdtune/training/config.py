@@ -74,8 +74,8 @@ class TrainConfig:
     bucket_step: int | None = None  # bucket sides move in this many pixels (default resolution / 8)
     max_aspect: float = 2.0  # the widest bucket of `auto` (2 = 2:1 and 1:2)
     random_flip: bool = False
-    # the instance images' alpha channel weighs the loss (kohya's alpha mask): opaque pixels count fully,
-    # transparent ones masked_loss_floor; images without alpha count everywhere
+    # each instance image's mask weighs its loss (kohya's masked loss): masks/NAME.png in its folder, else its
+    # alpha channel; the subject counts fully, the rest masked_loss_floor; images without a mask count everywhere
     masked_loss: bool = False
     masked_loss_floor: float = 0.1
     # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush

@@ -14,9 +14,12 @@ Every source becomes a ``datasets.Dataset`` of (image, caption) rows and then a 
 encoded image bytes, their SHA-256 (the key of the latent cache), the size, and the caption - the row's own,
 else the concept's ``instance_prompt``. Class images (prior preservation) come through the same layer.
 
+A folder's image may have a mask for ``masked_loss``: ``masks/<stem>.png`` beside it (white = the subject), else
+its own alpha channel (any source).
+
 Checked here, one line each: a missing folder, column or file; a caption file that is not UTF-8; an empty
-caption; an image too small for the resolution. Warned: duplicate images, non-image files, captions without
-the concept's identifier (``caption_prefix`` adds it instead).
+caption; an image too small for the resolution; a mask of another size than its image. Warned: duplicate
+images, non-image files, captions without the concept's identifier (``caption_prefix`` adds it instead).
 """
 from __future__ import annotations
 
@@ -240,8 +243,18 @@ def _mask_of(source: Source, name: str, size: tuple[int, int], data: bytes, what
             if got != size:
                 raise SdtuneError(f"{what}: mask {path} is {got[0]}x{got[1]} but its image {Path(name).name} is "
                                   f"{size[0]}x{size[1]}; make the mask the image's size")
-    _, alpha = image_and_alpha_of_bytes(data, name) if mask_data is None else (None, None)
-    return mask_data, alpha is not None
+    return mask_data, mask_data is None and _has_alpha(data)
+
+
+def _has_alpha(data: bytes) -> bool:
+    """Whether an encoded image has an alpha channel - from its header, without decoding the pixels again."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info)
+    except Exception:  # noqa: BLE001 - it decoded once already; an odd header just means no alpha
+        return False
 
 
 def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:

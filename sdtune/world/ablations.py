@@ -38,8 +38,9 @@ class Variant:
 
 # The diffusers example's own defaults (examples/dreambooth/train_dreambooth_lora.py): --rank 4, LoRA on
 # to_q/to_k/to_v/to_out.0, alpha = rank, no --train_text_encoder, no caption dropout, --learning_rate 5e-4.
+# The example has no masked loss either.
 STOCK = ("lora_rank=4", "lora_alpha=4", "lora_targets=attention", "train_text_encoder=false", "caption_dropout=0.0",
-         "learning_rate=5e-4", "text_encoder_learning_rate=null")
+         "learning_rate=5e-4", "text_encoder_learning_rate=null", "masked_loss=false")
 
 VARIANTS = (
     Variant("main", "sdtune's recipe (the demo): configs/demo.yaml"),

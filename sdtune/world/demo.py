@@ -388,7 +388,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
         training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
-                  "train_batch_size": cfg.train_batch_size, "first_loss": _round(result.losses[0]),
+                  "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size, "first_loss": _round(result.losses[0]),
                   "last_loss": _round(result.losses[-1])},
         torch_threads=torch.get_num_threads(), out=str(out))
     metrics["targets"] = TARGETS
@@ -720,7 +720,8 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"- training: {t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
         f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
-        f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}; loss "
+        f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}"
+        f"{', masked loss' if t.get('masked_loss') else ''}; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
         f"- sampling: {m['sample_steps']} steps, guidance 7.5" + (" (--quick)" if m["quick"] else ""),
         f"- time: {m['timings']['total_s']} s in all (this subject {m['timings']['subject_s']} s: train "

@@ -144,7 +144,7 @@ def test_a_loop_that_dies_gives_the_signal_handlers_back(tiny_models, tmp_path, 
     one = make_images(tmp_path / "one", 1)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
-    def broken(pred, target):
+    def broken(pred, target, weight=None):
         assert signal.getsignal(signal.SIGINT) not in before  # the loop's own handler is installed
         raise RuntimeError("broken step")
 

@@ -1,8 +1,9 @@
 """Reading user images robustly and writing outputs atomically.
 
 Reading: EXIF orientation is honoured; RGBA/LA/P are flattened on white, CMYK and 16-bit
-greyscale converted, so every caller gets plain 8-bit RGB (or L for masks). A missing or corrupt
-file is one clear ``SdtuneError`` naming it.
+greyscale converted, so every caller gets plain 8-bit RGB (or L for masks) - except
+``image_and_alpha_of_bytes``, which keeps the file's own RGB and hands back its alpha (a training
+mask). A missing or corrupt file is one clear ``SdtuneError`` naming it.
 
 Writing: outputs go to a temporary name in the same folder and are renamed when complete, so an
 interrupted run never leaves a half-written file under the final name.

@@ -53,12 +53,17 @@ def open_image_bytes(data: bytes, name: str, mode: str = "RGB", what: str = "ima
     return _decode(io.BytesIO(data), name, mode, what)
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an image (opened, or only its header read) carries an alpha channel."""
+    return img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info)
+
+
 def image_and_alpha_of_bytes(data: bytes, name: str, what: str = "image") -> tuple[Image.Image, Image.Image | None]:
     """(RGB, alpha as L or None) of an encoded image, EXIF rotation applied. The RGB is the file's own
     colour under every pixel, NOT flattened on white: a masked loss needs the real pixels where the mask is
     transparent too (a render or photo with a painted mask keeps its background there)."""
     img = _decode(io.BytesIO(data), name, None, what)
-    if img.mode not in {"RGBA", "LA", "P", "PA"} or (img.mode == "P" and "transparency" not in img.info):
+    if not has_alpha(img):
         return img.convert("RGB"), None
     img = img.convert("RGBA")
     return img.convert("RGB"), img.getchannel("A")

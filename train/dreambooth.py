@@ -85,16 +85,24 @@ def micro_step(step: int, micro: int, rank: int, world: int, accum: int) -> int:
     return (step * accum + micro) * world + rank
 
 
-def read_data(cfg: TrainConfig, class_images: list[list[Path]]) -> TrainingData:
-    """Every concept's instance examples (captions, checks) and class examples, bucketed."""
+def read_instances(cfg: TrainConfig) -> list[list]:
+    """Every concept's instance examples, checked (captions, sizes, masks): one list per concept."""
+    side = min_image_side(cfg)
+    out = []
+    for c, concept in enumerate(concepts_of(cfg)):
+        what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
+        out.append(read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
+                                 identifier=concept.identifier, caption_prefix=concept.caption_prefix, min_side=side,
+                                 what=what))
+    return out
+
+
+def read_data(cfg: TrainConfig, instances: list[list], class_images: list[list[Path]]) -> TrainingData:
+    """``read_instances``' examples and every concept's class examples, bucketed."""
     side = min_image_side(cfg)
     concepts = concepts_of(cfg)
-    instance, klass = [], []
+    instance, klass = [ex for examples in instances for ex in examples], []
     for c, concept in enumerate(concepts):
-        what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
-        instance += read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
-                                  identifier=concept.identifier, caption_prefix=concept.caption_prefix, min_side=side,
-                                  what=what)
         if class_images[c]:
             klass += read_examples(Source(instance_dir=concept.class_dir), kind="class", concept=c,
                                    default_caption=concept.class_prompt, min_side=side, what="class_dir")[
@@ -114,11 +122,7 @@ def dry_run(cfg: TrainConfig) -> dict:
     buckets = parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect)
     report = {"config": config_to_dict(cfg), "model": resolve_model(cfg), "concepts": []}
     data = None
-    for c, concept in enumerate(concepts):
-        what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
-        examples = read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
-                                 identifier=concept.identifier, caption_prefix=concept.caption_prefix,
-                                 min_side=min_image_side(cfg), what=what)
+    for concept, examples in zip(concepts, read_instances(cfg)):
         data = TrainingData(examples, resolution=cfg.resolution, buckets=buckets, center_crop=cfg.center_crop)
         class_todo = (len(missing_class_indices(Path(concept.class_dir).expanduser(), concept.num_class_images))
                       if cfg.with_prior_preservation else 0)
@@ -416,14 +420,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         checkpointing.remove_partials(output_dir)
     concepts = concepts_of(cfg)
     identifiers = [c.identifier for c in concepts]  # the words whose embedding rows train_identifier_embedding trains
-    masked = []
-    for c, concept in enumerate(concepts):  # every image checked before any model is loaded
-        examples = read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
-                                 identifier=concept.identifier, caption_prefix=concept.caption_prefix,
-                                 min_side=min_image_side(cfg), what=f"concepts[{c}]" if cfg.concepts else
-                                 ("instance_dir" if concept.instance_dir else "dataset"))
-        masked += [ex.has_mask for ex in examples]
-    if cfg.masked_loss and not any(masked) and accelerator.is_main_process:
+    instances = read_instances(cfg)  # every image checked (and read once) before any model is loaded
+    if cfg.masked_loss and not any(ex.has_mask for exs in instances for ex in exs) and accelerator.is_main_process:
         warnings.warn("masked_loss is on but no instance image has a mask (an alpha channel, or masks/NAME.png in "
                       "its folder): every pixel counts, as without it", SdtuneWarning, stacklevel=2)
     resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
@@ -531,7 +529,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     # --- data and the caches that skip repeated VAE / text-encoder work ----------------------------
     with warnings.catch_warnings():  # checked (and warned about) once, before the model was loaded
         warnings.simplefilter("ignore", SdtuneWarning)
-        data = read_data(cfg, class_images)
+        data = read_data(cfg, instances, class_images)
     cache_dir = cfg.latent_cache_dir or (output_dir / "latent_cache")
     latents_of = LatentSource(vae, accelerator.device, vae_dtype, enabled=cfg.cache_latents and cfg.center_crop,
                               cache_dir=cache_dir if cfg.cache_latents else None)

@@ -34,7 +34,7 @@ from PIL import Image
 
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
-from sdtune.imageio import IMAGE_SUFFIXES, image_and_alpha_of_bytes, open_image_bytes
+from sdtune.imageio import IMAGE_SUFFIXES, has_alpha, image_and_alpha_of_bytes, open_image_bytes
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
@@ -252,7 +252,7 @@ def _has_alpha(data: bytes) -> bool:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info)
+            return has_alpha(img)
     except Exception:  # noqa: BLE001 - it decoded once already; an odd header just means no alpha
         return False
 

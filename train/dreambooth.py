@@ -93,7 +93,7 @@ def read_instances(cfg: TrainConfig) -> list[list]:
         what = f"concepts[{c}]" if cfg.concepts else ("instance_dir" if concept.instance_dir else "dataset")
         out.append(read_examples(concept.source, kind="instance", concept=c, default_caption=concept.instance_prompt,
                                  identifier=concept.identifier, caption_prefix=concept.caption_prefix, min_side=side,
-                                 what=what))
+                                 what=what, use_captions=cfg.use_captions))
     return out
 
 
@@ -105,7 +105,8 @@ def read_data(cfg: TrainConfig, instances: list[list], class_images: list[list[P
     for c, concept in enumerate(concepts):
         if class_images[c]:
             klass += read_examples(Source(instance_dir=concept.class_dir), kind="class", concept=c,
-                                   default_caption=concept.class_prompt, min_side=side, what="class_dir")[
+                                   default_caption=concept.class_prompt, min_side=side, what="class_dir",
+                                   use_captions=cfg.use_captions)[
                 :concept.num_class_images]
     return TrainingData(instance, klass, resolution=cfg.resolution,
                         buckets=parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect),
@@ -131,6 +132,7 @@ def dry_run(cfg: TrainConfig) -> dict:
             "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption,
                         "mask": mask_shown(e) if cfg.masked_loss else None} for e in examples],
             "class_prompt": concept.class_prompt if cfg.with_prior_preservation else None,
+            "class_prompts": list(concept.class_prompts or ()) if cfg.with_prior_preservation else [],
             "class_dir": concept.class_dir if cfg.with_prior_preservation else None,
             "class_images_to_generate": class_todo})
     stream = sum(len(c["images"]) * c["repeats"] for c in report["concepts"])
@@ -180,7 +182,9 @@ def format_dry_run(report: dict) -> str:
             lines.append(f"  {e['name']}  {e['size'][0]}x{e['size'][1]} -> bucket {e['bucket'][0]}x{e['bucket'][1]}  "
                          f"'{e['caption']}'{mask}")
         if c["class_prompt"]:
-            lines.append(f"  class images: '{c['class_prompt']}' in {c['class_dir']}, "
+            drawn = (f"drawn from {len(c['class_prompts'])} class prompts ('{c['class_prompts'][0]}', ...)"
+                     if c.get("class_prompts") else f"'{c['class_prompt']}'")
+            lines.append(f"  class images: {drawn} in {c['class_dir']}, "
                          f"{c['class_images_to_generate']} still to generate")
     s = report["steps"]
     lines.append(f"steps: {s['max_steps']} x batch {s['batch']} x accumulation {s['gradient_accumulation_steps']} = "

@@ -4,20 +4,30 @@ Image i is ``class_dir/class_{i:05d}.png``, drawn from its own generator seeded 
 does not depend on the batch size or the number of processes, and a file, once written (atomically),
 is final. An interrupted generation therefore resumes by generating only the files still missing.
 Images the user put in class_dir themselves count towards ``num_class_images``.
+
+With ``class_prompts`` (several prompts), image i is drawn from prompt ``i % n`` and its prompt is written
+first as ``class_{i:05d}.txt``, the caption the data layer then trains it on: an image never exists without it.
 """
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from sdtune.console import warn
 from sdtune.errors import SdtuneError
 from sdtune.training.data import check_output_dir, find_images, list_image_files
 
 
 def class_image_name(index: int) -> str:
     return f"class_{index:05d}.png"
+
+
+def prompt_of(prompts: str | Sequence[str], index: int) -> str:
+    """The prompt class image ``index`` is drawn from: the one prompt, or ``prompts[index % len(prompts)]``."""
+    return prompts if isinstance(prompts, str) else prompts[index % len(prompts)]
 
 
 def missing_class_indices(class_dir: str | Path, num_class_images: int) -> list[int]:
@@ -52,13 +62,16 @@ def _generation_dtype(device: torch.device, mixed_precision: str) -> torch.dtype
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
 
 
-def generate_class_images(pipe, prompt: str, indices: list[int], class_dir: Path, *, seed: int,
+def generate_class_images(pipe, prompt: str | Sequence[str], indices: list[int], class_dir: Path, *, seed: int,
                           resolution: int, steps: int, guidance: float, batch_size: int,
                           progress: bool = False) -> list[Path]:
-    """Render ``class_{i}.png`` for each index with ``pipe``, image i seeded ``seed + i``, written atomically."""
+    """Render ``class_{i}.png`` for each index with ``pipe``, image i seeded ``seed + i``, written atomically.
+
+    ``prompt`` is one prompt, or several (``prompt_of``): then each image's prompt is saved as its caption.
+    """
     from tqdm.auto import tqdm
 
-    from sdtune.imageio import save_image_atomic
+    from sdtune.imageio import save_image_atomic, write_text_atomic
 
     written = []
     with tqdm(total=len(indices), desc="class images", unit="img", disable=not progress) as bar:
@@ -67,10 +80,13 @@ def generate_class_images(pipe, prompt: str, indices: list[int], class_dir: Path
             # One CPU generator per image: the same noise whatever the batching, device or process count.
             generators = [torch.Generator("cpu").manual_seed(seed + i) for i in chunk]
             with torch.no_grad():
-                images = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
-                              height=resolution, width=resolution, generator=generators).images
+                images = pipe(prompt=[prompt_of(prompt, i) for i in chunk], num_inference_steps=steps,
+                              guidance_scale=guidance, height=resolution, width=resolution, generator=generators).images
             for i, image in zip(chunk, images):
-                written.append(save_image_atomic(image, class_dir / class_image_name(i)))
+                path = class_dir / class_image_name(i)
+                if not isinstance(prompt, str):
+                    write_text_atomic(path.with_suffix(".txt"), prompt_of(prompt, i) + "\n")
+                written.append(save_image_atomic(image, path))
             bar.update(len(chunk))
     return written
 
@@ -99,12 +115,15 @@ def ensure_concept_class_images(cfg, accelerator=None, pipeline=None) -> list[li
         class_dir = Path(concept.class_dir).expanduser()
         check_output_dir(class_dir, what="class_dir")
         todo = missing_class_indices(class_dir, concept.num_class_images)
+        if concept.class_prompts:
+            _warn_uncaptioned(class_dir, concept.num_class_images)
         mine = [i for i in todo if i % acc.num_processes == acc.process_index]
         if mine:
             pipe = _generation_pipeline(cfg, acc, held, class_dir, concept.num_class_images)
-            generate_class_images(pipe, concept.class_prompt, mine, class_dir, seed=cfg.seed, resolution=cfg.resolution,
-                                  steps=cfg.class_generation_steps, guidance=cfg.class_generation_guidance,
-                                  batch_size=cfg.class_generation_batch_size, progress=acc.is_main_process)
+            generate_class_images(pipe, concept.class_prompts or concept.class_prompt, mine, class_dir, seed=cfg.seed,
+                                  resolution=cfg.resolution, steps=cfg.class_generation_steps,
+                                  guidance=cfg.class_generation_guidance, batch_size=cfg.class_generation_batch_size,
+                                  progress=acc.is_main_process)
         acc.wait_for_everyone()
         out.append(find_images(class_dir, what="class_dir", min_side=min_image_side(cfg))[:concept.num_class_images])
     if held["owned"]:  # free the sampling copy of the model before training loads its own
@@ -113,6 +132,16 @@ def ensure_concept_class_images(cfg, accelerator=None, pipeline=None) -> list[li
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return out
+
+
+def _warn_uncaptioned(class_dir: Path, num: int) -> None:
+    """Generated images without their caption were made from ``class_prompt`` alone, before ``class_prompts``
+    was set: they are kept (a file, once written, is final), so say how to have them drawn again."""
+    stale = [i for i in range(num) if (class_dir / class_image_name(i)).exists()
+             and not (class_dir / class_image_name(i)).with_suffix(".txt").exists()]
+    if stale:
+        warn(f"class_dir {class_dir}: {len(stale)} generated image(s) have no caption (e.g. {class_image_name(stale[0])}"
+             "), so they were drawn from class_prompt alone, not class_prompts; delete them to draw them again")
 
 
 def _generation_pipeline(cfg, acc, held: dict, class_dir: Path, num: int):

@@ -44,10 +44,14 @@ class TrainConfig:
     instance_prompt: str = ""  # with the rare identifier, e.g. "a photo of sks dog"; per-image captions replace it
     identifier: str | None = None  # the rare token ("sks"): captions without it are flagged
     caption_prefix: str | None = None  # ...or get this prefix ("a photo of sks dog,") added
+    use_captions: bool = True  # false: ignore .txt captions / caption columns; every image trains on its prompt
     concepts: list | None = None  # several subjects in one run: a list of mappings (see CONCEPT_KEYS)
     # --- prior preservation ---
     with_prior_preservation: bool = False
     class_prompt: str | None = None  # e.g. "a photo of a dog"
+    # Varied class prompts ("a photo of a dog on a beach", ...): class image i is drawn from class_prompts[i % n]
+    # and keeps its prompt as its caption (class_i.txt), so the prior also holds the context words the captions use.
+    class_prompts: list[str] | None = None
     class_dir: str | None = None  # generated into when it holds fewer than num_class_images
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
@@ -119,7 +123,7 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 # The keys a concept (one subject of a several-subject run) may set; the rest are the run's.
 CONCEPT_KEYS = ("instance_dir", "dataset", "split", "image_column", "caption_column", "instance_prompt", "identifier",
-                "caption_prefix", "class_prompt", "class_dir", "num_class_images", "repeats")
+                "caption_prefix", "class_prompt", "class_prompts", "class_dir", "num_class_images", "repeats")
 _SPECIAL = {"buckets", "concepts"}  # validated by their own rules below, not by type alone
 
 
@@ -139,6 +143,7 @@ class Concept:
     class_dir: str | None
     num_class_images: int
     repeats: int = 1
+    class_prompts: tuple[str, ...] | None = None
 
     @property
     def source(self):
@@ -153,14 +158,19 @@ def concepts_of(cfg: "TrainConfig") -> list[Concept]:
     if not cfg.concepts:
         return [Concept(cfg.instance_dir or None, cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column,
                         cfg.instance_prompt, cfg.identifier, cfg.caption_prefix, cfg.class_prompt, cfg.class_dir,
-                        cfg.num_class_images)]
+                        cfg.num_class_images, class_prompts=_tuple_or_none(cfg.class_prompts))]
     out = []
     for c in cfg.concepts:
         out.append(Concept(c.get("instance_dir") or None, c.get("dataset"), c.get("split", "train"),
                            c.get("image_column", "image"), c.get("caption_column"), c.get("instance_prompt", ""),
                            c.get("identifier"), c.get("caption_prefix"), c.get("class_prompt"), c.get("class_dir"),
-                           c.get("num_class_images", cfg.num_class_images), c.get("repeats", 1)))
+                           c.get("num_class_images", cfg.num_class_images), c.get("repeats", 1),
+                           _tuple_or_none(c.get("class_prompts"))))
     return out
+
+
+def _tuple_or_none(prompts) -> tuple[str, ...] | None:
+    return tuple(prompts) if prompts else None
 
 
 def _type_name(tp) -> str:
@@ -236,7 +246,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
 
 _CONCEPT_TYPES = {"instance_dir": str, "dataset": str, "split": str, "image_column": str, "caption_column": str,
                   "instance_prompt": str, "identifier": str, "caption_prefix": str, "class_prompt": str,
-                  "class_dir": str, "num_class_images": int, "repeats": int}
+                  "class_prompts": list, "class_dir": str, "num_class_images": int, "repeats": int}
 
 
 def _coerce_concepts(value: Any) -> list | None:
@@ -261,6 +271,11 @@ def _coerce_concepts(value: Any) -> list | None:
                 raise SdtuneError(f"{where}.{k} must be an integer, got {v!r}")
             if want is str and not isinstance(v, str):
                 raise SdtuneError(f"{where}.{k} must be a string, got {v!r}")
+            if want is list:
+                if isinstance(v, str):
+                    item = {**item, k: [v]}
+                elif not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+                    raise SdtuneError(f"{where}.{k} must be a list of strings, got {v!r}")
         if bool(item.get("instance_dir")) == bool(item.get("dataset")):
             raise SdtuneError(f"{where} needs exactly one of instance_dir or dataset")
         if not str(item.get("instance_prompt") or "").strip():
@@ -297,7 +312,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         setattr(cfg, key, _coerce(key, getattr(cfg, key), _TYPES[key]))
 
     if cfg.concepts:
-        given = [k for k in ("instance_dir", "dataset", "instance_prompt", "class_prompt", "class_dir")
+        given = [k for k in ("instance_dir", "dataset", "instance_prompt", "class_prompt", "class_prompts", "class_dir")
                  if getattr(cfg, k)]
         if given:
             raise SdtuneError(f"with concepts, set {', '.join(given)} inside each concept, not at the top level")
@@ -385,6 +400,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             if not (c.class_prompt or "").strip():
                 raise SdtuneError(f"with_prior_preservation needs {where}class_prompt, e.g. 'a photo of a dog' "
                                   "(the instance prompt without the identifier)")
+            if c.class_prompts is not None and not all(p.strip() for p in c.class_prompts):
+                raise SdtuneError(f"{where}class_prompts holds an empty prompt; remove it (each class image is drawn "
+                                  "from one of them)")
             if not (c.class_dir or "").strip():
                 raise SdtuneError(f"with_prior_preservation needs {where}class_dir, a folder for the class images "
                                   "(missing ones are generated into it)")

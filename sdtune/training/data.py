@@ -31,25 +31,32 @@ from sdtune.errors import SdtuneError
 from sdtune.imageio import IMAGE_SUFFIXES, open_image
 
 
-def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """(files with an image suffix, other visible files) in ``folder``, sorted; nothing is opened.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the `datasets` imagefolder convention's captions
+# Files that belong in an image folder without being images or captions: no warning for them.
+QUIET_FILES = {*METADATA_FILES, "subject.json", "Thumbs.db"}
 
-    Hidden files are ignored silently: they are OS litter (.DS_Store) or sdtune's own half-written
-    temporaries (``.name.partial``), never user data.
+
+def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(files with an image suffix, stray files) in ``folder``, sorted; nothing is opened.
+
+    Not stray: an image's same-name ``.txt`` caption and ``QUIET_FILES``. Hidden files are ignored silently:
+    they are OS litter (.DS_Store) or sdtune's own half-written temporaries (``.name.partial``), never user data.
     """
     images, others = [], []
     for p in sorted(Path(folder).iterdir()):
         if p.name.startswith(".") or not p.is_file():
             continue
         (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
-    return images, others
+    stems = {p.stem for p in images}
+    strays = [p for p in others if p.name not in QUIET_FILES and not (p.suffix.lower() == ".txt" and p.stem in stems)]
+    return images, strays
 
 
 def find_images(folder: str | os.PathLike | None, what: str = "instance_dir", min_side: int = 0) -> list[Path]:
     """Sorted image files in ``folder``, every one opened once to prove it is readable.
 
-    Missing/empty folder or no images -> ``SdtuneError``; non-image files are skipped with a warning;
-    a corrupt image, or one whose shorter side is under ``min_side`` pixels -> ``SdtuneError`` naming it.
+    Missing/empty folder or no images -> ``SdtuneError``; stray files (``list_image_files``) are skipped with a
+    warning; a corrupt image, or one whose shorter side is under ``min_side`` pixels -> ``SdtuneError`` naming it.
     """
     if folder is None or not str(folder).strip():
         raise SdtuneError(f"{what} is not set; set it to a folder of images")

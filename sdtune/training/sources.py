@@ -34,12 +34,10 @@ from PIL import Image
 
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
-from sdtune.imageio import IMAGE_SUFFIXES, has_alpha, image_and_alpha_of_bytes, open_image_bytes
+from sdtune.imageio import has_alpha, image_and_alpha_of_bytes, open_image_bytes
+from sdtune.training.data import METADATA_FILES, list_image_files
 
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
-# Files that belong in a subject folder without being images or captions: no warning for them.
-QUIET_FILES = {*METADATA_FILES, "subject.json", ".DS_Store", "Thumbs.db"}
 
 
 @dataclass(frozen=True)
@@ -149,13 +147,9 @@ def _folder_rows(folder: Path, what: str):
     import datasets
 
     try:
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        images, others = list_image_files(folder)
     except OSError as exc:
         raise SdtuneError(f"{what} {folder} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    stems = {p.stem for p in images}
-    others = [p for p in entries if p.is_file() and p not in images and p.name not in QUIET_FILES
-              and not (p.suffix.lower() == ".txt" and p.stem in stems)]
     if others:
         names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
         warnings.warn(f"{what} {folder}: skipping {len(others)} non-image file(s): {names}", SdtuneWarning,
@@ -182,8 +176,11 @@ def _caption_file(path: Path) -> str | None:
 
 def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, default_caption: str | None = None,
                   identifier: str | None = None, caption_prefix: str | None = None, min_side: int = 0,
-                  what: str = "instance_dir") -> list[Example]:
-    """Every image of ``source`` as an ``Example``, checked (see the module docstring)."""
+                  what: str = "instance_dir", use_captions: bool = True) -> list[Example]:
+    """Every image of ``source`` as an ``Example``, checked (see the module docstring).
+
+    ``use_captions=False`` ignores the source's captions: every image trains on ``default_caption``.
+    """
     ds = read_rows(source, what)
     if len(ds) == 0:
         raise SdtuneError(f"{what} {source.name} holds no images")
@@ -196,7 +193,7 @@ def read_examples(source: Source, *, kind: str = "instance", concept: int = 0, d
             raise SdtuneError(f"{what} image {name} is {w}x{h} pixels, too small to train at this resolution "
                               f"(the shorter side must be at least {min_side} px, min_image_fraction of resolution); "
                               "use a larger photo, remove it, or lower min_image_fraction")
-        caption = row["caption"]
+        caption = row["caption"] if use_captions else None
         if caption is not None:
             # Several non-empty lines are variants of one caption: each step draws one (see TrainingData.example).
             lines = [ln.strip() for ln in str(caption).splitlines() if ln.strip()]

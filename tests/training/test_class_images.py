@@ -201,3 +201,53 @@ def test_unwritable_class_dir_fails_before_loading_the_model(tmp_path, spy):
     with pytest.raises(SdtuneError, match="class_dir .* is not writable"):
         ensure_class_images(make_cfg(tmp_path / "file" / "cls", model="/no/such/model"), FakeAccelerator())
     assert spy == []
+
+
+# ---------------------------------------------------------------- varied class prompts
+
+class RecordingPipe:
+    """The tiny pipeline, recording the prompts of each call."""
+
+    def __init__(self, pipe):
+        self.pipe, self.prompts = pipe, []
+
+    def __call__(self, prompt, **kw):
+        self.prompts.append(list(prompt))
+        return self.pipe(prompt=prompt, **kw)
+
+    def __getattr__(self, name):  # components and config, for the checks before generating
+        return getattr(self.pipe, name)
+
+
+def test_class_prompts_cycle_and_each_image_keeps_its_prompt_as_caption(tmp_path, pipe, reference):
+    from sdtune.training.sources import Source, read_examples
+
+    prompts = ["a photo of a dog", "a photo of a dog on snow"]
+    folder, rec = tmp_path / "cls", RecordingPipe(pipe)
+    ensure_class_images(make_cfg(folder, batch_size=2, class_prompts=f"[{', '.join(prompts)}]"), FakeAccelerator(),
+                        pipeline=rec)
+    want = [prompts[i % 2] for i in range(NUM)]
+    assert [p for call in rec.prompts for p in call] == want
+    assert [(folder / class_image_name(i)).with_suffix(".txt").read_text() for i in range(NUM)] == [p + "\n" for p in want]
+    # Image i is seeded as before: the ones drawn from class_prompt itself equal the single-prompt reference...
+    assert_same_images(folder, reference, [0, 2, 4])
+    # ...and the others follow their own prompt.
+    assert all(np.abs(pixels(folder / class_image_name(i)) - pixels(reference / class_image_name(i))).max() > 1
+               for i in (1, 3))
+    # The data layer trains each on its caption; class_prompt stays the fallback.
+    examples = read_examples(Source(instance_dir=str(folder)), kind="class", default_caption="fallback")
+    assert [e.caption for e in examples] == want
+
+
+def test_class_prompts_warn_about_images_drawn_without_them(tmp_path, pipe, reference):
+    from sdtune.console import SdtuneWarning
+
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    shutil.copy(reference / class_image_name(0), folder / class_image_name(0))  # from class_prompt, no caption
+    with pytest.warns(SdtuneWarning, match=r"1 generated image\(s\) have no caption \(e\.g\. class_00000\.png\).*"
+                                           r"delete them"):
+        ensure_class_images(make_cfg(folder, class_prompts="[a photo of a dog at night]"), FakeAccelerator(),
+                            pipeline=pipe)
+    assert not (folder / "class_00000.txt").exists()  # a file, once written, is final
+    assert (folder / "class_00001.txt").read_text() == "a photo of a dog at night\n"

@@ -193,6 +193,26 @@ def test_prior_preservation_needs_class_prompt_and_class_dir():
     assert cfg.with_prior_preservation and cfg.class_dir == "cls"
 
 
+def test_class_prompts_per_run_and_per_concept():
+    from sdtune.training.config import concepts_of
+
+    cfg = load_config(None, [*BASE, "with_prior_preservation=true", "class_dir=cls", "class_prompt=a dog",
+                             "class_prompts=[a dog on a beach, a dog at night]"])
+    assert concepts_of(cfg)[0].class_prompts == ("a dog on a beach", "a dog at night")
+    assert concepts_of(load_config(None, [*BASE, "class_prompts=a dog on snow"]))[0].class_prompts == ("a dog on snow",)
+    assert "class_prompts holds an empty prompt" in error_of("with_prior_preservation=true", "class_dir=cls",
+                                                             "class_prompt=a dog", "class_prompts=[a dog, ' ']")
+    assert "must be a list of strings" in error_of("class_prompts=[1, 2]")
+    concept = {"instance_dir": "a", "instance_prompt": "sks dog", "class_prompt": "a dog", "class_dir": "c",
+               "class_prompts": ["a dog on grass"]}
+    cfg = load_config(None, ["with_prior_preservation=true", f"concepts=[{concept}]"])
+    assert concepts_of(cfg)[0].class_prompts == ("a dog on grass",)
+    with pytest.raises(SdtuneError, match=r"concepts\[0\]\.class_prompts must be a list of strings"):
+        load_config(None, [f"concepts=[{ {**concept, 'class_prompts': [3]} }]"])
+    with pytest.raises(SdtuneError, match="set class_prompts inside each concept"):
+        load_config(None, [f"concepts=[{concept}]", "class_prompts=[a dog]"])
+
+
 def test_instance_prompt_and_dir_required():
     with pytest.raises(SdtuneError, match="instance_prompt is empty"):
         load_config(None, ["instance_dir=subject"])

@@ -42,6 +42,14 @@ def test_kohya_txt_captions_replace_the_prompt(folder):
     assert [e.caption for e in ex] == ["a photo of sks dog", "sks dog on a beach", "a photo of sks dog"]
 
 
+def test_use_captions_false_trains_every_image_on_the_prompt(folder):
+    (folder / "1.txt").write_text("sks dog on a beach\n", encoding="utf-8")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"dog {i}"})
+                                                     for i in range(3)))
+    assert [e.caption for e in read(Source(instance_dir=str(folder)))] == [f"dog {i}" for i in range(3)]
+    assert [e.caption for e in read(Source(instance_dir=str(folder)), use_captions=False)] == ["a photo of sks dog"] * 3
+
+
 def test_a_caption_of_several_lines_holds_its_variants(folder):
     (folder / "0.txt").write_text("sks dog on a beach\n\n  sks dog  \n")
     (folder / "1.txt").write_text("a dog on grass\nsks dog")

@@ -228,6 +228,8 @@ def test_dry_run_shows_images_buckets_class_images_and_parameters_without_traini
     assert "3 still to generate" in text and "trainable parameters: UNet" in text
     assert "resolved config:" in text and "  buckets: auto" in text and "  resolution: 32" in text  # overrides applied
     assert not out.exists() and not (tmp_path / "cls").exists()  # nothing trained, generated or written
+    assert main([*argv, "class_prompts=[a dog on a sofa, a dog at night]"]) == 0
+    assert "class images: drawn from 2 class prompts ('a dog on a sofa', ...)" in capsys.readouterr().out
     # a bad input shows in the dry run first, as one line
     (images / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / "bad.png")

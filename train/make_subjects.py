@@ -1,4 +1,5 @@
-"""Write the world's subjects as DreamBooth instance folders: data/subjects/<name>/ (4 renders + subject.json).
+"""Write the world's subjects as DreamBooth instance folders: data/subjects/<name>/ (4 renders, their masks and
+captions, subject.json).
 
     python train/make_subjects.py [--out data/subjects] [--only crescent]
 

@@ -38,9 +38,11 @@ class Variant:
 
 # The diffusers example's own defaults (examples/dreambooth/train_dreambooth_lora.py): --rank 4, LoRA on
 # to_q/to_k/to_v/to_out.0, alpha = rank, no --train_text_encoder, no caption dropout, --learning_rate 5e-4.
-# The example has no masked loss either.
+# The example has no masked loss either, and one prompt for all instance images and one for all class images: no
+# per-image captions, no varied class prompts.
 STOCK = ("lora_rank=4", "lora_alpha=4", "lora_targets=attention", "train_text_encoder=false", "caption_dropout=0.0",
-         "learning_rate=5e-4", "text_encoder_learning_rate=null", "masked_loss=false")
+         "learning_rate=5e-4", "text_encoder_learning_rate=null", "masked_loss=false", "use_captions=false",
+         "class_prompts=null")
 
 VARIANTS = (
     Variant("main", "sdtune's recipe (the demo): configs/demo.yaml"),

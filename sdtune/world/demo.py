@@ -41,7 +41,7 @@ from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.world import scenes
 from sdtune.world.report import load_table, make_grid, mask_overlay, short
-from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject, subject_folders
+from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, instance_caption, load_subject, subject_folders
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 TINY_NOTICE = ("embedded models not built yet: running on tiny RANDOM models; pictures will be noise; "
@@ -149,7 +149,8 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
                 identifier=subject.identifier,
-                class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),
+                class_prompt=subject.class_prompt, class_prompts=prior_prompts(subject),
+                class_dir=str(out / "class_images"),
                 output_dir=str(out / "lora"), resolution=resolution)
     if quick:
         data.update(QUICK_TRAINING)
@@ -193,8 +194,18 @@ def new_contexts(subject: Subject, n: int, seed: int = 7) -> list[scenes.Scene]:
 
 
 def subject_prompt(subject: Subject, scene: scenes.Scene) -> str:
-    """"a photo of sks box on the left, on snow": the identifier, the class noun and a context."""
-    return scenes.caption(scene, identifier=subject.identifier, stated={"kind", "position", "background"})
+    """"a photo of sks box on the left, on snow": the identifier, the class noun and a context (the words the
+    shipped instance captions use)."""
+    return instance_caption(scene, subject.identifier)
+
+
+def prior_prompts(subject: Subject) -> list[str]:
+    """The class-image prompts (``class_prompts``): the class noun in each of the world's position x background
+    contexts ("a photo of a box on the left, at night"). The instance captions name those context words, so the
+    prior must hold them too: with the class prompt alone, training moves their meaning freely."""
+    return [scenes.caption(scenes.Scene(kind=subject.class_noun, position=p, background=b),
+                           stated={"kind", "position", "background"})
+            for b in scenes.BACKGROUNDS for p in scenes.POSITIONS]
 
 
 def class_prompts(subject: Subject, n: int) -> list[str]:
@@ -388,8 +399,10 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
         training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
-                  "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size, "first_loss": _round(result.losses[0]),
-                  "last_loss": _round(result.losses[-1])},
+                  "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size,
+                  "instance_captions": sum(p.with_suffix(".txt").is_file() for p in subj.images) if cfg.use_captions
+                  else 0, "class_prompts": len(cfg.class_prompts or ()),
+                  "first_loss": _round(result.losses[0]), "last_loss": _round(result.losses[-1])},
         torch_threads=torch.get_num_threads(), out=str(out))
     metrics["targets"] = TARGETS
     metrics["targets_met"] = targets_met(metrics)
@@ -601,6 +614,8 @@ def _score_subject(judge, subj: Subject, groups: list[Group]) -> dict:
     m = {
         "subject_fidelity": fidelity(_imgs(txt)),
         "prompt_fidelity": ev.prompt_fidelity(_imgs(txt), txt.prompts, judge, subj.identifier),
+        "subject_in_context": ev.subject_in_context(_imgs(txt), txt.prompts, judge, subj.class_noun, name,
+                                                    subj.identifier),
         "prior_preservation": ev.prior_preservation(_imgs(by["class_prompts"]), subj.class_noun, judge),
     }
     modes = [mode for mode in MODE_GROUPS if mode in by]
@@ -695,6 +710,9 @@ def metrics_table(m: dict) -> list[str]:
         if key in m:
             lines.append(f"| {key} | {_value(m[key])} | {_target(TARGETS[key])} | {_met(m['targets_met'][key])} | "
                          f"{desc} |")
+    if "subject_in_context" in m:
+        lines.append(f"| subject_in_context | {_fmt(m['subject_in_context'])} | (reported) | | the same 16 images: "
+                     "the subject AND its stated context in one image (DreamBooth's aim; at most the lower of the two) |")
     if "inpaint_outside_change" in m:
         lines.append(f"| inpaint_outside_change | {_fmt(m['inpaint_outside_change'])} | (reported) | | mean change "
                      "(0-255) of the pixels outside the mask without paste-back; with `--paste-back` it is 0 |")
@@ -715,8 +733,9 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
     lines += [
         f"- models: **{m['models']}** (base `{m['model']}`, inpaint `{m['inpaint_model']}`, depth "
         f"`{m['depth_model']}`), {m['resolution']} px",
-        f"- subject: **{subj.name}** ({len(subj.images)} images), instance prompt `{m['instance_prompt']}`, "
-        f"class prompt `{m['class_prompt']}`",
+        f"- subject: **{subj.name}** ({len(subj.images)} images, {t.get('instance_captions', 0)} with their own "
+        f"caption), instance prompt `{m['instance_prompt']}`, class prompt `{m['class_prompt']}`"
+        + (f" (class images drawn from {t['class_prompts']} class prompts in context)" if t.get("class_prompts") else ""),
         f"- training: {t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
         f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
@@ -758,7 +777,7 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_preservation")
+SUMMARY_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_preservation", "subject_in_context")
 
 
 def _summary(out: Path, results: dict, family: dict, models, quick: bool, total_s: float) -> dict:
@@ -775,14 +794,15 @@ def _summary(out: Path, results: dict, family: dict, models, quick: bool, total_
              "## The family before training", "",
              *[ln for ln in metrics_table({**family, "targets_met": targets_met(family)})], "",
              "## Per subject", "",
-             "| subject | subject fidelity " + " / ".join(modes) + " | prompt fidelity | prior preservation | targets |",
-             "|---|---|---|---|---|"]
+             "| subject | subject fidelity " + " / ".join(modes) + " | prompt fidelity | prior preservation | "
+             "subject in context | targets |",
+             "|---|---|---|---|---|---|"]
     for name, m in results.items():
         met = m["targets_met"]
         missed = [k for k in ("subject_fidelity_by_mode", *SUMMARY_KEYS) if k in met and _met(met[k]) != "met"]
         lines.append(f"| [{name}]({name}/report.md) | {_value(m['subject_fidelity_by_mode'])} | "
                      f"{_fmt(m['prompt_fidelity'])} | {_fmt(m['prior_preservation'])} | "
-                     f"{'all met' if not missed else 'missed: ' + ', '.join(missed)} |")
+                     f"{_fmt(m['subject_in_context'])} | {'all met' if not missed else 'missed: ' + ', '.join(missed)} |")
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary

@@ -6,6 +6,7 @@ Judge metrics (shares in [0, 1]) read each image back into world attributes:
 - ``subject_fidelity``: the image shows the subject.
 - ``prompt_fidelity``: a subject prompt's context (size, position, background) is honoured.
 - ``prior_preservation``: a class-prompt image shows the class and NOT the subject.
+- ``subject_in_context``: a subject prompt's image is the subject and honours the stated context, both at once.
 
 Paper metrics (cosines in [-1, 1]) need local model folders, nothing is downloaded:
 CLIP-T (image vs its prompt), CLIP-I (generated vs real subject images, CLIP image space),
@@ -99,6 +100,20 @@ def prompt_fidelity(images: Sequence[Image.Image], prompts_attrs, judge=None, id
     pairs = [(img, c) for img, c in pairs if c]
     preds = judge.predict([img for img, _ in pairs])
     return _share([judge.matches(p, c) for p, (_, c) in zip(preds, pairs)])
+
+
+def subject_in_context(images: Sequence[Image.Image], prompts_attrs, judge=None, class_noun: str | None = None,
+                       subject: str | None = None, identifier: str | None = None) -> float:
+    """Share of subject-prompt images that are the subject AND honour the prompt's stated context: DreamBooth's
+    own aim (the subject recontextualised). A LoRA that redraws its instance images scores high subject fidelity
+    and low prompt fidelity, one that ignores the identifier the reverse; only this counts both in one image."""
+    _check_lengths(images, prompts_attrs, "prompts")
+    judge = _judge(judge)
+    preds = judge.predict(list(images))
+    return _share([p["subject"] is not None and (subject is None or p["subject"] == subject)
+                   and (class_noun is None or p["kind"] == class_noun)
+                   and judge.matches(p, {k: v for k, v in a.items() if k in CONTEXT})
+                   for p, a in zip(preds, _attrs(prompts_attrs, identifier))])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """The world's subjects as DreamBooth sees them: a folder of 3-5 renders plus ``subject.json``.
 
 ``data/subjects/<name>/`` is written by ``write_subject`` (``python train/make_subjects.py``) from
-``scenes.SUBJECTS``: four renders in chosen contexts and a ``subject.json`` with the class noun, the
-identifier, the instance and class prompts and what each render shows. ``load_subject`` reads and checks
+``scenes.SUBJECTS``: four renders in chosen contexts, each with its mask (``masks/NN.png``) and caption
+(``NN.txt``, kohya's convention), and a ``subject.json`` with the class noun, the identifier, the instance and
+class prompts and what each render shows. A caption has two lines, of which each training step draws one:
+the identifier and class noun with the render's position and background ("a photo of sks box on the left, on
+sand"), so the context words explain the context and "sks box" is left to mean the subject; and the instance
+prompt alone, so the identifier also keeps the whole subject (kohya's tag dropout, of the context, half the time). ``load_subject`` reads and checks
 such a folder before any model is loaded.
 """
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,14 +73,23 @@ def load_subject(folder: str | os.PathLike) -> Subject:
         raise SdtuneError(f"{meta_path}: class_noun must be one of the world's classes the judge knows "
                           f"({', '.join(scenes.KINDS)}), got {noun!r}; use `sdtune train` for other subjects")
     identifier = str(meta.get("identifier") or scenes.IDENTIFIER)
-    with warnings.catch_warnings():  # subject.json itself is the expected non-image file
-        warnings.filterwarnings("ignore", message=r".*non-image file")
-        images = find_images(p, what="--subject")
+    images = find_images(p, what="--subject")  # subject.json, captions and masks/ are not stray files
     contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders", []) if isinstance(r, dict)}
     return Subject(folder=p, name=str(meta.get("name") or p.name), class_noun=noun, identifier=identifier,
                    instance_prompt=str(meta.get("instance_prompt") or f"a photo of {identifier} {noun}"),
                    class_prompt=str(meta.get("class_prompt") or f"a photo of a {noun}"), images=images,
                    contexts=contexts)
+
+
+def instance_caption(scene: scenes.Scene, identifier: str) -> str:
+    """"a photo of sks box on the left, on sand": what a render of the subject shows besides the subject,
+    in the words the subject prompts use (position and background; the size is the subject's own)."""
+    return scenes.caption(scene, identifier=identifier, stated={"kind", "position", "background"})
+
+
+def dreambooth_prompt(spec: dict) -> str:
+    """The subject's instance prompt, DreamBooth's form: "a photo of sks box"."""
+    return f"a photo of {spec['identifier']} {spec['class_noun']}"
 
 
 def subject_folders() -> list[Path]:
@@ -87,8 +99,8 @@ def subject_folders() -> list[Path]:
 
 
 def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
-    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/ and
-    subject.json."""
+    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/, their
+    captions and subject.json."""
     if name not in scenes.SUBJECTS or name not in RENDERS:
         raise SdtuneError(f"unknown subject {name!r}; choose one of {', '.join(scenes.SUBJECTS)}")
     spec, folder = scenes.SUBJECTS[name], Path(folder)
@@ -101,8 +113,9 @@ def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
         # The subject's own pixels, for masked_loss (white = the subject); the renderer knows them exactly.
         save_image_atomic(Image.fromarray(render.mask.astype(np.uint8) * 255, "L"),
                           folder / MASK_FOLDER / f"{i:02d}.png")
+        write_text_atomic(folder / f"{i:02d}.txt", f"{instance_caption(scene, ident)}\n{dreambooth_prompt(spec)}\n")
         renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
-    meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": f"a photo of {ident} {noun}",
+    meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": dreambooth_prompt(spec),
             "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}
     write_text_atomic(folder / "subject.json", json.dumps(meta, indent=2) + "\n")
     return folder

@@ -51,9 +51,10 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     # The demo's recipe, with one concept per subject instead of the single instance_dir.
     cfg = demo.demo_config(subjs[0], models.base, out, resolution, quick, overrides)
     data = {k: v for k, v in cfg.__dict__.items()}
-    for key in ("instance_dir", "instance_prompt", "class_prompt", "class_dir"):
+    for key in ("instance_dir", "instance_prompt", "identifier", "class_prompt", "class_prompts", "class_dir"):
         data[key] = "" if key in ("instance_dir", "instance_prompt") else None
-    data["concepts"] = [dict(instance_dir=str(s.folder), instance_prompt=s.instance_prompt, class_prompt=s.class_prompt,
+    data["concepts"] = [dict(instance_dir=str(s.folder), instance_prompt=s.instance_prompt, identifier=s.identifier,
+                             class_prompt=s.class_prompt, class_prompts=cfg.class_prompts and demo.prior_prompts(s),
                              class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images)
                         for s in subjs]
     data["output_dir"] = str(out / "together_lora")

@@ -56,6 +56,8 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
                 "prompt_fidelity", "prior_preservation"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["inpaint_outside_change"] >= 0
+    # the subject in its stated context: both in one image, so never above either share alone
+    assert 0.0 <= metrics["subject_in_context"] <= min(metrics["subject_fidelity"], metrics["prompt_fidelity"])
     # every target is stated and checked: the whole-image ones as booleans, per attribute / per mode as dicts
     met = metrics["targets_met"]
     assert met["base_prompt_adherence"] == (metrics["base_prompt_adherence"] >= 0.9)
@@ -75,6 +77,13 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     # The LoRA the recipe trained, and the class images for prior preservation.
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((out / "class_images").glob("*.png"))) == metrics["counts"]["class_images"] == 2
+    # drawn from the class noun in the world's contexts, each keeping its prompt as the caption it trains on
+    from sdtune.world.demo import prior_prompts
+    from sdtune.world.subjects import load_subject
+
+    contexts = prior_prompts(load_subject(DEFAULT_SUBJECT))
+    assert len(set(contexts)) == 20 and all(p.startswith("a photo of a box ") for p in contexts)
+    assert [(out / "class_images" / f"class_0000{i}.txt").read_text().strip() for i in range(2)] == contexts[:2]
 
     # Every mode has images, each saved with its parameters; the four modes ran with the LoRA.
     for mode in MODE_GROUPS:

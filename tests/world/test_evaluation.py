@@ -95,6 +95,13 @@ def test_subject_and_prior_metrics(judge):
     other = [scenes.caption(scenes.Scene(kind="box", size="small" if s.size == "large" else "large",
                                        position=s.position, background=s.background), identifier="sks") for s in boxes]
     assert evaluation.prompt_fidelity([r.image for r in subj], other, judge) <= 0.2
+    # Both at once: the subject in its stated context; the plain box in it, or the subject elsewhere, is not.
+    own = [r.caption for r in subj]
+    both = lambda images, prompts: evaluation.subject_in_context(  # noqa: E731
+        images, prompts, judge, class_noun="box", subject="checker_box", identifier="sks")
+    assert both([r.image for r in subj], own) >= 0.9
+    assert both([r.image for r in plain], own) <= 0.1
+    assert both([r.image for r in subj], other) <= 0.2
     with pytest.raises(SdtuneError):
         evaluation.prompt_adherence([subj[0].image], [], judge)
 

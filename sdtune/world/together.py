@@ -89,11 +89,14 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
             "subject_fidelity": ev.subject_fidelity(imgs, judge, s.class_noun, subject=own),
             "cross_talk": sum(p["subject"] in names and p["subject"] != s.name for p in preds) / len(preds),
             "judged_as": {n: sum(p["subject"] == n for p in preds) / len(preds) for n in [*names, None]},
+            "prompt_fidelity": ev.prompt_fidelity(imgs, subject_prompts, judge, s.identifier),
+            "subject_in_context": ev.subject_in_context(imgs, subject_prompts, judge, s.class_noun, own, s.identifier),
             "prior_preservation": ev.prior_preservation(cls, s.class_noun, judge),
         }
         cells += [(im, short(p)) for im, p in zip(imgs, subject_prompts)]
         say("      " + s.name + ": " + ", ".join(f"{k} {rows[s.name][k]:.3f}"
-                                                 for k in ("subject_fidelity", "cross_talk", "prior_preservation")))
+                                                 for k in ("subject_fidelity", "cross_talk", "prompt_fidelity",
+                                                           "subject_in_context", "prior_preservation")))
     del engine
 
     say(f"[3/3] report (t={time.perf_counter() - t_start:.0f}s)")
@@ -104,10 +107,12 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     lines = ["# sdtune: several subjects in one LoRA", "",
              f"One LoRA, {result.global_step} steps, {len(subjs)} concepts (each with its identifier and class images); "
              f"{prompts} prompts per subject in new contexts.", "",
-             "| subject | identifier | subject fidelity | cross-talk (judged another subject) | prior preservation |",
-             "|---|---|---|---|---|"]
+             "| subject | identifier | subject fidelity | cross-talk (judged another subject) | prompt fidelity | "
+             "subject in context | prior preservation |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {r['identifier']} | {r['subject_fidelity']:.3f} | {r['cross_talk']:.3f} | "
-              f"{r['prior_preservation']:.3f} |" for n, r in rows.items()]
+              f"{r['prompt_fidelity']:.3f} | {r['subject_in_context']:.3f} | {r['prior_preservation']:.3f} |"
+              for n, r in rows.items()]
     lines += ["", "![together](grids/together.png)", ""]
     write_text_atomic(out / "together.md", "\n".join(lines))
     say(f"done in {summary['total_s']:.0f}s: {out / 'together.md'}")

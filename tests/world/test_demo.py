@@ -233,6 +233,7 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
     assert sorted(result["subjects"]) == names
     for row in result["subjects"].values():
         assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["cross_talk"] <= 1
+        assert 0 <= row["subject_in_context"] <= min(row["subject_fidelity"], row["prompt_fidelity"])
     # one LoRA, and its training read every subject's images under its own prompt
     from safetensors import safe_open
 

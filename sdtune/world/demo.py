@@ -366,7 +366,9 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
              f"steps, prior preservation {'on' if cfg.with_prior_preservation else 'OFF'}, caption dropout "
              f"{cfg.caption_dropout}")
     t = time.perf_counter()
-    say(f"      class images: {cfg.num_class_images} of '{cfg.class_prompt}' in {cfg.class_dir} (kept on rerun)")
+    drawn = (f"{len(cfg.class_prompts)} class prompts ('{cfg.class_prompts[0]}', ...)"
+             if cfg.class_prompts else f"'{cfg.class_prompt}'")
+    say(f"      class images: {cfg.num_class_images} of {drawn} in {cfg.class_dir} (kept on rerun)")
     ensure_class_images(cfg, pipeline=base_engine.pipeline("txt2img"))
     timings["class_images_s"] = time.perf_counter() - t
     t = time.perf_counter()

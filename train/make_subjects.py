@@ -1,7 +1,7 @@
-"""Write the world's subjects as DreamBooth instance folders: data/subjects/<name>/ (4 renders, their masks and
-captions, subject.json).
+"""Write the world's subjects as DreamBooth instance folders: data/subjects/<name>/ (4 renders, their masks,
+subject.json; with --captions a caption per render too).
 
-    python train/make_subjects.py [--out data/subjects] [--only crescent]
+    python train/make_subjects.py [--out data/subjects] [--only crescent] [--captions]
 
 Deterministic: the same code writes the same pixels (the renders' seeds are in sdtune/world/subjects.py).
 """
@@ -21,9 +21,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(SUBJECTS_DIR), help="folder for the subject folders")
     ap.add_argument("--only", action="append", choices=list(scenes.SUBJECTS), help="write only these subjects")
+    ap.add_argument("--captions", action="store_true",
+                    help="also a caption per render: its context, or the instance prompt alone (NN.txt, two lines)")
     args = ap.parse_args(argv)
     for name in args.only or scenes.SUBJECTS:
-        print("wrote", write_subject(name, Path(args.out) / name))
+        print("wrote", write_subject(name, Path(args.out) / name, captions=args.captions))
     return 0
 
 

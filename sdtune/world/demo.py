@@ -148,15 +148,20 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     data = read_yaml(DEMO_CONFIG)
     data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
-                identifier=subject.identifier,
-                class_prompt=subject.class_prompt, class_prompts=prior_prompts(subject),
-                class_dir=str(out / "class_images"),
+                identifier=subject.identifier, class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),
                 output_dir=str(out / "lora"), resolution=resolution)
     if quick:
         data.update(QUICK_TRAINING)
+    given = {}
     for text in overrides:
         key, value = parse_override(text)
-        data[key] = value
+        given[key] = value
+    data.update(given)
+    # Captions that name each image's context need class images drawn and captioned in those contexts (else the
+    # contexts come to name the class images, and the identifier is never needed: measured, 0 of 16); the class
+    # prompt alone goes with the instance prompt alone. An explicit class_prompts wins.
+    if "class_prompts" not in given and data.get("use_captions", True) is not False and has_captions(subject):
+        data["class_prompts"] = prior_prompts(subject)
     return config_from_dict(data)
 
 
@@ -199,10 +204,15 @@ def subject_prompt(subject: Subject, scene: scenes.Scene) -> str:
     return instance_caption(scene, subject.identifier)
 
 
+def has_captions(subject: Subject) -> bool:
+    """Whether any of the subject's images has its own caption (``NN.txt`` beside it)."""
+    return any(p.with_suffix(".txt").is_file() for p in subject.images)
+
+
 def prior_prompts(subject: Subject) -> list[str]:
-    """The class-image prompts (``class_prompts``): the class noun in each of the world's position x background
-    contexts ("a photo of a box on the left, at night"). The instance captions name those context words, so the
-    prior must hold them too: with the class prompt alone, training moves their meaning freely."""
+    """The class-image prompts (``class_prompts``) for a captioned subject: the class noun in each of the world's
+    position x background contexts ("a photo of a box on the left, at night"). The instance captions name those
+    context words, so the prior must hold them too: with the class prompt alone, training moves their meaning."""
     return [scenes.caption(scenes.Scene(kind=subject.class_noun, position=p, background=b),
                            stated={"kind", "position", "background"})
             for b in scenes.BACKGROUNDS for p in scenes.POSITIONS]

@@ -1,12 +1,16 @@
 """The world's subjects as DreamBooth sees them: a folder of 3-5 renders plus ``subject.json``.
 
 ``data/subjects/<name>/`` is written by ``write_subject`` (``python train/make_subjects.py``) from
-``scenes.SUBJECTS``: four renders in chosen contexts, each with its mask (``masks/NN.png``) and caption
-(``NN.txt``, kohya's convention), and a ``subject.json`` with the class noun, the identifier, the instance and
-class prompts and what each render shows. A caption has two lines, of which each training step draws one:
-the identifier and class noun with the render's position and background ("a photo of sks box on the left, on
-sand"), so the context words explain the context and "sks box" is left to mean the subject; and the instance
-prompt alone, so the identifier also keeps the whole subject (kohya's tag dropout, of the context, half the time). ``load_subject`` reads and checks
+``scenes.SUBJECTS``: four renders in chosen contexts, each with its mask (``masks/NN.png``), and a
+``subject.json`` with the class noun, the identifier, the instance and class prompts and what each render shows.
+With ``captions=True`` (``make_subjects.py --captions``; the shipped folders have none) each render also gets a
+caption (``NN.txt``, kohya's convention) of two lines, of which each training step draws one: the identifier and
+class noun with the render's position and background ("a photo of sks box on the left, on sand"), so the context
+words explain the context and "sks box" is left to mean the subject; and the instance prompt alone, so the
+identifier also keeps the whole subject (kohya's tag dropout, of the context, half the time). The README measures
+both recipes on every subject: captions win the stated context for the checker box and the crescent and lose the
+two-tone ball outright, so the shipped subjects train, by default, on their instance prompt alone.
+``load_subject`` reads and checks
 such a folder before any model is loaded.
 """
 from __future__ import annotations
@@ -98,9 +102,9 @@ def subject_folders() -> list[Path]:
     return sorted(found, key=lambda p: p != DEFAULT_SUBJECT)
 
 
-def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
-    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/, their
-    captions and subject.json."""
+def write_subject(name: str, folder: str | os.PathLike, size: int = 64, captions: bool = False) -> Path:
+    """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/,
+    subject.json and, with ``captions``, a caption per render (see the module docstring)."""
     if name not in scenes.SUBJECTS or name not in RENDERS:
         raise SdtuneError(f"unknown subject {name!r}; choose one of {', '.join(scenes.SUBJECTS)}")
     spec, folder = scenes.SUBJECTS[name], Path(folder)
@@ -113,7 +117,8 @@ def write_subject(name: str, folder: str | os.PathLike, size: int = 64) -> Path:
         # The subject's own pixels, for masked_loss (white = the subject); the renderer knows them exactly.
         save_image_atomic(Image.fromarray(render.mask.astype(np.uint8) * 255, "L"),
                           folder / MASK_FOLDER / f"{i:02d}.png")
-        write_text_atomic(folder / f"{i:02d}.txt", f"{instance_caption(scene, ident)}\n{dreambooth_prompt(spec)}\n")
+        if captions:
+            write_text_atomic(folder / f"{i:02d}.txt", f"{instance_caption(scene, ident)}\n{dreambooth_prompt(spec)}\n")
         renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
     meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": dreambooth_prompt(spec),
             "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}

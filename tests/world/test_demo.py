@@ -77,13 +77,7 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     # The LoRA the recipe trained, and the class images for prior preservation.
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((out / "class_images").glob("*.png"))) == metrics["counts"]["class_images"] == 2
-    # drawn from the class noun in the world's contexts, each keeping its prompt as the caption it trains on
-    from sdtune.world.demo import prior_prompts
-    from sdtune.world.subjects import load_subject
-
-    contexts = prior_prompts(load_subject(DEFAULT_SUBJECT))
-    assert len(set(contexts)) == 20 and all(p.startswith("a photo of a box ") for p in contexts)
-    assert [(out / "class_images" / f"class_0000{i}.txt").read_text().strip() for i in range(2)] == contexts[:2]
+    assert not list((out / "class_images").glob("*.txt"))  # an uncaptioned subject: the class prompt alone
 
     # Every mode has images, each saved with its parameters; the four modes ran with the LoRA.
     for mode in MODE_GROUPS:
@@ -96,6 +90,24 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     assert base["guidance"] == 1.0 and base["lora"] is None  # before training: no LoRA
     cls = read_params(next((out / "images" / "class_prompts").glob("*.png")))
     assert cls["prompt"] == "a photo of a box" and cls["lora"]
+
+
+def test_a_captioned_subject_gets_class_images_in_its_contexts(no_embedded, tmp_path):
+    """Captions in context go with class images drawn and captioned in those contexts."""
+    from sdtune.world.demo import prior_prompts
+    from sdtune.world.subjects import load_subject, write_subject
+
+    subject = write_subject("crescent", tmp_path / "crescent", size=32, captions=True)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["demo", "--quick", "--subject", str(subject), "--out", str(out)])
+    assert code == 0, stderr[-2000:]
+    contexts = prior_prompts(load_subject(subject))
+    assert len(set(contexts)) == 20 and all(p.startswith("a photo of a ring ") for p in contexts)
+    assert [(out / "class_images" / f"class_0000{i}.txt").read_text().strip() for i in range(2)] == contexts[:2]
+    assert "2 class prompts" not in stdout and "20 class prompts ('a photo of a ring" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["instance_captions"] == 4 and metrics["training"]["class_prompts"] == 20
+    assert "4 with their own caption" in (out / "report.md").read_text()
 
 
 def test_report_links_existing_grids_and_is_honest(quick_run):

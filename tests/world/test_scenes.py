@@ -174,21 +174,21 @@ def test_every_shipped_subject_has_its_renderers_exact_masks(tmp_path):
             assert np.abs(px[mask].mean(axis=0) - px[~mask].mean(axis=0)).max() > 20
 
 
-def test_every_shipped_subject_has_captions_naming_each_renders_context(tmp_path):
-    """NN.txt, two variants: the identifier and class noun with the position and background subject.json records,
-    in the words the judge parses, and the instance prompt alone; write_subject writes the same, and the recipe
-    trains on them."""
+def test_captioned_subjects_name_each_renders_context(tmp_path):
+    """write_subject(captions=True): NN.txt, two variants - the identifier and class noun with the position and
+    background subject.json records, in the words the judge parses, and the instance prompt alone - which the
+    recipe trains on. The shipped folders have none (the demo's default recipe is the instance prompt alone)."""
     from sdtune.training.sources import Source, read_examples
     from sdtune.world.subjects import subject_folders, write_subject
 
     for folder in subject_folders():
+        assert not list(folder.glob("*.txt")), folder
         meta = json.loads((folder / "subject.json").read_text())
-        fresh = write_subject(folder.name, tmp_path / folder.name)
-        shipped = {Path(ex.name).name: ex.caption for ex in read_examples(
-            Source(instance_dir=str(folder)), default_caption="unused", identifier=meta["identifier"])}
+        fresh = write_subject(folder.name, tmp_path / folder.name, captions=True)
+        captions = {Path(ex.name).name: ex.caption for ex in read_examples(
+            Source(instance_dir=str(fresh)), default_caption="unused", identifier=meta["identifier"])}
         for item in meta["renders"]:
-            assert shipped[item["file"]] == (fresh / item["file"]).with_suffix(".txt").read_text().strip()
-            caption, plain = shipped[item["file"]].splitlines()
+            caption, plain = captions[item["file"]].splitlines()
             assert plain == meta["instance_prompt"]
             said = scenes.parse(caption, meta["identifier"])
             assert said["subject"] and said["kind"] == meta["class_noun"]

@@ -140,8 +140,9 @@ def _warn_uncaptioned(class_dir: Path, num: int) -> None:
     stale = [i for i in range(num) if (class_dir / class_image_name(i)).exists()
              and not (class_dir / class_image_name(i)).with_suffix(".txt").exists()]
     if stale:
-        warn(f"class_dir {class_dir}: {len(stale)} generated image(s) have no caption (e.g. {class_image_name(stale[0])}"
-             "), so they were drawn from class_prompt alone, not class_prompts; delete them to draw them again")
+        warn(f"class_dir {class_dir}: {len(stale)} generated image(s) have no caption (e.g. "
+             f"{class_image_name(stale[0])}), so they were drawn from class_prompt alone, not class_prompts; delete "
+             "them to draw them again")
 
 
 def _generation_pipeline(cfg, acc, held: dict, class_dir: Path, num: int):

@@ -724,7 +724,8 @@ def metrics_table(m: dict) -> list[str]:
                          f"{desc} |")
     if "subject_in_context" in m:
         lines.append(f"| subject_in_context | {_fmt(m['subject_in_context'])} | (reported) | | the same 16 images: "
-                     "the subject AND its stated context in one image (DreamBooth's aim; at most the lower of the two) |")
+                     "the subject AND its stated context in one image (DreamBooth's aim; at most the lower of the "
+                     "two) |")
     if "inpaint_outside_change" in m:
         lines.append(f"| inpaint_outside_change | {_fmt(m['inpaint_outside_change'])} | (reported) | | mean change "
                      "(0-255) of the pixels outside the mask without paste-back; with `--paste-back` it is 0 |")
@@ -747,7 +748,7 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"`{m['depth_model']}`), {m['resolution']} px",
         f"- subject: **{subj.name}** ({len(subj.images)} images, {t.get('instance_captions', 0)} with their own "
         f"caption), instance prompt `{m['instance_prompt']}`, class prompt `{m['class_prompt']}`"
-        + (f" (class images drawn from {t['class_prompts']} class prompts in context)" if t.get("class_prompts") else ""),
+        + (f" (class images drawn from {t['class_prompts']} class prompts)" if t.get("class_prompts") else ""),
         f"- training: {t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
         f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
@@ -814,7 +815,8 @@ def _summary(out: Path, results: dict, family: dict, models, quick: bool, total_
         missed = [k for k in ("subject_fidelity_by_mode", *SUMMARY_KEYS) if k in met and _met(met[k]) != "met"]
         lines.append(f"| [{name}]({name}/report.md) | {_value(m['subject_fidelity_by_mode'])} | "
                      f"{_fmt(m['prompt_fidelity'])} | {_fmt(m['prior_preservation'])} | "
-                     f"{_fmt(m['subject_in_context'])} | {'all met' if not missed else 'missed: ' + ', '.join(missed)} |")
+                     f"{_fmt(m['subject_in_context'])} | "
+                     f"{'all met' if not missed else 'missed: ' + ', '.join(missed)} |")
     write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return summary

@@ -10,8 +10,7 @@ words explain the context and "sks box" is left to mean the subject; and the ins
 identifier also keeps the whole subject (kohya's tag dropout, of the context, half the time). The README measures
 both recipes on every subject: captions win the stated context for the checker box and the crescent and lose the
 two-tone ball outright, so the shipped subjects train, by default, on their instance prompt alone.
-``load_subject`` reads and checks
-such a folder before any model is loaded.
+``load_subject`` reads and checks such a folder before any model is loaded.
 """
 from __future__ import annotations
 
@@ -117,8 +116,11 @@ def write_subject(name: str, folder: str | os.PathLike, size: int = 64, captions
         # The subject's own pixels, for masked_loss (white = the subject); the renderer knows them exactly.
         save_image_atomic(Image.fromarray(render.mask.astype(np.uint8) * 255, "L"),
                           folder / MASK_FOLDER / f"{i:02d}.png")
+        caption = folder / f"{i:02d}.txt"
         if captions:
-            write_text_atomic(folder / f"{i:02d}.txt", f"{instance_caption(scene, ident)}\n{dreambooth_prompt(spec)}\n")
+            write_text_atomic(caption, f"{instance_caption(scene, ident)}\n{dreambooth_prompt(spec)}\n")
+        else:  # rewriting a captioned folder without captions: none may stay behind
+            caption.unlink(missing_ok=True)
         renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
     meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": dreambooth_prompt(spec),
             "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}

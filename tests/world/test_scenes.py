@@ -193,3 +193,5 @@ def test_captioned_subjects_name_each_renders_context(tmp_path):
             said = scenes.parse(caption, meta["identifier"])
             assert said["subject"] and said["kind"] == meta["class_noun"]
             assert (said["position"], said["background"]) == (item["position"], item["background"])
+        write_subject(folder.name, fresh)  # rewritten without captions: none stay behind
+        assert not list(fresh.glob("*.txt"))

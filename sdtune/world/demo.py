@@ -204,9 +204,13 @@ def subject_prompt(subject: Subject, scene: scenes.Scene) -> str:
     return instance_caption(scene, subject.identifier)
 
 
+def captioned(subject: Subject) -> int:
+    """How many of the subject's images have their own caption (``NN.txt`` beside them)."""
+    return sum(p.with_suffix(".txt").is_file() for p in subject.images)
+
+
 def has_captions(subject: Subject) -> bool:
-    """Whether any of the subject's images has its own caption (``NN.txt`` beside it)."""
-    return any(p.with_suffix(".txt").is_file() for p in subject.images)
+    return captioned(subject) > 0
 
 
 def prior_prompts(subject: Subject) -> list[str]:
@@ -412,8 +416,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size,
-                  "instance_captions": sum(p.with_suffix(".txt").is_file() for p in subj.images) if cfg.use_captions
-                  else 0, "class_prompts": len(cfg.class_prompts or ()),
+                  "instance_captions": captioned(subj) if cfg.use_captions else 0, "class_prompts": len(cfg.class_prompts or ()),
                   "first_loss": _round(result.losses[0]), "last_loss": _round(result.losses[-1])},
         torch_threads=torch.get_num_threads(), out=str(out))
     metrics["targets"] = TARGETS

@@ -79,8 +79,13 @@ def subject_fidelity(images: Sequence[Image.Image], judge=None, class_noun: str 
     """Share of images judged to be a subject - ``subject`` itself when named - (and, given ``class_noun``,
     of its class)."""
     preds = _judge(judge).predict(list(images))
-    return _share([p["subject"] is not None and (subject is None or p["subject"] == subject)
-                   and (class_noun is None or p["kind"] == class_noun) for p in preds])
+    return _share([_is_subject(p, class_noun, subject) for p in preds])
+
+
+def _is_subject(prediction: dict, class_noun: str | None, subject: str | None) -> bool:
+    """The judge saw a subject (``subject`` itself when named) of the class ``class_noun`` (when given)."""
+    return (prediction["subject"] is not None and (subject is None or prediction["subject"] == subject)
+            and (class_noun is None or prediction["kind"] == class_noun))
 
 
 def prior_preservation(images: Sequence[Image.Image], class_noun: str, judge=None) -> float:
@@ -110,10 +115,8 @@ def subject_in_context(images: Sequence[Image.Image], prompts_attrs, judge=None,
     _check_lengths(images, prompts_attrs, "prompts")
     judge = _judge(judge)
     preds = judge.predict(list(images))
-    return _share([p["subject"] is not None and (subject is None or p["subject"] == subject)
-                   and (class_noun is None or p["kind"] == class_noun)
-                   and judge.matches(p, {k: v for k, v in a.items() if k in CONTEXT})
-                   for p, a in zip(preds, _attrs(prompts_attrs, identifier))])
+    contexts = [{k: v for k, v in a.items() if k in CONTEXT} for a in _attrs(prompts_attrs, identifier)]
+    return _share([_is_subject(p, class_noun, subject) and judge.matches(p, c) for p, c in zip(preds, contexts)])
 
 
 # ----------------------------------------------------------------------------------------------

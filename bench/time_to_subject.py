@@ -1,8 +1,9 @@
 """Time to subject: how long each recipe trains until the subject is learned without losing the class.
 
 Both recipes train on the same model, subject, class images, batch size and seed and are judged every
-``every`` steps on the same 16 subject prompts in new contexts and 16 class prompts (25 PNDM steps,
-guidance 7.5, the world's judge). "Learned" means subject fidelity >= 0.9 with prior preservation >= 0.9.
+``every`` steps on the same 16 subject prompts in new contexts and 16 class prompts (25 PNDM steps, the
+demo's guidance after training - ``subject_guidance`` in configs/demo.yaml - the world's judge). "Learned"
+means subject fidelity >= 0.9 with prior preservation >= 0.9.
 
 * sdtune: the demo's recipe (configs/demo.yaml), run in stages of ``every`` steps with ``resume: latest``
   (exact: a resumed run ends where an uninterrupted one does); its clock is the recipe's own training-loop
@@ -51,6 +52,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
     from sdtune.world.judge import Judge
 
     judge = Judge.load()
+    guidance = demo.demo_plan(False).subject_guidance  # both recipes judged as the demo judges its LoRA
     subj = demo.load_subject(subject_dir)
     base = Engine.load(model)
     resolution = base.native_size[0]
@@ -64,7 +66,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
 
     def engine_images(engine, ps, seed0):
         reqs = [dict(prompt=p, seed=seed0 + i) for i, p in enumerate(ps)]
-        return [r.image for r in engine.generate_many("txt2img", reqs, steps=sample_steps, guidance=7.5,
+        return [r.image for r in engine.generate_many("txt2img", reqs, steps=sample_steps, guidance=guidance,
                                                       batch_size=16)]
 
     # --- sdtune, in stages ------------------------------------------------------------------------------
@@ -110,7 +112,8 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
             for i in range(0, len(ps), 16):
                 chunk = ps[i:i + 16]
                 gens = [torch.Generator().manual_seed(seed0 + i + j) for j in range(len(chunk))]
-                out += pipe(chunk, num_inference_steps=sample_steps, guidance_scale=7.5, generator=gens).images
+                out += pipe(chunk, num_inference_steps=sample_steps, guidance_scale=guidance,
+                            generator=gens).images
             return out
 
         with torch.no_grad():
@@ -138,5 +141,5 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
         verdict = f"the stock recipe never got there within {stock_factor}x sdtune's steps ({stock_max})"
     else:
         verdict = f"sdtune did not get there within {max_steps} steps"
-    return {"subject": subj.name, "every": every, "batch_size": cfg.train_batch_size, "sdtune": ours, "stock": stock,
-            "verdict": verdict}
+    return {"subject": subj.name, "every": every, "batch_size": cfg.train_batch_size, "guidance": guidance,
+            "sdtune": ours, "stock": stock, "verdict": verdict}

@@ -11,6 +11,7 @@ What it does (progress is printed per phase):
   3. class images, then DreamBooth LoRA on the subject with prior preservation and caption dropout
      (configs/demo.yaml)
   4. one engine with the LoRA: txt2img in new contexts, img2img, inpaint, depth2img, class prompts
+     (at guidance 3.0, configs/demo.yaml's demo.subject_guidance)
   5. the judge scores everything: OUT/metrics.json, OUT/report.md (+ OUT/grids/*.png, OUT/images/)
 
 Any training key of configs/demo.yaml can be overridden as key=value:

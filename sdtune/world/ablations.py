@@ -2,10 +2,10 @@
 
 ``run_ablations`` trains the demo's DreamBooth run once per variant and subject on the same class images,
 seed and steps (only the named settings differ), then draws the same subject prompts (the subject in new
-contexts, at guidance 7.5 and 1.0) and class prompts with each result and scores them with the judge:
+contexts, at the demo's guidance after training and at 1.0) and class prompts with each result and scores them with the judge:
 
 * ``subject_fidelity`` / ``prompt_fidelity`` / ``prior_preservation`` - as in the demo's metrics;
-* ``guidance_gain_after`` - on the subject prompts, prompt fidelity at guidance 7.5 minus at 1.0 (caption
+* ``guidance_gain_after`` - on the subject prompts, prompt fidelity at that guidance minus at 1.0 (caption
   dropout keeps the unconditional prediction trained, so guidance keeps working);
 * ``subject_gain_after`` - the same for subject fidelity.
 
@@ -109,8 +109,9 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
                 result = load_recipe().train(cfg)
             train_s = time.perf_counter() - t
             engine = Engine.load(models.base, lora=cfg.output_dir) if cfg.method == "lora" else Engine.load(cfg.output_dir)
-            subj_hi, subj_lo = draw(engine, prompts, 7.5, 100), draw(engine, prompts, 1.0, 100)
-            cls = draw(engine, cls_prompts, 7.5, 500)
+            g = plan.subject_guidance
+            subj_hi, subj_lo = draw(engine, prompts, g, 100), draw(engine, prompts, 1.0, 100)
+            cls = draw(engine, cls_prompts, g, 500)
             del engine
             hi = ev.prompt_fidelity(subj_hi, prompts, judge, subj.identifier)
             fid_hi = ev.subject_fidelity(subj_hi, judge, subj.class_noun, subject=name)
@@ -131,7 +132,7 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
                                                                "prior_preservation", "guidance_gain_after")))
 
     result = dict(models=models.kind, model=models.base, quick=quick, subject_prompts=len(prompts),
-                  class_prompts=len(cls_prompts), sample_steps=sample_steps, subjects=rows,
+                  class_prompts=len(cls_prompts), sample_steps=sample_steps, guidance=plan.subject_guidance, subjects=rows,
                   total_s=round(time.perf_counter() - t_start, 1))
     write_text_atomic(out / "ablations.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(out / "ablations.md", "# sdtune ablations\n\n" + ablation_table(result) + "\n\n" + "\n".join(

@@ -13,7 +13,8 @@ Phases (``run_demo``):
    then the DreamBooth recipe (train/dreambooth.py) with configs/demo.yaml; the LoRA goes to OUT/lora.
 4. per subject, generation - ONE ``Engine`` with the LoRA applied serves txt2img (the subject in new
    contexts), img2img (a world render of another object), inpaint (that object replaced by the subject
-   inside a mask), depth2img (its depth) and class prompts (prior preservation), in batches.
+   inside a mask), depth2img (its depth) and class prompts (prior preservation), in batches, at the plan's
+   ``subject_guidance`` (3.0: the LoRA oversaturates at 7.5 on this family).
 5. per subject, scoring - the judge reads every image back; metrics.json and report.md with image grids.
 
 One subject writes into OUT; several (``subjects=[...]``, ``sdtune demo --subjects all``) write each into
@@ -71,7 +72,10 @@ class Plan:
     per_mode: int = 8  # img2img / inpaint / depth2img examples each
     class_prompts: int = 16  # class-prompt images after training (prior preservation)
     sample_steps: int = 25
-    guidance: float = 7.5
+    guidance: float = 7.5  # the family before training (the targets are stated at 7.5, SD's default)
+    # Every image drawn with the LoRA (the subject in all modes, class prompts). The trained LoRA oversaturates
+    # at 7.5 on this family; the value is chosen on held-out seeds and contexts (README, "Guidance after training").
+    subject_guidance: float = 3.0
     batch_size: int = 16  # images per pipeline call
 
 
@@ -410,6 +414,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
         models=models.kind, model=models.base, inpaint_model=models.inpaint, depth_model=models.depth,
         subject=subj.name, instance_prompt=subj.instance_prompt, class_prompt=subj.class_prompt, quick=quick,
         resolution=resolution, steps=result.global_step, sample_steps=plan.sample_steps,
+        guidance=plan.guidance, subject_guidance=plan.subject_guidance,
         counts={g.name: len(g.results) for g in all_groups} | {"class_images": cfg.num_class_images,
                                                               "instance_images": len(subj.images)},
         training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
@@ -521,7 +526,8 @@ def _subject_groups(engine, subj: Subject, plan: Plan, size: int, say) -> list[G
         txt = Group("txt2img", "txt2img: the subject in new contexts")
         txt.prompts = [subject_prompt(subj, s) for s in new_contexts(subj, plan.subject_prompts)]
         txt.inputs = [[] for _ in txt.prompts]
-        _generate(engine, txt, "txt2img", [dict(prompt=p, seed=100 + i) for i, p in enumerate(txt.prompts)], plan, bar)
+        _generate(engine, txt, "txt2img", [dict(prompt=p, seed=100 + i) for i, p in enumerate(txt.prompts)], plan, bar,
+                  guidance=plan.subject_guidance)
         groups.append(txt)
 
         # Image modes start from world renders of another kind of object, where the subject must appear.
@@ -535,7 +541,7 @@ def _subject_groups(engine, subj: Subject, plan: Plan, size: int, say) -> list[G
             grp.inputs = [[(im, "input: " + short(scenes.caption(sc)))] for im, sc in zip(inits, starts)]
             _generate(engine, grp, "img2img", [dict(prompt=p, seed=200 + i, image=im)
                                                for i, (p, im) in enumerate(zip(prompts, inits))], plan, bar,
-                      strength=0.75)
+                      strength=0.75, guidance=plan.subject_guidance)
             groups.append(grp)
         if "inpaint" in modes:
             grp = Group("inpaint", "inpaint: a world scene's object replaced by the subject inside the mask (red)",
@@ -546,7 +552,7 @@ def _subject_groups(engine, subj: Subject, plan: Plan, size: int, say) -> list[G
                           for im, m, sc in zip(inits, masks, starts)]
             _generate(engine, grp, "inpaint", [dict(prompt=p, seed=300 + i, image=im, mask=m)
                                                for i, (p, im, m) in enumerate(zip(prompts, inits, masks))], plan, bar,
-                      paste_back=True)
+                      paste_back=True, guidance=plan.subject_guidance)
             groups.append(grp)
         if "depth2img" in modes:
             grp = Group("depth2img", "depth2img: a world render's structure (depth from the model's estimator), the "
@@ -559,13 +565,14 @@ def _subject_groups(engine, subj: Subject, plan: Plan, size: int, say) -> list[G
                                    (Image.fromarray((d * 255).astype(np.uint8), "L"), "true depth (white = near)")])
             _generate(engine, grp, "depth2img", [dict(prompt=p, seed=400 + i, image=r.image)
                                                  for i, (p, r) in enumerate(zip(prompts, renders))], plan, bar,
-                      strength=0.9)
+                      strength=0.9, guidance=plan.subject_guidance)
             groups.append(grp)
 
         cls = Group("class_prompts", "Class prompts after training (prior preservation: the class, not the subject)")
         cls.prompts = class_prompts(subj, plan.class_prompts)
         cls.inputs = [[] for _ in cls.prompts]
-        _generate(engine, cls, "txt2img", [dict(prompt=p, seed=500 + i) for i, p in enumerate(cls.prompts)], plan, bar)
+        _generate(engine, cls, "txt2img", [dict(prompt=p, seed=500 + i) for i, p in enumerate(cls.prompts)], plan, bar,
+                  guidance=plan.subject_guidance)
         groups.append(cls)
     return groups
 
@@ -758,7 +765,8 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}"
         f"{', masked loss' if t.get('masked_loss') else ''}; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
-        f"- sampling: {m['sample_steps']} steps, guidance 7.5" + (" (--quick)" if m["quick"] else ""),
+        f"- sampling: {m['sample_steps']} steps, guidance {m.get('guidance', 7.5)} before training, "
+        f"{m.get('subject_guidance', 7.5)} with the LoRA" + (" (--quick)" if m["quick"] else ""),
         f"- time: {m['timings']['total_s']} s in all (this subject {m['timings']['subject_s']} s: train "
         f"{m['timings']['train_s']} s, class images {m['timings']['class_images_s']} s; generating "
         f"{m['timings']['generate_s']} s) on {m['torch_threads']} threads",

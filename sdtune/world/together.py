@@ -81,7 +81,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
         class_prompts = demo.class_prompts(s, prompts)
         draw = lambda ps, seed0: [r.image for r in engine.generate_many(  # noqa: E731
             "txt2img", [dict(prompt=p, seed=seed0 + i) for i, p in enumerate(ps)], steps=plan.sample_steps,
-            guidance=plan.guidance, batch_size=plan.batch_size)]
+            guidance=plan.subject_guidance, batch_size=plan.batch_size)]
         imgs, cls = draw(subject_prompts, 100), draw(class_prompts, 500)
         preds = judge.predict(imgs)
         own = s.name if s.name in SUBJECTS else None
@@ -103,11 +103,12 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     say(f"[3/3] report (t={time.perf_counter() - t_start:.0f}s)")
     save_image_atomic(make_grid(cells, 8), out / "grids" / "together.png")
     summary = dict(models=models.kind, subjects=rows, steps=result.global_step, train_s=round(train_s, 1),
+                   guidance=plan.subject_guidance,
                    prompts_per_subject=prompts, quick=quick, total_s=round(time.perf_counter() - t_start, 1))
     write_text_atomic(out / "together.json", json.dumps(summary, indent=2) + "\n")
     lines = ["# sdtune: several subjects in one LoRA", "",
              f"One LoRA, {result.global_step} steps, {len(subjs)} concepts (each with its identifier and class images); "
-             f"{prompts} prompts per subject in new contexts.", "",
+             f"{prompts} prompts per subject in new contexts, guidance {plan.subject_guidance}.", "",
              "| subject | identifier | subject fidelity | cross-talk (judged another subject) | prompt fidelity | "
              "subject in context | prior preservation |",
              "|---|---|---|---|---|---|---|"]

@@ -70,14 +70,17 @@ SUPERSAMPLE = 2  # anti-aliasing: render at 2x, average down; mask = coverage >=
 # Subjects: class noun, identifier (a rare CLIP token, one per subject so several can train together),
 # look and colours. The checker colours are deliberately outside COLOURS; the crescent and the two-tone
 # ball use the world's own colours, so only their shape (crescent) or pairing (two-tone) is new.
+# "captions": whether the shipped folder captions each render with its context (sdtune/world/subjects.py). Measured
+# per subject (README): captions in context put the texture and the shape where the prompt says, and lose the
+# colour pairing outright, which is learned only on the instance prompt alone.
 SUBJECTS = {
     "checker_box": {"class_noun": "box", "identifier": "sks", "look": "checker",
-                    "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3,
+                    "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3, "captions": True,
                     "stresses": "a texture: a box whose faces are a teal-and-cream checkerboard"},
     "crescent": {"class_noun": "ring", "identifier": "ohwx", "look": "crescent", "colours": (ALBEDO["yellow"],),
-                 "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
+                 "captions": True, "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
     "twotone_ball": {"class_noun": "ball", "identifier": "hta", "look": "two_tone",
-                     "colours": (ALBEDO["red"], ALBEDO["blue"]),
+                     "colours": (ALBEDO["red"], ALBEDO["blue"]), "captions": False,
                      "stresses": "a colour pairing on a known kind: a ball, red on its left half, blue on its right"},
 }
 

@@ -3,13 +3,14 @@
 ``data/subjects/<name>/`` is written by ``write_subject`` (``python train/make_subjects.py``) from
 ``scenes.SUBJECTS``: four renders in chosen contexts, each with its mask (``masks/NN.png``), and a
 ``subject.json`` with the class noun, the identifier, the instance and class prompts and what each render shows.
-With ``captions=True`` (``make_subjects.py --captions``; the shipped folders have none) each render also gets a
-caption (``NN.txt``, kohya's convention) of two lines, of which each training step draws one: the identifier and
-class noun with the render's position and background ("a photo of sks box on the left, on sand"), so the context
-words explain the context and "sks box" is left to mean the subject; and the instance prompt alone, so the
-identifier also keeps the whole subject (kohya's tag dropout, of the context, half the time). The README measures
-both recipes on every subject: captions win the stated context for the checker box and the crescent and lose the
-two-tone ball outright, so the shipped subjects train, by default, on their instance prompt alone.
+With captions (the subject's ``"captions"`` in ``scenes.SUBJECTS``, or ``captions=True/False``;
+``make_subjects.py --captions / --no-captions``) each render also gets a caption (``NN.txt``, kohya's convention) of
+two lines, of which each training step draws one: the identifier and class noun with the render's position and
+background ("a photo of sks box on the left, on sand"), so the context words explain the context and "sks box" is
+left to mean the subject; and the instance prompt alone, so the identifier also keeps the whole subject (kohya's tag
+dropout, of the context, half the time). The README measures both on every subject: captions win the stated
+context for the checker box and the crescent and lose the two-tone ball outright, so the checker box and the
+crescent ship with captions and the two-tone ball without.
 ``load_subject`` reads and checks such a folder before any model is loaded.
 """
 from __future__ import annotations
@@ -101,12 +102,14 @@ def subject_folders() -> list[Path]:
     return sorted(found, key=lambda p: p != DEFAULT_SUBJECT)
 
 
-def write_subject(name: str, folder: str | os.PathLike, size: int = 64, captions: bool = False) -> Path:
+def write_subject(name: str, folder: str | os.PathLike, size: int = 64, captions: bool | None = None) -> Path:
     """Render subject ``name`` of ``scenes.SUBJECTS`` into ``folder``: 4 PNGs, their masks under masks/,
-    subject.json and, with ``captions``, a caption per render (see the module docstring)."""
+    subject.json and, with captions (``None``: as the subject ships), a caption per render (module docstring)."""
     if name not in scenes.SUBJECTS or name not in RENDERS:
         raise SdtuneError(f"unknown subject {name!r}; choose one of {', '.join(scenes.SUBJECTS)}")
     spec, folder = scenes.SUBJECTS[name], Path(folder)
+    if captions is None:
+        captions = bool(spec.get("captions", False))
     noun, ident = spec["class_noun"], spec["identifier"]
     renders = []
     for i, (sz, pos, bg, seed) in enumerate(RENDERS[name]):

@@ -77,7 +77,16 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     # The LoRA the recipe trained, and the class images for prior preservation.
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((out / "class_images").glob("*.png"))) == metrics["counts"]["class_images"] == 2
-    assert not list((out / "class_images").glob("*.txt"))  # an uncaptioned subject: the class prompt alone
+    # The default subject ships captions in context, so its class images are drawn and captioned in the world's
+    # contexts (captions in context need a prior in context).
+    from sdtune.world.demo import prior_prompts
+    from sdtune.world.subjects import load_subject
+
+    contexts = prior_prompts(load_subject(DEFAULT_SUBJECT))
+    assert len(set(contexts)) == 20 and all(p.startswith("a photo of a box ") for p in contexts)
+    assert [(out / "class_images" / f"class_0000{i}.txt").read_text().strip() for i in range(2)] == contexts[:2]
+    assert metrics["training"]["instance_captions"] == 4 and metrics["training"]["class_prompts"] == 20
+    assert "4 with their own caption" in (out / "report.md").read_text()
 
     # Every mode has images, each saved with its parameters; the four modes ran with the LoRA.
     for mode in MODE_GROUPS:
@@ -86,28 +95,28 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
         params = read_params(pngs[0])
         assert params["mode"] == mode and params["lora"] and params["lora_scale"] == 1.0
         assert "sks" in params["prompt"]
+        assert params["guidance"] == metrics["subject_guidance"] != metrics["guidance"]  # the LoRA's own guidance
     base = read_params(next((out / "images" / "base_guidance_1.0").glob("*.png")))
     assert base["guidance"] == 1.0 and base["lora"] is None  # before training: no LoRA
+    base = read_params(next((out / "images" / "base_guidance_7.5").glob("*.png")))
+    assert base["guidance"] == metrics["guidance"] == 7.5
     cls = read_params(next((out / "images" / "class_prompts").glob("*.png")))
     assert cls["prompt"] == "a photo of a box" and cls["lora"]
 
 
-def test_a_captioned_subject_gets_class_images_in_its_contexts(no_embedded, tmp_path):
-    """Captions in context go with class images drawn and captioned in those contexts."""
-    from sdtune.world.demo import prior_prompts
-    from sdtune.world.subjects import load_subject, write_subject
+def test_an_uncaptioned_subject_gets_the_class_prompt_alone(no_embedded, tmp_path):
+    """The instance prompt alone goes with class images of the class prompt alone, uncaptioned."""
+    from sdtune.world.subjects import write_subject
 
-    subject = write_subject("crescent", tmp_path / "crescent", size=32, captions=True)
+    subject = write_subject("crescent", tmp_path / "crescent", size=32, captions=False)
     out = tmp_path / "out"
     code, stdout, stderr = run_cli(["demo", "--quick", "--subject", str(subject), "--out", str(out)])
     assert code == 0, stderr[-2000:]
-    contexts = prior_prompts(load_subject(subject))
-    assert len(set(contexts)) == 20 and all(p.startswith("a photo of a ring ") for p in contexts)
-    assert [(out / "class_images" / f"class_0000{i}.txt").read_text().strip() for i in range(2)] == contexts[:2]
-    assert "2 class prompts" not in stdout and "20 class prompts ('a photo of a ring" in stdout
+    assert len(list((out / "class_images").glob("*.png"))) == 2 and not list((out / "class_images").glob("*.txt"))
+    assert "of 'a photo of a ring'" in stdout and "class prompts (" not in stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["training"]["instance_captions"] == 4 and metrics["training"]["class_prompts"] == 20
-    assert "4 with their own caption" in (out / "report.md").read_text()
+    assert metrics["training"]["instance_captions"] == 0 and metrics["training"]["class_prompts"] == 0
+    assert "0 with their own caption" in (out / "report.md").read_text()
 
 
 def test_report_links_existing_grids_and_is_honest(quick_run):
@@ -191,6 +200,9 @@ def test_ablations_train_each_variant_and_the_report_quotes_them(no_embedded, tm
     result = json.loads((out / "ablations.json").read_text())
     variants = result["subjects"][DEFAULT_SUBJECT.name]
     assert list(variants) == ["main", "no_prior", "no_caption_dropout", "full", "attention_only", "stock"]
+    from sdtune.world.demo import QUICK
+
+    assert result["guidance"] == QUICK.subject_guidance  # what the LoRA draws at, as in the demo
     for name, row in variants.items():
         for key in ("subject_fidelity", "prompt_fidelity", "prior_preservation"):
             assert 0.0 <= row[key] <= 1.0, (name, key)
@@ -243,6 +255,9 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
     result = json.loads((out / "together.json").read_text())
     names = sorted(p.parent.name for p in ROOT_SUBJECTS.glob("*/subject.json"))
     assert sorted(result["subjects"]) == names
+    from sdtune.world.demo import QUICK
+
+    assert result["guidance"] == QUICK.subject_guidance
     for row in result["subjects"].values():
         assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["cross_talk"] <= 1
         assert 0 <= row["subject_in_context"] <= min(row["subject_fidelity"], row["prompt_fidelity"])

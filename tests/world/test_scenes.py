@@ -177,13 +177,18 @@ def test_every_shipped_subject_has_its_renderers_exact_masks(tmp_path):
 def test_captioned_subjects_name_each_renders_context(tmp_path):
     """write_subject(captions=True): NN.txt, two variants - the identifier and class noun with the position and
     background subject.json records, in the words the judge parses, and the instance prompt alone - which the
-    recipe trains on. The shipped folders have none (the demo's default recipe is the instance prompt alone)."""
+    recipe trains on. The shipped folders have them exactly where scenes.SUBJECTS says (measured per subject)."""
     from sdtune.training.sources import Source, read_examples
     from sdtune.world.subjects import subject_folders, write_subject
 
+    shipped = {}
     for folder in subject_folders():
-        assert not list(folder.glob("*.txt")), folder
         meta = json.loads((folder / "subject.json").read_text())
+        shipped[folder.name] = sorted(p.name for p in folder.glob("*.txt"))
+        as_shipped = write_subject(folder.name, tmp_path / "as_shipped" / folder.name)
+        assert sorted(p.name for p in as_shipped.glob("*.txt")) == shipped[folder.name]
+        for name in shipped[folder.name]:  # reproducible, as the images are
+            assert (folder / name).read_text() == (as_shipped / name).read_text()
         fresh = write_subject(folder.name, tmp_path / folder.name, captions=True)
         captions = {Path(ex.name).name: ex.caption for ex in read_examples(
             Source(instance_dir=str(fresh)), default_caption="unused", identifier=meta["identifier"])}
@@ -193,5 +198,6 @@ def test_captioned_subjects_name_each_renders_context(tmp_path):
             said = scenes.parse(caption, meta["identifier"])
             assert said["subject"] and said["kind"] == meta["class_noun"]
             assert (said["position"], said["background"]) == (item["position"], item["background"])
-        write_subject(folder.name, fresh)  # rewritten without captions: none stay behind
+        write_subject(folder.name, fresh, captions=False)  # rewritten without captions: none stay behind
         assert not list(fresh.glob("*.txt"))
+    assert shipped["checker_box"] and shipped["crescent"] and not shipped["twotone_ball"]

@@ -2,7 +2,8 @@
 
 ``run_ablations`` trains the demo's DreamBooth run once per variant and subject on the same class images,
 seed and steps (only the named settings differ), then draws the same subject prompts (the subject in new
-contexts, at the demo's guidance after training and at 1.0) and class prompts with each result and scores them with the judge:
+contexts, at the demo's guidance after training and at 1.0) and class prompts with each result and scores them
+with the judge:
 
 * ``subject_fidelity`` / ``prompt_fidelity`` / ``prior_preservation`` - as in the demo's metrics;
 * ``guidance_gain_after`` - on the subject prompts, prompt fidelity at that guidance minus at 1.0 (caption
@@ -132,7 +133,8 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
                                                                "prior_preservation", "guidance_gain_after")))
 
     result = dict(models=models.kind, model=models.base, quick=quick, subject_prompts=len(prompts),
-                  class_prompts=len(cls_prompts), sample_steps=sample_steps, guidance=plan.subject_guidance, subjects=rows,
+                  class_prompts=len(cls_prompts), sample_steps=sample_steps, guidance=plan.subject_guidance,
+                  subjects=rows,
                   total_s=round(time.perf_counter() - t_start, 1))
     write_text_atomic(out / "ablations.json", json.dumps(result, indent=2) + "\n")
     write_text_atomic(out / "ablations.md", "# sdtune ablations\n\n" + ablation_table(result) + "\n\n" + "\n".join(

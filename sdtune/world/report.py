@@ -51,8 +51,8 @@ def ablation_table(result: dict) -> str:
     steps = next(iter(next(iter(subjects.values())).values()))["steps"]
     lines = [f"Same subject, seed, class images and {steps} steps; only the named settings differ. "
              f"{result['subject_prompts']} subject prompts in new contexts, {result['class_prompts']} class prompts, "
-             f"{result['sample_steps']} sampling steps, guidance {result.get('guidance', 7.5)}; gains are that guidance "
-             "minus 1.0 on the subject prompts."]
+             f"{result['sample_steps']} sampling steps, guidance {result.get('guidance', 7.5)}; gains are that "
+             "guidance minus 1.0 on the subject prompts."]
     for subject, variants in subjects.items():
         lines += ["", f"**{subject}**", "",
                   "| variant | subject fidelity | prompt fidelity | prior preservation | guidance gain (prompt / "

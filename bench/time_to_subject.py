@@ -126,13 +126,17 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
         timer["last"] = time.perf_counter()  # judging is not training time
         return done
 
-    # The example script reads every file of its folder as an image: give it the images alone.
-    images_only = work / "stock_instance"
-    images_only.mkdir(parents=True, exist_ok=True)
-    for path in subj.images:
-        (images_only / path.name).write_bytes(path.read_bytes())
+    # The example script reads every file of its folders as an image: give it the images alone, without the
+    # captions a captioned subject (and its class images drawn in context) carry. It trains on the two prompts.
+    from sdtune.training.data import list_image_files
+
+    images_only, class_only = work / "stock_instance", work / "stock_class"
+    for folder, paths in ((images_only, subj.images), (class_only, list_image_files(cfg.class_dir)[0])):
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            (folder / path.name).write_bytes(path.read_bytes())
     timer["last"] = time.perf_counter()
-    train_stock(model, images_only, subj.instance_prompt, cfg.class_dir, subj.class_prompt, "lora", resolution,
+    train_stock(model, images_only, subj.instance_prompt, class_only, subj.class_prompt, "lora", resolution,
                 cfg.train_batch_size, stock_max, 5e-4, seed=cfg.seed, lora_rank=4, check_every=every,
                 on_step=on_step, on_check=on_check)
     if ours["seconds_to_subject"] and stock["seconds_to_subject"]:

@@ -161,11 +161,9 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
         key, value = parse_override(text)
         given[key] = value
     data.update(given)
-    # Captions that name each image's context need class images drawn and captioned in those contexts (else the
-    # contexts come to name the class images, and the identifier is never needed: measured, 0 of 16); the class
-    # prompt alone goes with the instance prompt alone. An explicit class_prompts wins.
-    if "class_prompts" not in given and data.get("use_captions", True) is not False and has_captions(subject):
-        data["class_prompts"] = prior_prompts(subject)
+    in_context = subject_class_prompts(subject, data.get("use_captions", True))
+    if "class_prompts" not in given and in_context:  # an explicit class_prompts wins
+        data["class_prompts"] = in_context
     return config_from_dict(data)
 
 
@@ -215,6 +213,14 @@ def captioned(subject: Subject) -> int:
 
 def has_captions(subject: Subject) -> bool:
     return captioned(subject) > 0
+
+
+def subject_class_prompts(subject: Subject, use_captions) -> list[str] | None:
+    """What a subject's class images are drawn from: for a subject whose captions are read, the class noun in
+    every context (``prior_prompts``), since captions that name each image's context need class images drawn and
+    captioned in those contexts (else the contexts come to name the class images, and the identifier is never
+    needed: measured, 0 of 16); else None, the class prompt alone, which goes with the instance prompt alone."""
+    return prior_prompts(subject) if use_captions is not False and has_captions(subject) else None
 
 
 def prior_prompts(subject: Subject) -> list[str]:
@@ -421,7 +427,8 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size,
-                  "instance_captions": captioned(subj) if cfg.use_captions else 0, "class_prompts": len(cfg.class_prompts or ()),
+                  "instance_captions": captioned(subj) if cfg.use_captions else 0,
+                  "class_prompts": len(cfg.class_prompts or ()),
                   "first_loss": _round(result.losses[0]), "last_loss": _round(result.losses[-1])},
         torch_threads=torch.get_num_threads(), out=str(out))
     metrics["targets"] = TARGETS

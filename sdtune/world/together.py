@@ -55,7 +55,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
         data[key] = "" if key in ("instance_dir", "instance_prompt") else None
     data["concepts"] = [dict(instance_dir=str(s.folder), instance_prompt=s.instance_prompt, identifier=s.identifier,
                              class_prompt=s.class_prompt,
-                             class_prompts=demo.prior_prompts(s) if cfg.use_captions and demo.has_captions(s) else None,
+                             class_prompts=demo.subject_class_prompts(s, cfg.use_captions),
                              class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images)
                         for s in subjs]
     data["output_dir"] = str(out / "together_lora")

@@ -24,6 +24,10 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
+# the schedulers whose clip_sample defaults to True in diffusers
+CLIPPING = ("DDIMScheduler", "DDPMScheduler")
+
+
 def scheduler_names() -> list[str]:
     return list(SCHEDULERS)
 
@@ -37,4 +41,9 @@ def make_scheduler(name: str, base_config):
         raise SdtuneError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     cls_name, overrides = SCHEDULERS[key]
     cls = getattr(diffusers, cls_name)
+    if cls_name in CLIPPING and base_config.get("clip_sample") is None:
+        # DDIM and DDPM clip the predicted x0 to [-1, 1] unless told otherwise: right for pixels, wrong for SD's
+        # latents, which range wider. SD's own configs say clip_sample: false; a config without the key (a PNDM
+        # config saved without it, as the embedded family's) would otherwise give DDIM noise (adherence 0.00).
+        overrides = {**overrides, "clip_sample": False}
     return cls.from_config(base_config, **overrides)

@@ -82,3 +82,15 @@ def test_pil_output_and_errors(pipes, tiny_models):
         sample({"unet": pipes["sd1"].unet}, "x", **SETTINGS)
     with pytest.raises(SdtuneError, match="text-to-image only"):
         sample(load_pipeline(tiny_models["inpaint"]), "x", **SETTINGS)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_clipping_schedulers_do_not_clip_latents_unless_the_config_says_so(name):
+    # A PNDM config saved without clip_sample (the embedded family's): DDIM/DDPM default to clipping x0 to
+    # [-1, 1], which is for pixels; SD's latents range wider, and clipped they sample noise.
+    from diffusers import PNDMScheduler
+
+    bare = PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True).config
+    assert make_scheduler(name, bare).config.clip_sample is False
+    said = PNDMScheduler.from_config({**bare, "clip_sample": True}).config  # a config that asks for it keeps it
+    assert make_scheduler(name, said).config.clip_sample is True

@@ -100,6 +100,13 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     assert base["guidance"] == 1.0 and base["lora"] is None  # before training: no LoRA
     base = read_params(next((out / "images" / "base_guidance_7.5").glob("*.png")))
     assert base["guidance"] == metrics["guidance"] == 7.5
+    # the same world prompts at the LoRA's guidance, before training: reported with their gain over 1.0
+    base = read_params(next((out / "images" / "base_subject_guidance").glob("*.png")))
+    assert base["guidance"] == metrics["subject_guidance"] and base["lora"] is None
+    assert metrics["counts"]["base_subject_guidance"] == metrics["counts"]["base_guidance_7.5"]
+    assert metrics["guidance_gain_at_subject_guidance"] == pytest.approx(
+        metrics["base_prompt_adherence_at_subject_guidance"] - metrics["base_prompt_adherence_guidance_1"], abs=1e-3)
+    assert set(metrics["base_attribute_accuracy_at_subject_guidance"]) == set(metrics["base_attribute_accuracy"])
     cls = read_params(next((out / "images" / "class_prompts").glob("*.png")))
     assert cls["prompt"] == "a photo of a box" and cls["lora"]
 

@@ -32,21 +32,13 @@ SETS = {  # name -> (txt2img prompts, prompt seed, first sampling seed; inpaint 
 
 
 def inpaint_checks(n: int, scene_seed: int, seed0: int, size: int) -> tuple[list[dict], list[dict]]:
-    """The demo's world inpaint check: each scene's object, masked, to be replaced by another kind and colour."""
+    """The demo's world inpaint check on ``n`` scenes from ``scene_seed``, drawn as the demo draws them."""
     import numpy as np
 
     from sdtune.world import demo, scenes
 
     rng = np.random.default_rng(scene_seed)
-    # all scenes first, then their changes: the order the demo draws them in, so "demo" repeats its images
-    olds = [scenes.sample_scene(rng) for _ in range(n)]
-    requests, truth = [], []
-    for i, old in enumerate(olds):
-        new = demo._changed(old, rng, keep=("size", "position", "background"))
-        requests.append(dict(prompt=scenes.caption(new), seed=seed0 + i, image=scenes.render(old, size=size).image,
-                             mask=demo.box_mask(old.position, size)))
-        truth.append({a: getattr(new, a) for a in ("kind", "colour", "position")})
-    return requests, truth
+    return demo.world_inpaint_checks([scenes.sample_scene(rng) for _ in range(n)], rng, size, seed0)
 
 
 def measure(model: str, inpaint_model: str | None, guidances: list[float], sets: dict = SETS,

@@ -1,7 +1,8 @@
 """Which guidance suits a model of the world: base adherence and the inpaint check, by guidance scale.
 
     python bench/family_guidance.py [--guidance 1,2,3,4,5,7.5] [--model data/models/base]
-                                    [--inpaint-model data/models/inpaint] [--threads 1] [--out FILE.json]
+                                    [--inpaint-model data/models/inpaint] [--interval LO,HI] [--threads 1]
+                                    [--out FILE.json]
 
 For each guidance scale, two sets of draws, judged by the world's judge:
 
@@ -13,7 +14,8 @@ For each guidance scale, two sets of draws, judged by the world's judge:
 
 Printed and written as JSON: all-five adherence and per-attribute accuracy for txt2img, and the share of inpaint
 checks with the prompted kind and colour inside the mask. The demo's targets are stated at SD's 7.5; this says
-where the family itself follows best (on v2: about 3, README "The v2 base follows its prompts").
+where the family itself follows best (on v2: about 3, README "The v2 base follows its prompts"). ``--interval``
+guides only at those noise levels (``sdtune.generation.guidance``), the conditional prediction elsewhere.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def inpaint_checks(n: int, scene_seed: int, seed0: int, size: int) -> tuple[list
 
 
 def measure(model: str, inpaint_model: str | None, guidances: list[float], sets: dict = SETS,
-            sample_steps: int = 25, say=print) -> dict:
+            sample_steps: int = 25, say=print, interval=None) -> dict:
     import numpy as np
 
     from sdtune.generation.engine import Engine
@@ -58,18 +60,20 @@ def measure(model: str, inpaint_model: str | None, guidances: list[float], sets:
         prompts = demo.base_prompts(n, seed=prompt_seed)
         draws[name] = ([dict(prompt=p, seed=seed0 + i) for i, p in enumerate(prompts)], prompts,
                        inpaint_checks(n_inpaint, scene_seed, inpaint_seed0, size) if inpaint_model else None)
-    result = {"model": model, "inpaint_model": inpaint_model, "sample_steps": sample_steps, "guidance": {}}
+    result = {"model": model, "inpaint_model": inpaint_model, "sample_steps": sample_steps,
+              "guidance_interval": list(interval) if interval else None, "guidance": {}}
     for g in guidances:
         row = {}
         for name, (requests, prompts, checks) in draws.items():
             images = [r.image for r in engine.generate_many("txt2img", requests, steps=sample_steps, guidance=g,
-                                                            batch_size=16)]
+                                                            batch_size=16, guidance_interval=interval)]
             cell = {"adherence": round(ev.prompt_adherence(images, prompts, judge), 4),
                     "per_attribute": {k: round(v, 4) for k, v in ev.attribute_accuracy(images, prompts, judge).items()}}
             if checks:
                 requests_i, truth = checks
                 painted = [r.image for r in engine.generate_many("inpaint", requests_i, steps=sample_steps,
-                                                                 guidance=g, batch_size=16)]
+                                                                 guidance=g, batch_size=16,
+                                                                 guidance_interval=interval)]
                 preds = judge.predict(painted)
                 hits = [judge.matches(p, t) for p, t in zip(preds, truth)]
                 cell["inpaint_in_region"] = round(float(np.mean(hits)), 4)
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("--inpaint-model", default=str(ROOT / "data" / "models" / "inpaint"),
                     help="the inpainting model for the inpaint check; 'none' skips it")
     ap.add_argument("--guidance", default="1,2,3,4,5,7.5", help="comma-separated guidance scales")
+    ap.add_argument("--interval", default=None, metavar="LO,HI",
+                    help="guide only at these noise levels (0 = clean, 1 = pure noise); default every step")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -98,9 +104,16 @@ def main() -> None:
         guidances = [float(g) for g in args.guidance.split(",")]
     except ValueError:
         sys.exit(f"family_guidance: --guidance must be comma-separated numbers, e.g. 1,3,7.5; got {args.guidance!r}")
+    from sdtune.errors import SdtuneError
+    from sdtune.generation.guidance import parse_interval
+
+    try:
+        interval = parse_interval(args.interval)
+    except SdtuneError as e:
+        sys.exit(f"family_guidance: {e}")
     torch.set_num_threads(args.threads)
     inpaint = None if args.inpaint_model.lower() == "none" else args.inpaint_model
-    result = measure(args.model, inpaint, guidances)
+    result = measure(args.model, inpaint, guidances, interval=interval)
     if args.out:
         from sdtune.imageio import write_text_atomic
 

@@ -35,3 +35,24 @@ def test_the_demo_set_is_the_demos_own_inpaint_check(tiny_models):
     requests, truth = family_guidance.inpaint_checks(3, 4321, 600, 32)
     assert [r["prompt"] for r in requests] == ours.prompts and truth == ours.truth
     assert [r["seed"] for r in requests] == [r.params["seed"] for r in ours.results]
+
+
+def test_family_guidance_records_the_interval_it_guided_in(tiny_models, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import family_guidance
+
+    from sdtune.generation.engine import Engine
+
+    seen = []
+    real = Engine.generate_many
+
+    def spy(self, mode, requests, **kw):
+        seen.append(kw.get("guidance_interval"))
+        return real(self, mode, requests, **kw)
+
+    monkeypatch.setattr(Engine, "generate_many", spy)
+    sets = {"demo": (2, 1234, 0, 1, 4321, 600)}
+    result = family_guidance.measure(str(tiny_models["sd1"]), str(tiny_models["inpaint"]), [7.5], sets=sets,
+                                     sample_steps=2, say=lambda s: None, interval=(0.3, 0.8))
+    assert result["guidance_interval"] == [0.3, 0.8]
+    assert seen == [(0.3, 0.8), (0.3, 0.8)]  # txt2img and the inpaint check

@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="cut prompts at 75 tokens (with a warning) instead of chunking them")
     s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    s.add_argument("--guidance-interval", metavar="LO,HI", default=None,
+                   help="guide only at noise levels LO..HI (0 = clean, 1 = pure noise), the conditional prediction "
+                        "elsewhere: keeps a high --guidance from oversaturating, e.g. 0.3,1 (default: every step)")
     s.add_argument("--seed", type=int, default=0, help="seed of image 1; image i uses seed + i - 1 (default 0)")
     s.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size or the image's)")
     s.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size or the image's)")
@@ -170,7 +173,7 @@ def run(args) -> int:
         gen = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                    guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
                    scheduler=args.scheduler, image=args.image, mask=args.mask, strength=args.strength,
-                   depth_map=args.depth_map, num_images=args.num_images,
+                   depth_map=args.depth_map, num_images=args.num_images, guidance_interval=args.guidance_interval,
                    long_prompt="truncate" if args.truncate_long_prompts else "chunk")
         # Every input checked (images opened, mask size compared) before minutes of model loading.
         check_request(args.mode, **{k: v for k, v in gen.items() if k not in ("prompt", "negative_prompt")})

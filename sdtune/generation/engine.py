@@ -46,6 +46,7 @@ from sdtune.errors import SdtuneError
 from sdtune.models.prompts import CHUNK, TRUNCATE, encode_prompts
 from sdtune.models.sdxl import encode_prompts_xl
 from sdtune.imageio import open_image
+from sdtune.generation.guidance import limited_guidance, parse_interval
 from sdtune.models.loading import describe, load_controlnet, load_depth_estimator, load_pipeline, resolve_source
 from sdtune.models.schedulers import make_scheduler, scheduler_names
 
@@ -422,23 +423,26 @@ class Engine:
                  guidance: float = 7.5, seed: int = 0, width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, image=None, mask=None, strength: float | None = None,
                  depth_map=None, num_images: int = 1, long_prompt: str = CHUNK, paste_back: bool = False,
-                 on_step=None) -> list[Result]:
+                 guidance_interval=None, on_step=None) -> list[Result]:
         """Generate ``num_images`` images; image i uses seed + i. Everything is validated before work starts.
 
         ``strength`` defaults to 0.8 for img2img/depth2img and 1.0 for inpaint. ``paste_back`` (inpaint):
         the input's own pixels outside the mask replace the generated ones, as AUTOMATIC1111 does - the VAE
-        round trip otherwise changes the kept region a little. ``long_prompt``:
+        round trip otherwise changes the kept region a little. ``guidance_interval`` (lo, hi) or "lo,hi": guide only
+        at noise levels lo <= t/T < hi and sample the conditional prediction elsewhere
+        (``sdtune.generation.guidance``); None guides every step, as stock pipelines do. ``long_prompt``:
         "chunk" (default) or "truncate" (with a logged warning). ``on_step(n)`` is called after each step, n = the steps
         this image takes (schedulers and strength change it).
         """
         req = _validate(mode, steps=steps, guidance=guidance, seed=seed, width=width, height=height,
                         scheduler=scheduler, image=image, mask=mask, strength=strength, depth_map=depth_map,
-                        num_images=num_images, long_prompt=long_prompt)
+                        num_images=num_images, long_prompt=long_prompt, guidance_interval=guidance_interval)
         requests = [dict(prompt=prompt, seed=req["seed"] + i, image=image, mask=mask, depth_map=depth_map)
                     for i in range(req["num_images"])]
         results = self.generate_many(mode, requests, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                      width=width, height=height, scheduler=scheduler, strength=strength,
-                                     long_prompt=long_prompt, paste_back=paste_back, batch_size=1, on_step=on_step)
+                                     long_prompt=long_prompt, paste_back=paste_back, batch_size=1,
+                                     guidance_interval=guidance_interval, on_step=on_step)
         for i, r in enumerate(results):
             r.params.update(batch_seed=req["seed"], batch_index=i)
         return results
@@ -446,7 +450,8 @@ class Engine:
     def generate_many(self, mode: str, requests: list[dict], *, negative_prompt: str = "", steps: int = 30,
                       guidance: float = 7.5, width: int | None = None, height: int | None = None,
                       scheduler: str | None = None, strength: float | None = None, long_prompt: str = CHUNK,
-                      paste_back: bool = False, batch_size: int = 8, on_step=None) -> list[Result]:
+                      paste_back: bool = False, batch_size: int = 8, guidance_interval=None,
+                      on_step=None) -> list[Result]:
         """One image per request (``prompt``, ``seed`` and, by mode, ``image``/``mask``/``depth_map``), run through
         the pipeline ``batch_size`` at a time - several times faster per image for small models, where a
         UNet call costs little more for 8 images than for 1. Each image starts from its own seed's noise, so
@@ -462,7 +467,8 @@ class Engine:
         for r in requests:
             req = _validate(mode, steps=steps, guidance=guidance, seed=r.get("seed", 0), width=width, height=height,
                             scheduler=scheduler, image=r.get("image"), mask=r.get("mask"), strength=strength,
-                            depth_map=r.get("depth_map"), num_images=1, long_prompt=long_prompt)
+                            depth_map=r.get("depth_map"), num_images=1, long_prompt=long_prompt,
+                            guidance_interval=guidance_interval)
             init, mask_img, depth_img, w, h = self._inputs(mode, req, width, height)
             if mode == "depth2img" and depth_img is None and (self.depth_estimator is None or self.feature_extractor is None):
                 if kind == "base":
@@ -522,7 +528,10 @@ class Engine:
             call.update(callback_on_step_end=_callback)
         pipe.scheduler = self._fresh_scheduler(kind, req0["scheduler"])  # schedulers keep state: one per call
         generators = [torch.Generator("cpu").manual_seed(req["seed"]) for _, req, *_ in group]
-        images = pipe(generator=generators if len(group) > 1 else generators[0], **call).images
+        # Only a guiding call (scale > 1) stacks the unconditional batch the interval's hook replaces.
+        interval = req0["guidance_interval"] if req0["guidance"] > 1 else None
+        with limited_guidance(pipe.unet, interval, pipe.scheduler.config.num_train_timesteps):
+            images = pipe(generator=generators if len(group) > 1 else generators[0], **call).images
         results = []
         for (r, req, init, mask_img, _, w, h, enc), out in zip(group, images):
             if paste_back:  # white = repainted: generated there, the input everywhere else
@@ -565,6 +574,7 @@ class Engine:
         params = dict(
             sdtune_version=__version__, mode=mode, prompt=prompt, negative_prompt=negative_prompt,
             steps=req["steps"], guidance=req["guidance"], scheduler=req["scheduler"], width=width, height=height,
+            guidance_interval=list(req["guidance_interval"]) if req["guidance_interval"] else None,
             strength=req["strength"] if mode != "txt2img" else None,
             image=_input_name(image) if mode != "txt2img" else None,
             mask=_input_name(mask) if mode == "inpaint" else None,
@@ -636,7 +646,8 @@ def _request_from_params(params: dict) -> dict:
     return dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"], width=params.get("width"),
                 height=params.get("height"), scheduler=params.get("scheduler"), image=params.get("image"),
                 mask=params.get("mask"), strength=params.get("strength"), depth_map=params.get("depth_map"),
-                num_images=1, long_prompt=params.get("long_prompt") or CHUNK)
+                num_images=1, long_prompt=params.get("long_prompt") or CHUNK,
+                guidance_interval=params.get("guidance_interval"))
 
 
 def check_request(mode, **request) -> None:
@@ -756,7 +767,7 @@ def _depth_tensor(depth: Image.Image) -> torch.Tensor:
 
 
 def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, mask, strength, depth_map,
-              num_images, long_prompt) -> dict:
+              num_images, long_prompt, guidance_interval=None) -> dict:
     """Check every parameter up front, one clear SdtuneError per problem; return normalised values."""
     def _int(value, flag):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -821,4 +832,4 @@ def _validate(mode, *, steps, guidance, seed, width, height, scheduler, image, m
         raise SdtuneError("--depth-map is only used by depth2img")
     return dict(steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, image=image, mask=mask,
                 strength=strength if mode != "txt2img" else None, depth_map=depth_map, num_images=num_images,
-                long_prompt=long_prompt)
+                long_prompt=long_prompt, guidance_interval=parse_interval(guidance_interval))

@@ -55,6 +55,11 @@ TARGETS = {
     "base_attribute_accuracy": 0.95,  # each attribute
     "guidance_gain": 0.2,
     "inpaint_in_region": 0.9,
+    # The same four, the family drawn at `guidance` with guidance limited to `guidance_interval` (Plan).
+    "base_prompt_adherence_interval": 0.9,
+    "base_attribute_accuracy_interval": 0.95,
+    "guidance_gain_interval": 0.2,
+    "inpaint_in_region_interval": 0.9,
     "depth_layout_kept": 0.9,
     "subject_fidelity": 0.9,
     "subject_fidelity_by_mode": {"txt2img": 0.9, "img2img": 0.8, "inpaint": 0.8, "depth2img": 0.8},
@@ -77,6 +82,10 @@ class Plan:
     # Every image drawn with the LoRA (the subject in all modes, class prompts). The trained LoRA oversaturates
     # at 7.5 on this family; the value is chosen on held-out seeds and contexts (README, "Guidance after training").
     subject_guidance: float = 3.0
+    # The family's prompts and inpaint check are drawn a second time at `guidance`, guided only at noise levels in
+    # [lo, hi) (sdtune.generation.guidance): at 7.5 this family oversaturates where guidance acts on the first and
+    # last steps. Chosen on held-out prompts and seeds (bench/family_guidance.py); None skips these draws.
+    guidance_interval: tuple[float, float] | None = (0.3, 0.8)
     batch_size: int = 16  # images per pipeline call
 
 
@@ -180,6 +189,10 @@ def demo_plan(quick: bool) -> Plan:
     names = {f.name for f in fields(Plan)}
     if not isinstance(section, dict) or set(section) - names:
         raise SdtuneError(f"{DEMO_CONFIG}: the demo section takes only {', '.join(sorted(names))}")
+    if section.get("guidance_interval") is not None:
+        from sdtune.generation.guidance import parse_interval
+
+        section = {**section, "guidance_interval": parse_interval(section["guidance_interval"])}
     return replace(FULL, **section)
 
 
@@ -423,6 +436,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
         subject=subj.name, instance_prompt=subj.instance_prompt, class_prompt=subj.class_prompt, quick=quick,
         resolution=resolution, steps=result.global_step, sample_steps=plan.sample_steps,
         guidance=plan.guidance, subject_guidance=plan.subject_guidance,
+        guidance_interval=list(plan.guidance_interval) if plan.guidance_interval else None,
         counts={g.name: len(g.results) for g in all_groups} | {"class_images": cfg.num_class_images,
                                                               "instance_images": len(subj.images)},
         training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
@@ -470,15 +484,22 @@ def _family_groups(engine, plan: Plan, size: int, say) -> list[Group]:
     at_lora = (Group("base_subject_guidance", f"Base model, guidance {plan.subject_guidance} (the LoRA's "
                                               "subject_guidance; before training)", prompts=prompts)
                if plan.subject_guidance not in (plan.guidance, 1.0) else None)
-    groups = [hi, lo] + ([at_lora] if at_lora else [])
+    interval = plan.guidance_interval
+    limited = (Group("base_guidance_interval", f"Base model, guidance {plan.guidance} in noise levels "
+                                               f"[{interval[0]}, {interval[1]}) (before training)", prompts=prompts)
+               if interval and plan.guidance > 1 else None)
+    groups = [hi, lo] + ([at_lora] if at_lora else []) + ([limited] if limited else [])
     modes = [m for m in ("inpaint", "depth2img") if m in engine.modes()]
-    total = len(groups) * len(prompts) + plan.world_checks * len(modes)
+    total = (len(groups) * len(prompts) + plan.world_checks * len(modes)
+             + (plan.world_checks if limited and "inpaint" in modes else 0))
     with tqdm(total=total, desc="base images", unit="img") as bar:
         requests = [dict(prompt=p, seed=i) for i, p in enumerate(prompts)]
         _generate(engine, hi, "txt2img", requests, plan, bar)
         _generate(engine, lo, "txt2img", requests, plan, bar, guidance=1.0)
         if at_lora:
             _generate(engine, at_lora, "txt2img", requests, plan, bar, guidance=plan.subject_guidance)
+        if limited:
+            _generate(engine, limited, "txt2img", requests, plan, bar, guidance_interval=interval)
         rng = np.random.default_rng(4321)
         checks = [scenes.sample_scene(rng) for _ in range(plan.world_checks)]
         if "inpaint" in modes:
@@ -492,6 +513,12 @@ def _family_groups(engine, plan: Plan, size: int, say) -> list[Group]:
             grp.extra["inits"] = [r["image"] for r in requests]
             grp.extra["masks"] = [r["mask"] for r in requests]
             groups.append(grp)
+            if limited:  # the same check, guided in the interval
+                again = Group("world_inpaint_interval", grp.title + f", guidance in noise levels [{interval[0]}, "
+                                                                    f"{interval[1]})", prompts=grp.prompts,
+                              inputs=grp.inputs, truth=grp.truth, extra=grp.extra)
+                _generate(engine, again, "inpaint", requests, plan, bar, guidance_interval=interval)
+                groups.append(again)
         else:
             say("      inpaint: skipped - no inpainting model")
         if "depth2img" in modes:
@@ -627,6 +654,16 @@ def _score_family(judge, groups: list[Group]) -> dict:
         m["base_prompt_adherence_at_subject_guidance"] = adherence
         m["base_attribute_accuracy_at_subject_guidance"] = ev.attribute_accuracy(_imgs(g), g.prompts, judge)
         m["guidance_gain_at_subject_guidance"] = adherence - adherence_lo
+    if "base_guidance_interval" in by:
+        g = by["base_guidance_interval"]
+        adherence = ev.prompt_adherence(_imgs(g), g.prompts, judge)
+        m["base_prompt_adherence_interval"] = adherence
+        m["base_attribute_accuracy_interval"] = ev.attribute_accuracy(_imgs(g), g.prompts, judge)
+        m["guidance_gain_interval"] = adherence - adherence_lo
+    if "world_inpaint_interval" in by:
+        g = by["world_inpaint_interval"]
+        m["inpaint_in_region_interval"] = float(np.mean([judge.matches(p, t)
+                                                         for p, t in zip(judge.predict(_imgs(g)), g.truth)]))
     if "world_inpaint" in by:
         g = by["world_inpaint"]
         preds = judge.predict(_imgs(g))
@@ -736,6 +773,10 @@ WHAT = {
     "base_attribute_accuracy": "base model, per attribute: kind / colour / size / position / background",
     "guidance_gain": "base model: adherence at guidance 7.5 minus at 1.0 (classifier-free guidance works)",
     "inpaint_in_region": "inpainting model: the prompted object (kind, colour) drawn at the mask's position",
+    "base_prompt_adherence_interval": "the same, guided only in `guidance_interval` (noise levels) at the same scale",
+    "base_attribute_accuracy_interval": "the same per attribute, guided only in `guidance_interval`",
+    "guidance_gain_interval": "adherence guided in `guidance_interval` minus at guidance 1.0",
+    "inpaint_in_region_interval": "the inpaint check, guided only in `guidance_interval`",
     "depth_layout_kept": "depth model: the object stays where the input had it",
     "subject_fidelity": "after training, txt2img: subject prompts judged to be the subject",
     "subject_fidelity_by_mode": "after training, per mode: txt2img / img2img / inpaint / depth2img",
@@ -797,7 +838,9 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"{', masked loss' if t.get('masked_loss') else ''}; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
         f"- sampling: {m['sample_steps']} steps, guidance {m.get('guidance', 7.5)} before training, "
-        f"{m.get('subject_guidance', 7.5)} with the LoRA" + (" (--quick)" if m["quick"] else ""),
+        f"{m.get('subject_guidance', 7.5)} with the LoRA"
+        + (f"; the family also at {m.get('guidance')} guided only in noise levels {m['guidance_interval']}"
+           if m.get("guidance_interval") else "") + (" (--quick)" if m["quick"] else ""),
         f"- time: {m['timings']['total_s']} s in all (this subject {m['timings']['subject_s']} s: train "
         f"{m['timings']['train_s']} s, class images {m['timings']['class_images_s']} s; generating "
         f"{m['timings']['generate_s']} s) on {m['torch_threads']} threads",
@@ -827,6 +870,9 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
     titles = {"base_guidance_7.5": "Base model, guidance 7.5 (before training)",
               "base_guidance_1.0": "Base model, guidance 1.0 (before training)",
               "base_subject_guidance": f"Base model, guidance {m.get('subject_guidance')} (before training)",
+              "base_guidance_interval": f"Base model, guidance {m.get('guidance')} in noise levels "
+                                        f"{m.get('guidance_interval')} (before training)",
+              "world_inpaint_interval": "Inpainting model before training, guided in the interval",
               "world_inpaint": "Inpainting model before training: the prompted object inside the mask",
               "world_depth2img": "Depth model before training: the layout kept",
               "txt2img": "txt2img: the subject in new contexts",

@@ -144,6 +144,8 @@ ERRORS = {
     "lora not fitting": (["txt2img", "--lora", "{misfit}"], "does not fit"),
     "png without metadata": (["--from-png", "{plain}"], "no sdtune parameters"),
     "image for txt2img": (["txt2img", "--image", "{image}"], "only used by"),
+    "guidance interval reversed": (["txt2img", "--guidance-interval", "0.8,0.3"], "--guidance-interval"),
+    "guidance interval not numbers": (["txt2img", "--guidance-interval", "mid"], "LO,HI"),
 }
 
 

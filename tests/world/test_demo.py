@@ -107,6 +107,20 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     assert metrics["guidance_gain_at_subject_guidance"] == pytest.approx(
         metrics["base_prompt_adherence_at_subject_guidance"] - metrics["base_prompt_adherence_guidance_1"], abs=1e-3)
     assert set(metrics["base_attribute_accuracy_at_subject_guidance"]) == set(metrics["base_attribute_accuracy"])
+    # ... and at 7.5 guided only in the plan's interval of noise levels: txt2img and the inpaint check, scored
+    # against the same targets
+    base = read_params(next((out / "images" / "base_guidance_interval").glob("*.png")))
+    assert base["guidance"] == metrics["guidance"] and base["guidance_interval"] == metrics["guidance_interval"]
+    assert metrics["guidance_interval"] == [0.3, 0.8] and base["lora"] is None
+    painted = read_params(next((out / "images" / "world_inpaint_interval").glob("*.png")))
+    assert painted["mode"] == "inpaint" and painted["guidance_interval"] == [0.3, 0.8]
+    assert metrics["counts"]["world_inpaint_interval"] == metrics["counts"]["world_inpaint"]
+    assert metrics["guidance_gain_interval"] == pytest.approx(
+        metrics["base_prompt_adherence_interval"] - metrics["base_prompt_adherence_guidance_1"], abs=1e-3)
+    assert met["base_prompt_adherence_interval"] == (metrics["base_prompt_adherence_interval"] >= 0.9)
+    assert set(met["base_attribute_accuracy_interval"]) == set(metrics["base_attribute_accuracy"])
+    assert 0.0 <= metrics["inpaint_in_region_interval"] <= 1.0
+    assert "| base_prompt_adherence_interval |" in (out / "report.md").read_text()
     cls = read_params(next((out / "images" / "class_prompts").glob("*.png")))
     assert cls["prompt"] == "a photo of a box" and cls["lora"]
 

@@ -361,6 +361,8 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject=None, model=None, 
 
     # --- 2. the family before training ---------------------------------------------------------------
     scales = ", ".join(str(g) for g in dict.fromkeys((plan.guidance, 1.0, plan.subject_guidance)))
+    if plan.guidance_interval and plan.guidance > 1:
+        scales += f" and {plan.guidance} in noise levels [{plan.guidance_interval[0]}, {plan.guidance_interval[1]})"
     phase(2, f"the family before training: {plan.base_prompts} world prompts at guidance {scales}, "
              f"{plan.world_checks} inpaint and depth2img checks")
     t = time.perf_counter()

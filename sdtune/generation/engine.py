@@ -530,7 +530,8 @@ class Engine:
         generators = [torch.Generator("cpu").manual_seed(req["seed"]) for _, req, *_ in group]
         # Only a guiding call (scale > 1) stacks the unconditional batch the interval's hook replaces.
         interval = req0["guidance_interval"] if req0["guidance"] > 1 else None
-        with limited_guidance(pipe.unet, interval, pipe.scheduler.config.num_train_timesteps):
+        with limited_guidance(pipe.unet, interval, pipe.scheduler.config.num_train_timesteps,
+                              guiding=lambda: getattr(pipe, "do_classifier_free_guidance", True)):
             images = pipe(generator=generators if len(group) > 1 else generators[0], **call).images
         results = []
         for (r, req, init, mask_img, _, w, h, enc), out in zip(group, images):

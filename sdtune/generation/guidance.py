@@ -48,16 +48,17 @@ def guided_at(timestep, interval: tuple[float, float] | None, num_train_timestep
 
 
 @contextmanager
-def limited_guidance(unet, interval: tuple[float, float] | None, num_train_timesteps: int):
+def limited_guidance(unet, interval: tuple[float, float] | None, num_train_timesteps: int, guiding=lambda: True):
     """While active, ``unet`` calls outside ``interval`` return the conditional prediction for both halves of the
-    classifier-free batch (pipelines stack it unconditional first). Use only when the pipeline guides (scale > 1)."""
+    classifier-free batch (pipelines stack it unconditional first). ``guiding()`` says whether the pipeline stacked
+    that batch at all: a pipeline does not for scale <= 1 or for a guidance-distilled UNet (``time_cond_proj_dim``)."""
     if interval is None:
         yield
         return
 
     def hook(_module, args, kwargs, output):
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        if guided_at(timestep, interval, num_train_timesteps):
+        if not guiding() or guided_at(timestep, interval, num_train_timesteps):
             return output
         sample = output[0] if isinstance(output, tuple) else output.sample
         _, cond = sample.chunk(2)

@@ -94,3 +94,31 @@ def test_the_cli_passes_the_interval_on(tiny_models, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert read_params(out.split()[0])["guidance_interval"] == [0.3, 1.0]
+
+
+def test_the_hook_leaves_a_batch_the_pipeline_did_not_stack_alone():
+    """A guidance-distilled UNet (or scale <= 1) gets no unconditional half: nothing is replaced."""
+    from sdtune.generation.guidance import limited_guidance
+
+    class Echo(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False):
+            return (sample * 2,)
+
+    net, x = Echo(), torch.arange(4.0).view(2, 2)
+    with limited_guidance(net, (0.3, 0.8), 1000, guiding=lambda: False):
+        assert torch.equal(net(x, 100)[0], x * 2)
+    with limited_guidance(net, (0.3, 0.8), 1000):
+        assert torch.equal(net(x, 100)[0], torch.cat([x[1:] * 2, x[1:] * 2]))  # outside: cond for both halves
+        assert torch.equal(net(x, torch.tensor(500))[0], x * 2)  # inside: untouched
+    assert not net._forward_hooks
+
+
+def test_sdxl_takes_the_interval_too(tiny_sdxl):
+    from sdtune.generation.engine import Engine
+
+    xl = Engine.load(tiny_sdxl["sdxl"])
+    kw = dict(prompt="a red ball", steps=STEPS, seed=2, guidance=7.5)
+    (plain,) = xl.generate("txt2img", **kw)
+    (whole,) = xl.generate("txt2img", guidance_interval=(0.0, 1.0), **kw)
+    (part,) = xl.generate("txt2img", guidance_interval=(0.3, 0.8), **kw)
+    assert np.array_equal(pixels(plain), pixels(whole)) and not np.array_equal(pixels(plain), pixels(part))

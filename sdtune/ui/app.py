@@ -50,7 +50,7 @@ def _caption(params: dict) -> str:
 
 def generate_handler(state: State, mode, model, inpaint_model, depth_model, lora, lora_scale, prompt, negative,
                      steps, guidance, seed, width, height, scheduler, num_images, strength, editor, depth_upload,
-                     gallery_state):
+                     gallery_state, guidance_interval=""):
     """-> (gallery items, params JSON text, status line, depth estimate, gallery state)."""
     gallery_state = list(gallery_state or [])
     try:
@@ -62,7 +62,8 @@ def generate_handler(state: State, mode, model, inpaint_model, depth_model, lora
             width=width or None, height=height or None, scheduler=None if scheduler == "default" else scheduler,
             num_images=num_images, image=image, mask=mask, strength=strength if mode != "txt2img" else None,
             depth_map=depth_upload if mode == "depth2img" else None, model=model, inpaint_model=inpaint_model,
-            depth_model=depth_model, lora=lora or None, lora_scale=lora_scale)
+            depth_model=depth_model, lora=lora or None, lora_scale=lora_scale,
+            guidance_interval=(guidance_interval or "").strip() or None)
         depth = None
         if mode == "depth2img" and depth_upload is None:
             depth = state.generator.estimate_depth(image, state.generator.key)
@@ -87,7 +88,7 @@ def select_handler(gallery_state, evt_index):
 def restore_handler(state: State, file):
     """A dropped PNG -> the form's values (mode, prompt, ... ) and a status line."""
     keys = ("mode", "prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler",
-            "strength", "model", "lora", "lora_scale")
+            "strength", "model", "lora", "lora_scale", "guidance_interval")
     if file is None:
         return [None] * len(keys) + [""]
     try:
@@ -99,6 +100,8 @@ def restore_handler(state: State, file):
     values[keys.index("lora")] = params.get("lora") or ""
     values[keys.index("lora_scale")] = params.get("lora_scale") or 1.0
     values[keys.index("strength")] = params.get("strength") if params.get("strength") is not None else 0.8
+    interval = params.get("guidance_interval")
+    values[keys.index("guidance_interval")] = ",".join(f"{x:g}" for x in interval) if interval else ""
     return values + [f"restored the settings of {Path(str(file if isinstance(file, str) else file.name)).name}"]
 
 
@@ -259,6 +262,8 @@ def build(state: State):
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
                     guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance")
+                    guidance_interval = gr.Textbox("", label="guidance interval LO,HI (noise levels; empty = every "
+                                                   "step)", elem_id="guidance-interval")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                     width = gr.Number(0, precision=0, label="width (0 = the model's)")
                     height = gr.Number(0, precision=0, label="height (0 = the model's)")
@@ -284,7 +289,8 @@ def build(state: State):
                     params_box = gr.Code(label="parameters", language="json", elem_id="params")
                 go.click(lambda *a: generate_handler(state, *a),
                          [mode, model, inpaint_model, depth_model, lora, lora_scale, prompt, negative, steps, guidance,
-                          seed, width, height, scheduler, num_images, strength, editor, depth_upload, gallery_state],
+                          seed, width, height, scheduler, num_images, strength, editor, depth_upload, gallery_state,
+                          guidance_interval],
                          [gallery, params_box, gen_status, depth_view, gallery_state], concurrency_limit=1,
                          api_name="generate")
 
@@ -294,7 +300,7 @@ def build(state: State):
                 gallery.select(_select, [gallery_state], [params_box])
                 restore.upload(lambda f: restore_handler(state, f), [restore],
                                [mode, prompt, negative, steps, guidance, seed, width, height, scheduler, strength,
-                                model, lora, lora_scale, gen_status])
+                                model, lora, lora_scale, guidance_interval, gen_status])
 
                 def _refresh():
                     ms = model_choices(sb)

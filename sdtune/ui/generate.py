@@ -181,7 +181,8 @@ class Generator:
     def generate(self, mode: str, *, prompt: str = "", negative_prompt: str = "", steps: int = 30,
                  guidance: float = 7.5, seed: int = 0, width=None, height=None, scheduler=None, num_images: int = 1,
                  image=None, mask=None, strength=None, depth_map=None, model=None, inpaint_model=None,
-                 depth_model=None, lora=None, lora_scale: float = 1.0, save: bool = True, on_step=None):
+                 depth_model=None, lora=None, lora_scale: float = 1.0, save: bool = True, on_step=None,
+                 guidance_interval=None):
         """Generate and save; returns [(png path or None, image, params)]. Every input is checked before work."""
         from sdtune.generation.engine import check_request
         from sdtune.generation.metadata import save_results
@@ -202,7 +203,8 @@ class Generator:
             paths["depth_map"] = self.store_input(self.input_image(depth_map, "depth map").convert("L"), "depth")
         gen = dict(steps=int(steps), guidance=float(guidance), seed=int(seed), width=width, height=height,
                    scheduler=scheduler or None, num_images=int(num_images), strength=strength,
-                   image=paths.get("image"), mask=paths.get("mask"), depth_map=paths.get("depth_map"))
+                   image=paths.get("image"), mask=paths.get("mask"), depth_map=paths.get("depth_map"),
+                   guidance_interval=guidance_interval or None)  # the page's empty box: every step guided
         check_request(mode, **gen)  # the CLI's checks and messages, before any model is loaded
         key = self.models(model, inpaint_model, depth_model, lora, lora_scale)
         with self._lock:

@@ -84,6 +84,7 @@ def test_a_dropped_png_restores_its_settings(gen):
     (dict(mode="txt2img", model="../../etc"), "'..' is not allowed"),
     (dict(mode="txt2img", model="/etc"), "outside the folders"),
     (dict(mode="txt2img", lora="/tmp"), "outside the folders"),
+    (dict(mode="txt2img", guidance_interval="0.8,0.2"), "--guidance-interval must be two noise levels"),
 ])
 def test_bad_inputs_are_one_line_errors(gen, kwargs, message):
     loads = gen.loads
@@ -241,3 +242,18 @@ def test_switching_the_inpaint_model_loads_only_that_one(gen):
     assert np.array_equal(np.asarray(switched[1]), np.asarray(first))  # same weights, another folder: same image
     back = gen.generate("inpaint", **req)[0][1]
     assert gen.loads == loads and np.array_equal(np.asarray(back), np.asarray(first))
+
+
+def test_the_page_passes_the_guidance_interval_on_and_a_png_restores_it(gen):
+    from sdtune.ui.app import State, generate_handler, restore_handler
+
+    state = State(gen.sandbox, gen, None)
+    gallery, params, status, depth, kept = generate_handler(
+        state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, [],
+        " 0.3,0.8 ")
+    assert status.startswith("done: 1 image") and json.loads(params)["guidance_interval"] == [0.3, 0.8]
+    *_, interval, status = restore_handler(state, kept[0][0])
+    assert interval == "0.3,0.8" and status.startswith("restored")
+    gallery, params, status, depth, kept = generate_handler(
+        state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, kept, "")
+    assert json.loads(params)["guidance_interval"] is None  # the empty box: every step guided

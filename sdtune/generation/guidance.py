@@ -25,15 +25,13 @@ def parse_interval(value) -> tuple[float, float] | None:
     """``None``, "LO,HI" or a pair -> (lo, hi) with 0 <= lo < hi <= 1; one clear error otherwise."""
     if value is None:
         return None
-    text = value if isinstance(value, str) else None
     try:
         parts = [float(p) for p in (value.split(",") if isinstance(value, str) else value)]
     except (TypeError, ValueError):
         parts = []
     if len(parts) != 2 or not all(math.isfinite(p) for p in parts) or not 0.0 <= parts[0] < parts[1] <= 1.0:
-        shown = text if text is not None else value
         raise SdtuneError(f"--guidance-interval must be two noise levels LO,HI with 0 <= LO < HI <= 1 (0 = clean, "
-                          f"1 = pure noise), e.g. 0.3,1; got {shown!r}")
+                          f"1 = pure noise), e.g. 0.3,1; got {value!r}")
     return parts[0], parts[1]
 
 

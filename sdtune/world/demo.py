@@ -650,26 +650,19 @@ def _score_family(judge, groups: list[Group]) -> dict:
         "base_attribute_accuracy": ev.attribute_accuracy(_imgs(hi), hi.prompts, judge),
         "base_attribute_accuracy_guidance_1": ev.attribute_accuracy(_imgs(lo), lo.prompts, judge),
     }
-    if "base_subject_guidance" in by:
-        g = by["base_subject_guidance"]
-        adherence = ev.prompt_adherence(_imgs(g), g.prompts, judge)
-        m["base_prompt_adherence_at_subject_guidance"] = adherence
-        m["base_attribute_accuracy_at_subject_guidance"] = ev.attribute_accuracy(_imgs(g), g.prompts, judge)
-        m["guidance_gain_at_subject_guidance"] = adherence - adherence_lo
-    if "base_guidance_interval" in by:
-        g = by["base_guidance_interval"]
-        adherence = ev.prompt_adherence(_imgs(g), g.prompts, judge)
-        m["base_prompt_adherence_interval"] = adherence
-        m["base_attribute_accuracy_interval"] = ev.attribute_accuracy(_imgs(g), g.prompts, judge)
-        m["guidance_gain_interval"] = adherence - adherence_lo
+    # The same prompts drawn another way: adherence, per attribute and gain over 1.0, keyed by the group's suffix.
+    for name, suffix in (("base_subject_guidance", "_at_subject_guidance"), ("base_guidance_interval", "_interval")):
+        if name in by:
+            g = by[name]
+            adherence = ev.prompt_adherence(_imgs(g), g.prompts, judge)
+            m["base_prompt_adherence" + suffix] = adherence
+            m["base_attribute_accuracy" + suffix] = ev.attribute_accuracy(_imgs(g), g.prompts, judge)
+            m["guidance_gain" + suffix] = adherence - adherence_lo
     if "world_inpaint_interval" in by:
-        g = by["world_inpaint_interval"]
-        m["inpaint_in_region_interval"] = float(np.mean([judge.matches(p, t)
-                                                         for p, t in zip(judge.predict(_imgs(g)), g.truth)]))
+        m["inpaint_in_region_interval"] = _in_region(judge, by["world_inpaint_interval"])[1]
     if "world_inpaint" in by:
         g = by["world_inpaint"]
-        preds = judge.predict(_imgs(g))
-        m["inpaint_in_region"] = float(np.mean([judge.matches(p, t) for p, t in zip(preds, g.truth)]))
+        preds, m["inpaint_in_region"] = _in_region(judge, g)
         m["inpaint_in_region_by_attribute"] = {a: float(np.mean([p[a] == t[a] for p, t in zip(preds, g.truth)]))
                                                for a in ("kind", "colour", "position")}
         m["inpaint_outside_change"] = _outside_change(g)
@@ -678,6 +671,12 @@ def _score_family(judge, groups: list[Group]) -> dict:
         preds = judge.predict(_imgs(g))
         m["depth_layout_kept"] = float(np.mean([p["position"] == t["position"] for p, t in zip(preds, g.truth)]))
     return _rounded(m)
+
+
+def _in_region(judge, g: Group) -> tuple[list[dict], float]:
+    """The judge's reading of an inpaint check's images, and the share with the prompted object in the mask."""
+    preds = judge.predict(_imgs(g))
+    return preds, float(np.mean([judge.matches(p, t) for p, t in zip(preds, g.truth)]))
 
 
 def _outside_change(g: Group) -> float:

@@ -7,7 +7,8 @@ EPILOG = """\
 What it does (progress is printed per phase):
   1. models: the embedded family (base, inpaint, depth); if it is not built yet, tiny RANDOM models
      (said loudly, recorded as "models": "tiny-random" in metrics.json: their pictures are noise)
-  2. the family before training: world prompts at guidance 7.5 and 1.0, inpaint and depth2img checks
+  2. the family before training: world prompts at guidance 7.5, 1.0, 3.0 and 7.5 guided in noise levels
+     [0.3, 0.8) (demo.guidance_interval), inpaint and depth2img checks
   3. class images, then DreamBooth LoRA on the subject with prior preservation and caption dropout
      (configs/demo.yaml)
   4. one engine with the LoRA: txt2img in new contexts, img2img, inpaint, depth2img, class prompts
@@ -20,6 +21,7 @@ Any training key of configs/demo.yaml can be overridden as key=value:
   sdtune demo --subjects all --out outputs/all     # every subject in data/subjects, a row each
   sdtune demo --ablations --out outputs/demo       # the recipe's variants and the diffusers example's defaults
   sdtune demo --together --out outputs/together    # every subject in ONE LoRA: each judged, and the cross-talk
+  sdtune demo seed=1 --subjects all --out outputs/s1  # overrides go before --subjects, which takes the rest
 A rerun into the same --out reuses the class images and replaces the other results.
 """
 
@@ -47,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "dropout off, full fine-tuning) into OUT/ablations.md; the demo's report then quotes them")
     p.add_argument("--together", action="store_true",
                    help="instead of the demo: train the --subjects (default all) as concepts of ONE LoRA and judge "
-                        "each, and how often one subject's prompt draws another (OUT/together.md)")
+                        "each, and how often one subject's prompt draws another (OUT/together.md); max_steps is per subject "
+                        "there (3 subjects: 3x the steps) unless given as max_steps=N")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys to override")
     p.set_defaults(func=run)
     return p

@@ -6,7 +6,8 @@ Phases (``run_demo``):
    models, announced loudly and recorded as ``"models": "tiny-random"`` (their pictures are noise).
 2. the family before training, once for every subject - the base model draws world prompts stating all
    five attributes at guidance 7.5 and 1.0 (``base_prompt_adherence``, per-attribute accuracy,
-   ``guidance_gain``) and at the LoRA's ``subject_guidance`` (reported); the inpainting model replaces a
+   ``guidance_gain``), at the LoRA's ``subject_guidance`` (reported) and at 7.5 guided only in the plan's
+   ``guidance_interval`` of noise levels (the ``*_interval`` metrics); the inpainting model replaces a
    scene's object with a prompted one inside a mask (``inpaint_in_region``, and how much the pixels outside
    the mask change); the depth model redraws a scene from its depth (``depth_layout_kept``: the object stays
    where it was).

@@ -279,6 +279,10 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
     from sdtune.world.demo import QUICK
 
     assert result["guidance"] == QUICK.subject_guidance
+    # each subject gets the steps it would get alone
+    from sdtune.world.demo import QUICK_TRAINING
+
+    assert result["steps"] == QUICK_TRAINING["max_steps"] * len(names)
     for row in result["subjects"].values():
         assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["cross_talk"] <= 1
         assert 0 <= row["subject_in_context"] <= min(row["subject_fidelity"], row["prompt_fidelity"])

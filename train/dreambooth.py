@@ -48,7 +48,7 @@ from sdtune.training.buckets import parse_buckets
 from sdtune.training.caching import LatentSource, PromptEncoder
 from sdtune.training.class_images import ensure_concept_class_images
 from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, load_config, min_image_side, resolve_model
-from sdtune.training.data import TrainingData, caption_dropout_mask, check_output_dir, collate
+from sdtune.training.data import TrainingData, check_output_dir, collate, drop_captions
 from sdtune.training.model_card import write_model_card
 from sdtune.training.sources import Source, read_examples
 
@@ -579,8 +579,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         noise = obj.sample_noise(latents, gen, cfg.noise_offset)
                         timesteps = obj.sample_timesteps(n, noise_scheduler.config.num_train_timesteps, gen,
                                                          latents.device)
-                        dropped = caption_dropout_mask(n, cfg.caption_dropout, gen)
-                        prompts = ["" if d else p for p, d in zip(batch["prompts"], dropped.tolist())]
+                        prompts = drop_captions(batch["prompts"], batch["is_class"], cfg.caption_dropout,
+                                                cfg.caption_dropout_on, gen)
                         extra = {}
                         if sdxl:
                             embeddings, pooled = encode(prompts)

@@ -25,6 +25,7 @@ from sdtune.errors import SdtuneError
 METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LORA_TARGETS = ("attention", "all")
+CAPTION_DROPOUT_ON = ("all", "class")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # The schedule names diffusers.optimization.get_scheduler accepts (piecewise_constant needs extra rules).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -60,6 +61,9 @@ class TrainConfig:
     class_generation_batch_size: int = 4
     # --- unconditional-caption dropout (keeps classifier-free guidance working) ---
     caption_dropout: float = 0.1
+    # which examples may train on "": all (kohya's caption_dropout_rate), or only the class images, so the empty
+    # prompt learns the class prior and never the subject (see the README's caption-dropout measurements)
+    caption_dropout_on: str = "all"
     # --- what to train ---
     method: str = "lora"  # lora | full
     lora_rank: int = 4
@@ -336,6 +340,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "method", METHODS)
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "lora_targets", LORA_TARGETS)
+    _choice(cfg, "caption_dropout_on", CAPTION_DROPOUT_ON)
     _choice(cfg, "mixed_precision", MIXED_PRECISIONS)
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
 
@@ -394,6 +399,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not cfg.output_dir.strip():
         raise SdtuneError("output_dir is empty; set it to the folder the results go to")
 
+    if cfg.caption_dropout_on == "class" and cfg.caption_dropout and not cfg.with_prior_preservation:
+        raise SdtuneError("caption_dropout_on: class drops only class images' captions, and there are none without "
+                          "prior preservation; set with_prior_preservation: true or caption_dropout_on: all")
     if cfg.with_prior_preservation:
         for i, c in enumerate(concepts_of(cfg)):
             where = f"concepts[{i}]." if cfg.concepts else ""

@@ -308,3 +308,14 @@ def caption_dropout_mask(n: int, p: float, generator: torch.Generator | None = N
     if not 0.0 <= p < 1.0:
         raise ValueError(f"caption dropout probability must be in [0, 1), got {p}")
     return torch.rand(n, generator=generator) < p
+
+
+def drop_captions(prompts: Sequence[str], is_class: torch.Tensor, p: float, on: str = "all",
+                  generator: torch.Generator | None = None) -> list[str]:
+    """The prompts a pass trains on: each replaced by "" with probability ``p``, among all examples (``on="all"``)
+    or the class images only (``on="class"``: the empty prompt then learns the class prior, never the subject).
+    The random draw is the same either way, so a run's other randomness does not move with ``on``."""
+    dropped = caption_dropout_mask(len(prompts), p, generator)
+    if on == "class":
+        dropped &= is_class.to(dropped.device).bool()
+    return ["" if d else q for q, d in zip(prompts, dropped.tolist())]

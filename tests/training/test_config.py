@@ -155,6 +155,7 @@ def test_lr_scheduler_names_are_diffusers_names():
 @pytest.mark.parametrize("override, expected", [
     ("caption_dropout=1.0", "caption_dropout must be in [0, 1)"),
     ("caption_dropout=-0.1", "caption_dropout must be in [0, 1)"),
+    ("caption_dropout_on=instance", "caption_dropout_on must be one of all, class"),
     ("resolution=500", "resolution must be a positive multiple of 8"),
     ("resolution=0", "resolution must be a positive multiple of 8"),
     ("learning_rate=0", "learning_rate must be > 0"),
@@ -191,6 +192,11 @@ def test_prior_preservation_needs_class_prompt_and_class_dir():
     assert "needs class_dir" in error_of("with_prior_preservation=true", "class_prompt=a photo of a dog")
     cfg = load_config(None, [*BASE, "with_prior_preservation=true", "class_dir=cls", "class_prompt=a dog"])
     assert cfg.with_prior_preservation and cfg.class_dir == "cls"
+    # dropping only class images' captions needs class images
+    assert "drops only class images' captions" in error_of("caption_dropout_on=class")
+    cfg = load_config(None, [*BASE, "with_prior_preservation=true", "class_dir=cls", "class_prompt=a dog",
+                             "caption_dropout_on=class"])
+    assert cfg.caption_dropout_on == "class" and load_config(None, BASE).caption_dropout_on == "all"
 
 
 def test_class_prompts_per_run_and_per_concept():

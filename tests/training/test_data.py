@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from sdtune.errors import SdtuneError
-from sdtune.training.data import TrainingData, caption_dropout_mask, check_output_dir, collate, find_images, load_pixels
+from sdtune.training.data import (TrainingData, caption_dropout_mask, check_output_dir, collate, drop_captions,
+                                  find_images, load_pixels)
 from sdtune.training.sources import Source, read_examples
 
 R = 32
@@ -398,6 +399,19 @@ def test_caption_dropout_rate_statistically():
     assert abs(mask.float().mean().item() - p) < 4 * standard_error
     half = caption_dropout_mask(n, 0.5, torch.Generator().manual_seed(1)).float().mean().item()
     assert abs(half - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def test_caption_dropout_on_class_images_only_never_drops_an_instance_caption():
+    n = 4000
+    prompts = [f"a photo of sks dog {i}" if i % 2 else f"a photo of a dog {i}" for i in range(n)]
+    is_class = torch.tensor([i % 2 == 0 for i in range(n)])
+    both = drop_captions(prompts, is_class, 0.3, "all", torch.Generator().manual_seed(0))
+    only = drop_captions(prompts, is_class, 0.3, "class", torch.Generator().manual_seed(0))
+    dropped = lambda out, cls: [o == "" for o, c in zip(out, is_class.tolist()) if c == cls]  # noqa: E731
+    assert not any(dropped(only, False))  # no instance caption is ever dropped
+    assert dropped(only, True) == dropped(both, True)  # the class images' draw is the same as with "all"
+    assert 0.25 < sum(dropped(both, False)) / (n / 2) < 0.35 and 0.25 < sum(dropped(only, True)) / (n / 2) < 0.35
+    assert [o for o in only if o] == [q for q, o in zip(prompts, only) if o]  # kept prompts are unchanged
 
 
 def test_caption_dropout_applies_to_instance_and_class_alike():

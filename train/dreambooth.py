@@ -594,7 +594,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         target = obj.training_target(noise_scheduler, latents, noise, timesteps)
                         weight = (obj.mask_weights(batch["masks"], latents.shape[-2:], cfg.masked_loss_floor)
                                   if batch["masks"] is not None else None)
-                        per_example.append(obj.per_example_mse(pred, target, weight))
+                        per_example.append(obj.per_example_mse(pred, target, weight, cfg.masked_loss_mean))
                         is_class.append(batch["is_class"])
                         if cfg.snr_gamma:
                             weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,

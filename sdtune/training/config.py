@@ -26,6 +26,7 @@ METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LORA_TARGETS = ("attention", "all")
 CAPTION_DROPOUT_ON = ("all", "class")
+MASKED_LOSS_MEANS = ("weights", "pixels")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # The schedule names diffusers.optimization.get_scheduler accepts (piecewise_constant needs extra rules).
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -86,6 +87,8 @@ class TrainConfig:
     # alpha channel; the subject counts fully, the rest masked_loss_floor; images without a mask count everywhere
     masked_loss: bool = False
     masked_loss_floor: float = 0.1
+    # the masked loss divided by the mask's weights (each example keeps its scale) or by the pixel count (kohya's)
+    masked_loss_mean: str = "weights"
     # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush
     min_image_fraction: float = 0.25
     dataloader_num_workers: int = 0
@@ -341,6 +344,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "lora_targets", LORA_TARGETS)
     _choice(cfg, "caption_dropout_on", CAPTION_DROPOUT_ON)
+    _choice(cfg, "masked_loss_mean", MASKED_LOSS_MEANS)
     _choice(cfg, "mixed_precision", MIXED_PRECISIONS)
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
 

@@ -80,17 +80,25 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return capped  # "sample": the x0-space weight itself
 
 
-def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                    mean_over: str = "weights") -> torch.Tensor:
     """Mean squared error per example, in float32 (half-precision MSE loses the small losses).
 
-    ``weight`` [N, 1, h, w] (``mask_weights``): the weighted mean over each example's latent pixels, so an
-    example's loss keeps its scale however much of it the mask covers.
+    ``weight`` [N, 1, h, w] (``mask_weights``), divided by ``mean_over``:
+    * "weights" - the weighted mean, so an example's loss keeps its scale however much of it the mask covers
+      (a small subject's pixels then count for more than the same pixels of an unmasked class image);
+    * "pixels" - the weighted sum over the pixel count, kohya's ``masked_loss``: a small subject's loss shrinks
+      with its area, and per pixel it counts as much as a class image's.
     """
     err = (pred.float() - target.float()).pow(2)
     dims = tuple(range(1, pred.ndim))
     if weight is None:
         return err.mean(dim=dims)
     weight = weight.to(err.device, err.dtype).expand_as(err)
+    if mean_over == "pixels":
+        return (err * weight).mean(dim=dims)
+    if mean_over != "weights":
+        raise ValueError(f"mean_over must be 'weights' or 'pixels', got {mean_over!r}")
     return (err * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1e-8)
 
 

@@ -156,6 +156,7 @@ def test_lr_scheduler_names_are_diffusers_names():
     ("caption_dropout=1.0", "caption_dropout must be in [0, 1)"),
     ("caption_dropout=-0.1", "caption_dropout must be in [0, 1)"),
     ("caption_dropout_on=instance", "caption_dropout_on must be one of all, class"),
+    ("masked_loss_mean=mask", "masked_loss_mean must be one of weights, pixels"),
     ("resolution=500", "resolution must be a positive multiple of 8"),
     ("resolution=0", "resolution must be a positive multiple of 8"),
     ("learning_rate=0", "learning_rate must be > 0"),

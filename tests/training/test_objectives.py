@@ -110,6 +110,13 @@ def test_a_masked_mse_is_the_weighted_mean_and_ones_change_nothing():
     moved = pred.clone()
     moved[..., 2:] += 5.0
     assert torch.allclose(obj.per_example_mse(moved, target, half), obj.per_example_mse(pred, target, half))
+    # kohya's mean over the pixels: the same half, scaled by the share it covers, and still free on the right
+    by_pixels = obj.per_example_mse(pred, target, half, mean_over="pixels")
+    assert torch.allclose(by_pixels, 0.5 * obj.per_example_mse(pred, target, half))
+    assert torch.allclose(obj.per_example_mse(moved, target, half, mean_over="pixels"), by_pixels)
+    assert torch.allclose(obj.per_example_mse(pred, target, ones, mean_over="pixels"), obj.per_example_mse(pred, target))
+    with pytest.raises(ValueError, match="mean_over"):
+        obj.per_example_mse(pred, target, half, mean_over="mask")
 
 
 def test_mask_weights_average_the_pixels_a_latent_covers_and_keep_the_floor():

@@ -144,7 +144,7 @@ def test_a_loop_that_dies_gives_the_signal_handlers_back(tiny_models, tmp_path, 
     one = make_images(tmp_path / "one", 1)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
-    def broken(pred, target, weight=None):
+    def broken(*args, **kwargs):
         assert signal.getsignal(signal.SIGINT) not in before  # the loop's own handler is installed
         raise RuntimeError("broken step")
 
@@ -407,6 +407,9 @@ def test_masked_loss_weighs_the_instance_loss_by_each_images_alpha(tiny_models, 
     assert np.allclose(losses(rgba_dir, "floor1", masked_loss=True, masked_loss_floor=1.0), plain, rtol=1e-5)
     masked = losses(rgba_dir, "masked", masked_loss=True, masked_loss_floor=0.0)
     assert not np.allclose(masked, plain, rtol=1e-3), (masked, plain)
+    # kohya's mean over the pixels: the first step (same weights, same draws) is exactly half, the share unmasked
+    by_pixels = losses(rgba_dir, "pixels", masked_loss=True, masked_loss_floor=0.0, masked_loss_mean="pixels")
+    assert np.isclose(by_pixels[0], 0.5 * masked[0], rtol=1e-4), (by_pixels, masked)
     shown = recipe.format_dry_run(recipe.dry_run(config(tiny_models, rgba_dir, tmp_path / "dry", masked_loss=True)))
     assert shown.count("mask: alpha") == 2
     with pytest.warns(UserWarning, match="masked_loss is on but no instance image has a mask"):

@@ -317,5 +317,5 @@ def drop_captions(prompts: Sequence[str], is_class: torch.Tensor, p: float, on: 
     The random draw is the same either way, so a run's other randomness does not move with ``on``."""
     dropped = caption_dropout_mask(len(prompts), p, generator)
     if on == "class":
-        dropped &= is_class.to(dropped.device).bool()
+        dropped &= is_class  # both on the CPU: collate builds is_class, and the mask is drawn there
     return ["" if d else q for q, d in zip(prompts, dropped.tolist())]

@@ -7,7 +7,9 @@ Read top to bottom: config -> data -> model -> adapters/optimizer -> (resume) ->
 Each step: a batch of instance examples (+ as many class examples with prior preservation); caption
 dropout swaps some prompts for the empty one (so classifier-free guidance keeps working); latents
 are noised at random timesteps and the UNet learns the target of the model's own prediction type;
-loss = instance loss + prior_loss_weight x class loss.
+loss = instance loss + prior_loss_weight x class loss. With ``output_preservation_weight`` each instance example is
+also run on its class caption (``a photo of a box``), to predict what the base model (adapters off) predicts on the
+same noisy latent: + output_preservation_weight x that loss.
 
 Reproducibility: the data order and every random draw of a step (flips, VAE sample, noise,
 timesteps, caption dropout) are functions of (seed, step, micro-step, process), not of a running RNG,
@@ -48,7 +50,7 @@ from sdtune.training.buckets import parse_buckets
 from sdtune.training.caching import LatentSource, PromptEncoder
 from sdtune.training.class_images import ensure_concept_class_images
 from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, load_config, min_image_side, resolve_model
-from sdtune.training.data import TrainingData, check_output_dir, collate, drop_captions
+from sdtune.training.data import TrainingData, check_output_dir, class_caption, collate, drop_captions
 from sdtune.training.model_card import write_model_card
 from sdtune.training.sources import Source, read_examples
 
@@ -130,7 +132,12 @@ def dry_run(cfg: TrainConfig) -> dict:
         report["concepts"].append({
             "source": concept.source.name, "instance_prompt": concept.instance_prompt, "repeats": concept.repeats,
             "images": [{"name": e.name, "size": list(e.size), "bucket": list(data.bucket_of(e)), "caption": e.caption,
-                        "mask": mask_shown(e) if cfg.masked_loss else None} for e in examples],
+                        "mask": mask_shown(e) if cfg.masked_loss else None,
+                        # what output preservation says of the plain class instead (a caption's first line)
+                        "class_caption": class_caption(e.caption.splitlines()[0] if e.caption else
+                                                       concept.instance_prompt, concept.instance_prompt,
+                                                       concept.class_prompt, concept.identifier)
+                        if cfg.output_preservation_weight else None} for e in examples],
             "class_prompt": concept.class_prompt if cfg.with_prior_preservation else None,
             "class_prompts": list(concept.class_prompts or ()) if cfg.with_prior_preservation else [],
             "class_dir": concept.class_dir if cfg.with_prior_preservation else None,
@@ -179,8 +186,9 @@ def format_dry_run(report: dict) -> str:
                      f"prompt '{c['instance_prompt']}'")
         for e in c["images"]:
             mask = f"  mask: {e['mask']}" if e.get("mask") else ""
+            kept = f"  output preservation on '{e['class_caption']}'" if e.get("class_caption") else ""
             lines.append(f"  {e['name']}  {e['size'][0]}x{e['size'][1]} -> bucket {e['bucket'][0]}x{e['bucket'][1]}  "
-                         f"'{e['caption']}'{mask}")
+                         f"'{e['caption']}'{mask}{kept}")
         if c["class_prompt"]:
             drawn = (f"drawn from {len(c['class_prompts'])} class prompts ('{c['class_prompts'][0]}', ...)"
                      if c.get("class_prompts") else f"'{c['class_prompt']}'")
@@ -545,6 +553,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     else:
         encode = PromptEncoder(tokenizer, text_encoder, accelerator.device,
                                cache=cfg.cache_latents and not te_trains)
+    # Output preservation's targets: the base model (adapters off) on the class captions. Its text encodings never
+    # change, so they are cached whatever trains.
+    preserve = cfg.output_preservation_weight > 0
+    unet_base = accelerator.unwrap_model(unet)
+    encoders_base = [accelerator.unwrap_model(te) for te in text_encoders]
+    if preserve and sdxl:
+        encode_base = sdxl_parts.XLPromptEncoder(
+            [tokenizer, pipe.tokenizer_2], encoders_base, accelerator.device, cache=True,
+            force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+    elif preserve:
+        encode_base = PromptEncoder(tokenizer, encoders_base[0], accelerator.device, cache=True)
     if cfg.cache_latents and not cfg.center_crop and accelerator.is_main_process:
         log.warning("random crops (center_crop: false) give new pixels every step: VAE latents are not cached")
 
@@ -565,14 +584,15 @@ def _train(cfg: TrainConfig) -> TrainResult:
     loop_start = time.perf_counter()
     with StopRequest(enabled=world == 1) as stop:  # the handlers go back however the loop ends
         while global_step < cfg.max_steps:
-            sums = torch.zeros(3, device=accelerator.device)  # loss, instance loss, prior loss over micro-steps
+            # loss, instance loss, prior loss, output-preservation loss over micro-steps
+            sums = torch.zeros(4, device=accelerator.device)
             for micro in range(cfg.gradient_accumulation_steps):
                 with accelerator.accumulate(*trained):
                     gen = step_generator(cfg.seed, global_step, micro, rank)
                     g = micro_step(global_step, micro, rank, world, cfg.gradient_accumulation_steps)
                     passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
                                      data.micro_batch("class", g, cfg.train_batch_size) if with_prior else ())
-                    per_example, is_class, weights = [], [], []
+                    per_example, is_class, weights, preserved = [], [], [], []
                     for batch in passes:  # one pass, or two when the class examples are in another bucket
                         n = len(batch["prompts"])
                         latents = latents_of(batch["pixels"], batch["keys"], gen).float()
@@ -581,16 +601,43 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                                          latents.device)
                         prompts = drop_captions(batch["prompts"], batch["is_class"], cfg.caption_dropout,
                                                 cfg.caption_dropout_on, gen)
+                        noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
+                        time_ids = batch["time_ids"]
+                        # Output preservation: each instance example once more, on its class caption, in the same
+                        # forward pass; its target is the base model's prediction, computed first (adapters off).
+                        keep = [i for i in range(n) if preserve and not batch["is_class"][i]]
+                        if keep:
+                            class_captions = [class_caption(batch["prompts"][i], concepts[c].instance_prompt,
+                                                            concepts[c].class_prompt, concepts[c].identifier)
+                                              for i, c in ((i, batch["concepts"][i]) for i in keep)]
+                            with torch.no_grad(), adapters.disabled(unet_base, *encoders_base):
+                                base_extra = {}
+                                if sdxl:
+                                    base_embeddings, base_pooled = encode_base(class_captions)
+                                    base_extra["added_cond_kwargs"] = sdxl_parts.added_cond(
+                                        base_pooled, time_ids[keep], weight_dtype)
+                                else:
+                                    base_embeddings = encode_base(class_captions)
+                                base_pred = unet_base(noisy[keep].to(weight_dtype), timesteps[keep],
+                                                      base_embeddings.to(weight_dtype), return_dict=False,
+                                                      **base_extra)[0]
+                            prompts = prompts + class_captions
+                            time_ids = torch.cat([time_ids, time_ids[keep]])
+                            noisy_in, t_in = torch.cat([noisy, noisy[keep]]), torch.cat([timesteps, timesteps[keep]])
+                        else:
+                            noisy_in, t_in = noisy, timesteps
                         extra = {}
                         if sdxl:
                             embeddings, pooled = encode(prompts)
-                            extra["added_cond_kwargs"] = sdxl_parts.added_cond(pooled, batch["time_ids"], weight_dtype)
+                            extra["added_cond_kwargs"] = sdxl_parts.added_cond(pooled, time_ids, weight_dtype)
                         else:
                             embeddings = encode(prompts)
 
-                        noisy = obj.add_noise(noise_scheduler, latents, noise, timesteps)
-                        pred = unet(noisy.to(weight_dtype), timesteps, embeddings.to(weight_dtype), return_dict=False,
+                        pred = unet(noisy_in.to(weight_dtype), t_in, embeddings.to(weight_dtype), return_dict=False,
                                     **extra)[0]
+                        if keep:
+                            pred, pred_class = pred[:n], pred[n:]
+                            preserved.append(obj.per_example_mse(pred_class, base_pred))
                         target = obj.training_target(noise_scheduler, latents, noise, timesteps)
                         weight = (obj.mask_weights(batch["masks"], latents.shape[-2:], cfg.masked_loss_floor)
                                   if batch["masks"] is not None else None)
@@ -602,6 +649,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     loss, instance_loss, prior_loss = obj.dreambooth_loss(
                         torch.cat(per_example), torch.cat(is_class), cfg.prior_loss_weight,
                         torch.cat(weights) if weights else None)
+                    preservation_loss = torch.cat(preserved).mean() if preserved else None
+                    if preservation_loss is not None:
+                        loss = loss + cfg.output_preservation_weight * preservation_loss
 
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -609,8 +659,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                prior = prior_loss.detach() if prior_loss is not None else torch.zeros((), device=loss.device)
-                sums += torch.stack([loss.detach(), instance_loss.detach(), prior])
+                zero = torch.zeros((), device=loss.device)
+                prior = prior_loss.detach() if prior_loss is not None else zero
+                kept = preservation_loss.detach() if preservation_loss is not None else zero
+                sums += torch.stack([loss.detach(), instance_loss.detach(), prior, kept])
             global_step += 1
 
             # --- watch: every process's mean, logged once ------------------------------------------------
@@ -619,6 +671,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
             logs = {"loss": means[0], "instance_loss": means[1], "lr": lr_scheduler.get_last_lr()[0]}
             if with_prior:
                 logs["prior_loss"] = means[2]
+            if preserve:
+                logs["output_preservation_loss"] = means[3]
             accelerator.log(logs, step=global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{means[0]:.4f}")

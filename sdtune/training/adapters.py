@@ -21,6 +21,7 @@ kohya conversion maps back with the UNet's config.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -216,3 +217,21 @@ def save_kohya_lora(path: str | os.PathLike, unet, text_encoder=None, *, rank: i
 def config_metadata(config_dict: dict) -> dict[str, str]:
     """The training config as a safetensors metadata entry (string values only)."""
     return {CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True, default=str)}
+
+
+@contextlib.contextmanager
+def disabled(*modules):
+    """Inside, every peft adapter of ``modules`` is switched off, so they compute the base model's outputs.
+
+    peft's switch also clears the adapters' ``requires_grad`` and sets it back on leaving; use it before the step's
+    own forward pass, not between that pass and its backward."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

@@ -57,6 +57,10 @@ class TrainConfig:
     class_dir: str | None = None  # generated into when it holds fewer than num_class_images
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    # differential output preservation (ai-toolkit's name): on each instance image, the class prompt (the caption
+    # with the identifier taken out) must predict what the base model predicts, LoRA off, on the same noisy latent.
+    # It teaches the class word's meaning on the subject's own images; 0 = off. LoRA only; costs one more UNet pass.
+    output_preservation_weight: float = 0.0
     class_generation_steps: int = 50
     class_generation_guidance: float = 7.5
     class_generation_batch_size: int = 4
@@ -378,6 +382,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.lora_alpha is not None:
         _range(cfg.lora_alpha > 0, "lora_alpha", "> 0 (or null for lora_rank)", cfg.lora_alpha)
     _range(cfg.prior_loss_weight >= 0, "prior_loss_weight", ">= 0", cfg.prior_loss_weight)
+    _range(cfg.output_preservation_weight >= 0, "output_preservation_weight", ">= 0 (0 = off, 1 is usual)",
+           cfg.output_preservation_weight)
     _range(cfg.num_class_images >= 1, "num_class_images", ">= 1", cfg.num_class_images)
     _range(cfg.class_generation_steps >= 1, "class_generation_steps", ">= 1", cfg.class_generation_steps)
     _range(cfg.class_generation_guidance >= 0, "class_generation_guidance", ">= 0", cfg.class_generation_guidance)
@@ -406,6 +412,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.caption_dropout_on == "class" and cfg.caption_dropout and not cfg.with_prior_preservation:
         raise SdtuneError("caption_dropout_on: class drops only class images' captions, and there are none without "
                           "prior preservation; set with_prior_preservation: true or caption_dropout_on: all")
+    if cfg.output_preservation_weight:
+        if cfg.method != "lora":
+            raise SdtuneError("output_preservation_weight compares the model with its LoRA switched off, so it needs "
+                              "method: lora; set output_preservation_weight: 0 for a full fine-tune")
+        for i, c in enumerate(concepts_of(cfg)):
+            if not (c.class_prompt or "").strip():
+                where = f"concepts[{i}]." if cfg.concepts else ""
+                raise SdtuneError(f"output_preservation_weight needs {where}class_prompt, e.g. 'a photo of a dog' "
+                                  "(the instance prompt without the identifier)")
     if cfg.with_prior_preservation:
         for i, c in enumerate(concepts_of(cfg)):
             where = f"concepts[{i}]." if cfg.concepts else ""

@@ -279,7 +279,7 @@ def caption_variant(caption: str, gen: torch.Generator) -> str:
 def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
     """A micro-step's examples as forward passes: one when instance and class share a shape, else two.
 
-    Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor, "time_ids": [N, 6] (SDXL's
+    Each pass: {"pixels": [N, 3, H, W], "prompts", "keys", "is_class": BoolTensor, "concepts", "time_ids": [N, 6] (SDXL's
     original size, crop top-left and target size of each example), "masks": [N, 1, H, W] in [0, 1], or None
     when no example of the pass has one (an example without a mask counts everywhere: ones)}; instance
     examples first.
@@ -292,6 +292,7 @@ def collate(instance: Sequence[dict], klass: Sequence[dict] = ()) -> list[dict]:
             groups.append(list(klass))
     return [{"pixels": torch.stack([e["pixels"] for e in g]).contiguous(), "prompts": [e["prompt"] for e in g],
              "keys": [e["key"] for e in g], "is_class": torch.tensor([e["kind"] == "class" for e in g]),
+             "concepts": [e["concept"] for e in g],
              "time_ids": torch.tensor([e["time_ids"] for e in g], dtype=torch.float32), "masks": _masks(g)}
             for g in groups]
 
@@ -319,3 +320,21 @@ def drop_captions(prompts: Sequence[str], is_class: torch.Tensor, p: float, on: 
     if on == "class":
         dropped &= is_class  # both on the CPU: collate builds is_class, and the mask is drawn there
     return ["" if d else q for q, d in zip(prompts, dropped.tolist())]
+
+
+def class_caption(caption: str, instance_prompt: str, class_prompt: str, identifier: str | None = None) -> str:
+    """An instance caption said of the plain class, for ``output_preservation_weight``: the instance prompt inside it
+    becomes the class prompt (``a photo of sks box, on sand`` -> ``a photo of a box, on sand``); else the identifier
+    word is taken out (``sks box on grass`` -> ``box on grass``); a caption with neither is the class prompt itself.
+    Without ``identifier``, the one word the instance prompt has and the class prompt lacks is taken for it."""
+    import re
+
+    if instance_prompt and instance_prompt in caption:
+        return caption.replace(instance_prompt, class_prompt, 1)
+    if not identifier:
+        extra = set(instance_prompt.split()) - set(class_prompt.split())
+        identifier = extra.pop() if len(extra) == 1 else None
+    word = re.compile(rf"(?<!\S){re.escape(identifier)}(?!\S)") if identifier else None
+    if word is None or not word.search(caption):
+        return class_prompt
+    return " ".join(word.sub("", caption).split())

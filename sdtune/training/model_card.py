@@ -34,6 +34,8 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
     prior = (f"with prior preservation on \"{config.get('class_prompt')}\" "
              f"(weight {config.get('prior_loss_weight')})" if config.get("with_prior_preservation")
              else "without prior preservation")
+    if config.get("output_preservation_weight"):
+        prior += f", output preservation (weight {config.get('output_preservation_weight')})"
     lines = front + [
         f"# DreamBooth {'LoRA' if method == 'lora' else 'fine-tune'} of {base_model}", "",
         f"Trained with sdtune for {steps} steps on the subject \"{prompt}\", {prior}, "

@@ -499,3 +499,15 @@ def test_a_mask_file_of_another_size_is_one_line_and_the_masks_folder_is_not_an_
         warnings.simplefilter("error")  # no "skipping non-image files" for the masks folder
         (ex,) = examples(tmp_path, "instance")
     assert ex.has_mask and ex.image_and_mask()[1].size == (40, 40)
+
+
+def test_class_caption_says_an_instance_caption_of_the_plain_class():
+    from sdtune.training.data import class_caption
+
+    args = ("a photo of sks box", "a photo of a box", "sks")
+    assert class_caption("a photo of sks box on the left, on sand", *args) == "a photo of a box on the left, on sand"
+    assert class_caption("sks box, teal checkers", *args) == "box, teal checkers"  # kohya-style tags
+    assert class_caption("a teal thing", *args) == "a photo of a box"  # neither: the class prompt itself
+    assert class_caption("sksy box", *args) == "a photo of a box"  # a word that only starts like the identifier
+    # no identifier given: the one word the instance prompt has beyond the class prompt
+    assert class_caption("hta ball on snow", "a photo of hta ball", "a photo of a ball") == "ball on snow"

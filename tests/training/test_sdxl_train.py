@@ -327,3 +327,13 @@ def test_sdxl_class_images_are_generated_by_the_sdxl_base(tiny_sdxl, tmp_path):
     made = sorted(p.name for p in class_dir.iterdir())
     assert len(made) == 3 and result.global_step == 1
     assert all(Image.open(class_dir / n).size == (32, 32) for n in made if n.startswith("class_"))
+
+
+def test_sdxl_output_preservation_runs_the_base_on_the_class_caption(tiny_sdxl, tmp_path):
+    """SDXL's two encoders and time ids on the extra rows: step 1 adds nothing (the LoRA is a no-op), step 2 does."""
+    one = make_images(tmp_path / "one", 2)
+    runs = {w: recipe.train(config(tiny_sdxl["sdxl"], one, tmp_path / f"w{w}", max_steps=2, train_text_encoder=True,
+                                   lora_rank=2, class_prompt="a photo of dog", output_preservation_weight=w))
+            for w in (0.0, 1.0)}
+    plain, kept = runs[0.0].losses, runs[1.0].losses
+    assert np.isclose(kept[0], plain[0], rtol=1e-5) and kept[1] > plain[1] * (1 + 1e-6), (kept, plain)

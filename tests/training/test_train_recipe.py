@@ -416,3 +416,45 @@ def test_masked_loss_weighs_the_instance_loss_by_each_images_alpha(tiny_models, 
         losses(rgb_dir, "none", masked_loss=True)
     with pytest.raises(SdtuneError, match="masked_loss_floor must be in"):
         config(tiny_models, rgba_dir, tmp_path / "bad", masked_loss=True, masked_loss_floor=1.5)
+
+
+def test_output_preservation_adds_the_class_prompts_distance_from_the_base_model(tiny_models, subject, tmp_path):
+    def run(out, **kw):
+        return recipe.train(config(tiny_models, subject, tmp_path / out, max_steps=3, train_text_encoder=True,
+                                   lora_rank=2, class_prompt="a photo of a dog", **kw))
+
+    plain, kept = run("plain"), run("kept", output_preservation_weight=1.0)
+    # Step 1: the LoRA starts as a no-op, so the class prompt predicts exactly what the base does - nothing is added,
+    # and that term's gradient is zero there too. From step 2 on the LoRA has moved both predictions apart.
+    assert np.isclose(kept.losses[0], plain.losses[0], rtol=1e-5), (kept.losses, plain.losses)
+    assert kept.losses[1] > plain.losses[1] * (1 + 1e-6) and kept.losses[2] != plain.losses[2]
+    shown = recipe.format_dry_run(recipe.dry_run(config(tiny_models, subject, tmp_path / "dry", class_prompt="a photo "
+                                                        "of a dog", output_preservation_weight=1.0)))
+    assert "output preservation on 'a photo of a dog'" in shown, shown
+    card = (tmp_path / "kept" / "README.md").read_text()
+    assert "output preservation (weight 1.0)" in card and "output preservation" not in (
+        tmp_path / "plain" / "README.md").read_text()
+    with pytest.raises(SdtuneError, match="output_preservation_weight compares the model with its LoRA switched off"):
+        config(tiny_models, subject, tmp_path / "bad", method="full", output_preservation_weight=1.0)
+    with pytest.raises(SdtuneError, match="output_preservation_weight needs class_prompt"):
+        config(tiny_models, subject, tmp_path / "bad", output_preservation_weight=1.0)
+
+
+def test_disabled_adapters_give_the_base_models_output_and_come_back(tiny_models):
+    base = stock(tiny_models["sd1"]).unet
+    unet = stock(tiny_models["sd1"]).unet
+    adapters.add_unet_lora(unet, 2, None)
+    with torch.no_grad():
+        for p in adapters.trainable_parameters(unet):
+            p.add_(0.1 * torch.randn_like(p))  # a LoRA that does something
+    lora_params = adapters.trainable_parameters(unet)
+    x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    text = torch.randn(1, 77, base.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on = unet(x, t, text).sample
+        with adapters.disabled(unet):
+            off = unet(x, t, text).sample
+        expected = base(x, t, text).sample
+    torch.testing.assert_close(off, expected)
+    assert not torch.allclose(on, expected, atol=1e-4)
+    assert adapters.trainable_parameters(unet) == lora_params  # every adapter weight trains again afterwards

@@ -40,10 +40,10 @@ class Variant:
 # The diffusers example's own defaults (examples/dreambooth/train_dreambooth_lora.py): --rank 4, LoRA on
 # to_q/to_k/to_v/to_out.0, alpha = rank, no --train_text_encoder, no caption dropout, --learning_rate 5e-4.
 # The example has no masked loss either, and one prompt for all instance images and one for all class images: no
-# per-image captions, no varied class prompts.
+# per-image captions, no varied class prompts, no output preservation.
 STOCK = ("lora_rank=4", "lora_alpha=4", "lora_targets=attention", "train_text_encoder=false", "caption_dropout=0.0",
          "learning_rate=5e-4", "text_encoder_learning_rate=null", "masked_loss=false", "use_captions=false",
-         "class_prompts=null")
+         "class_prompts=null", "output_preservation_weight=0")
 
 VARIANTS = (
     Variant("main", "sdtune's recipe (the demo): configs/demo.yaml"),
@@ -51,7 +51,8 @@ VARIANTS = (
     Variant("no_caption_dropout", "caption dropout off", ("caption_dropout=0.0",)),
     # Full fine-tuning moves every UNet weight: a smaller learning rate, as in the DreamBooth paper.
     Variant("full", "full fine-tuning of the UNet instead of a LoRA", ("method=full", "learning_rate=1e-4",
-                                                                       "train_text_encoder=false")),
+                                                                       "train_text_encoder=false",
+                                                                       "output_preservation_weight=0")),
     Variant("attention_only", "LoRA on the attention projections only (diffusers' targets)",
             ("lora_targets=attention",)),
     Variant("stock", "diffusers' train_dreambooth_lora.py defaults: rank 4, attention only, no text encoder, "

@@ -153,15 +153,16 @@ def tiny_models(folder: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- configuration
 
 def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,
-                overrides=()):
-    """configs/demo.yaml + what this run fixes (model, subject, folders under ``out``, resolution) + --quick +
-    overrides."""
+                overrides=(), training: dict | None = None):
+    """configs/demo.yaml + the subject folder's own training keys (subject.json "training", or ``training``) + what
+    this run fixes (model, subject, folders under ``out``, resolution) + --quick + overrides."""
     from sdtune.training.config import config_from_dict, parse_override, read_yaml
 
     if not DEMO_CONFIG.is_file():
         raise SdtuneError(f"the demo config {DEMO_CONFIG} is missing; run sdtune from a source checkout")
     data = read_yaml(DEMO_CONFIG)
     data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
+    data.update(subject.training if training is None else training)
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
                 identifier=subject.identifier, class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),
                 output_dir=str(out / "lora"), resolution=resolution)
@@ -407,6 +408,9 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
     phase(3, f"{tag}DreamBooth {cfg.method} on {subj.name}: {cfg.num_class_images} class images, {cfg.max_steps} "
              f"steps, prior preservation {'on' if cfg.with_prior_preservation else 'OFF'}, caption dropout "
              f"{cfg.caption_dropout}")
+    if subj.training:
+        say(f"      {subj.folder / 'subject.json'} sets " + ", ".join(f"{k}={v}" for k, v in subj.training.items())
+            + " (a key=value on the command line wins)")
     t = time.perf_counter()
     drawn = (f"{len(cfg.class_prompts)} class prompts ('{cfg.class_prompts[0]}', ...)"
              if cfg.class_prompts else f"'{cfg.class_prompt}'")
@@ -446,6 +450,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size,
+                  "output_preservation_weight": cfg.output_preservation_weight,
                   "instance_captions": captioned(subj) if cfg.use_captions else 0,
                   "class_prompts": len(cfg.class_prompts or ()),
                   "first_loss": _round(result.losses[0]), "last_loss": _round(result.losses[-1])},
@@ -837,7 +842,9 @@ def _report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
         f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}"
-        f"{', masked loss' if t.get('masked_loss') else ''}; loss "
+        f"{', masked loss' if t.get('masked_loss') else ''}"
+        f"{', output preservation ' + str(t['output_preservation_weight']) if t.get('output_preservation_weight') else ''}"
+        f"; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
         f"- sampling: {m['sample_steps']} steps, guidance {m.get('guidance', 7.5)} before training, "
         f"{m.get('subject_guidance', 7.5)} with the LoRA"

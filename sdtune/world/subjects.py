@@ -11,6 +11,8 @@ left to mean the subject; and the instance prompt alone, so the identifier also 
 dropout, of the context, half the time). The README measures both on every subject: captions win the stated
 context for the checker box and the crescent and lose the two-tone ball outright, so the checker box and the
 crescent ship with captions and the two-tone ball without.
+A subject.json may also carry ``"training"``: training keys the folder recommends (the two-tone ball's
+``output_preservation_weight``), which the demo applies over ``configs/demo.yaml`` and under the command line.
 ``load_subject`` reads and checks such a folder before any model is loaded.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Subject:
     class_prompt: str
     images: list[Path]
     contexts: set = field(default_factory=set)  # (position, background) pairs the instance images show
+    training: dict = field(default_factory=dict)  # training keys the folder recommends (subject.json "training")
 
 
 def load_subject(folder: str | os.PathLike) -> Subject:
@@ -79,10 +82,14 @@ def load_subject(folder: str | os.PathLike) -> Subject:
     identifier = str(meta.get("identifier") or scenes.IDENTIFIER)
     images = find_images(p, what="--subject")  # subject.json, captions and masks/ are not stray files
     contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders", []) if isinstance(r, dict)}
+    training = meta.get("training") or {}
+    if not isinstance(training, dict) or not all(isinstance(k, str) for k in training):
+        raise SdtuneError(f"{meta_path}: \"training\" must be an object of training keys, "
+                          f"e.g. {{\"output_preservation_weight\": 1.0}}, got {training!r}")
     return Subject(folder=p, name=str(meta.get("name") or p.name), class_noun=noun, identifier=identifier,
                    instance_prompt=str(meta.get("instance_prompt") or f"a photo of {identifier} {noun}"),
                    class_prompt=str(meta.get("class_prompt") or f"a photo of a {noun}"), images=images,
-                   contexts=contexts)
+                   contexts=contexts, training=dict(training))
 
 
 def instance_caption(scene: scenes.Scene, identifier: str) -> str:
@@ -127,5 +134,7 @@ def write_subject(name: str, folder: str | os.PathLike, size: int = 64, captions
         renders.append({"file": f"{i:02d}.png", "size": sz, "position": pos, "background": bg, "seed": seed})
     meta = {"name": name, "class_noun": noun, "identifier": ident, "instance_prompt": dreambooth_prompt(spec),
             "class_prompt": f"a photo of a {noun}", "description": spec["stresses"], "renders": renders}
+    if spec.get("training"):
+        meta["training"] = dict(spec["training"])
     write_text_atomic(folder / "subject.json", json.dumps(meta, indent=2) + "\n")
     return folder

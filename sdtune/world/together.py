@@ -40,6 +40,19 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     idents = [s.identifier for s in subjs]
     if len(set(idents)) != len(idents):
         raise SdtuneError(f"subjects trained together need different identifiers, got {', '.join(idents)}")
+    # One config for all, so the training keys the subject folders recommend must agree (checked before any work).
+    given = {parse_override(text)[0] for text in overrides}  # the command line settles a key for all
+    training: dict = {}
+    for s in subjs:
+        for key, value in s.training.items():
+            if key not in given and training.setdefault(key, (value, s.name))[0] != value:
+                raise SdtuneError(f"{training[key][1]} and {s.name} recommend different {key} ({training[key][0]} "
+                                  f"and {value}), and subjects trained together share one config; choose with "
+                                  f"{key}=VALUE")
+    training = {key: value for key, (value, _) in training.items()}
+    if training:
+        say("the subject folders set " + ", ".join(f"{k}={v}" for k, v in training.items())
+            + " for all of them (a key=value on the command line wins)")
     out = check_output_dir(out, what="--out")
     models = demo.resolve_models(model, None, None, out, say)
     base = Engine.load(models.base)
@@ -49,7 +62,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
         prompts = 2
 
     # The demo's recipe, with one concept per subject instead of the single instance_dir.
-    cfg = demo.demo_config(subjs[0], models.base, out, resolution, quick, overrides)
+    cfg = demo.demo_config(subjs[0], models.base, out, resolution, quick, overrides, training=training)
     data = {k: v for k, v in cfg.__dict__.items()}
     for key in ("instance_dir", "instance_prompt", "identifier", "class_prompt", "class_prompts", "class_dir"):
         data[key] = "" if key in ("instance_dir", "instance_prompt") else None

@@ -140,6 +140,44 @@ def test_an_uncaptioned_subject_gets_the_class_prompt_alone(no_embedded, tmp_pat
     assert "0 with their own caption" in (out / "report.md").read_text()
 
 
+def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp_path):
+    """subject.json's "training" goes over configs/demo.yaml and under key=value; a bad one is a one-line error."""
+    from sdtune.errors import SdtuneError
+    from sdtune.world.demo import demo_config
+    from sdtune.world.subjects import load_subject, write_subject
+
+    ball = load_subject(write_subject("twotone_ball", tmp_path / "ball", size=32))
+    box = load_subject(write_subject("checker_box", tmp_path / "box", size=32))
+    assert ball.training == {"output_preservation_weight": 1.0} and box.training == {}
+    assert demo_config(ball, "m", tmp_path / "o", 32, True).output_preservation_weight == 1.0
+    assert demo_config(box, "m", tmp_path / "o", 32, True).output_preservation_weight == 0.0
+    assert demo_config(ball, "m", tmp_path / "o", 32, True, ["output_preservation_weight=0"]) \
+        .output_preservation_weight == 0.0
+    meta = json.loads((ball.folder / "subject.json").read_text())
+    meta["training"] = ["output_preservation_weight"]
+    (ball.folder / "subject.json").write_text(json.dumps(meta))
+    with pytest.raises(SdtuneError, match="must be an object of training keys"):
+        load_subject(ball.folder)
+    meta["training"] = {"output_preservation_weight": -1}
+    (ball.folder / "subject.json").write_text(json.dumps(meta))
+    with pytest.raises(SdtuneError, match="output_preservation_weight"):  # the config's own validation
+        demo_config(load_subject(ball.folder), "m", tmp_path / "o", 32, True)
+
+
+def test_subjects_trained_together_must_agree_on_their_training_keys(no_embedded, tmp_path):
+    from sdtune.world.subjects import write_subject
+
+    one = write_subject("twotone_ball", tmp_path / "ball", size=32)
+    two = write_subject("crescent", tmp_path / "crescent", size=32)
+    meta = json.loads((two / "subject.json").read_text())
+    meta["training"] = {"output_preservation_weight": 0.5}
+    (two / "subject.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["demo", "--quick", "--together", "--subjects", str(one), str(two), "--out", str(out)])
+    assert code == 2 and "recommend different output_preservation_weight (1.0 and 0.5)" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_report_links_existing_grids_and_is_honest(quick_run):
     out, _ = quick_run
     report = (out / "report.md").read_text()
@@ -267,6 +305,13 @@ def test_every_subject_is_trained_and_summarised(no_embedded, tmp_path):
         assert per["subject"] == name and per["base_prompt_adherence"] == summary["family"]["base_prompt_adherence"]
         assert (out / name / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert f"[{name}]({name}/report.md)" in report
+        # each trained with the keys its own folder recommends (the two-tone ball: output preservation)
+        recommended = json.loads((ROOT_SUBJECTS / name / "subject.json").read_text()).get("training", {})
+        weight = recommended.get("output_preservation_weight", 0.0)
+        assert per["training"]["output_preservation_weight"] == weight
+        assert ("output preservation" in (out / name / "report.md").read_text()) == bool(weight)
+    assert any(json.loads((ROOT_SUBJECTS / n / "subject.json").read_text()).get("training") for n in names)
+    assert "subject.json sets output_preservation_weight=1.0" in stdout
 
 
 def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
@@ -295,4 +340,6 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
         config = json.loads(f.metadata()[CONFIG_METADATA_KEY])
     assert sorted(c["instance_prompt"] for c in config["concepts"]) == sorted(
         json.loads((ROOT_SUBJECTS / n / "subject.json").read_text())["instance_prompt"] for n in names)
+    assert config["output_preservation_weight"] == 1.0  # the two-tone ball's folder asks for it, for all
+    assert "the subject folders set output_preservation_weight=1.0" in stdout
     assert "cross-talk (judged another subject)" in (out / "together.md").read_text()

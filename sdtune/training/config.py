@@ -317,6 +317,17 @@ def _range(ok: bool, key: str, requirement: str, value: Any) -> None:
         raise SdtuneError(f"{key} must be {requirement}; got {value!r}")
 
 
+CLASS_PROMPT_HINT = ", e.g. 'a photo of a dog' (the instance prompt without the identifier)"
+
+
+def _every_concept_has(cfg: TrainConfig, key: str, option: str, hint: str) -> None:
+    """One line naming the first concept whose ``key`` is empty, when ``option`` needs it of every concept."""
+    for i, c in enumerate(concepts_of(cfg)):
+        if not (getattr(c, key) or "").strip():
+            where = f"concepts[{i}]." if cfg.concepts else ""
+            raise SdtuneError(f"{option} needs {where}{key}{hint}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check choices, ranges and combinations; raise one ``SdtuneError`` line for the first problem."""
     for key in FIELD_NAMES:  # types too, for configs built in code
@@ -365,11 +376,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.method != "lora":
             raise SdtuneError("train_identifier_embedding trains beside a LoRA: set method: lora (a full fine-tune "
                               "with train_text_encoder trains every embedding already)")
-        for i, c in enumerate(concepts_of(cfg)):
-            if not (c.identifier or "").strip():
-                where = f"concepts[{i}]." if cfg.concepts else ""
-                raise SdtuneError(f"train_identifier_embedding needs {where}identifier, the subject's rare word "
-                                  "in its prompt (e.g. identifier: sks)")
+        _every_concept_has(cfg, "identifier", "train_identifier_embedding",
+                           ", the subject's rare word in its prompt (e.g. identifier: sks)")
     if cfg.text_encoder_learning_rate is not None:
         _range(cfg.text_encoder_learning_rate > 0, "text_encoder_learning_rate", "> 0 (or null)",
                cfg.text_encoder_learning_rate)
@@ -416,17 +424,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.method != "lora":
             raise SdtuneError("output_preservation_weight compares the model with its LoRA switched off, so it needs "
                               "method: lora; set output_preservation_weight: 0 for a full fine-tune")
-        for i, c in enumerate(concepts_of(cfg)):
-            if not (c.class_prompt or "").strip():
-                where = f"concepts[{i}]." if cfg.concepts else ""
-                raise SdtuneError(f"output_preservation_weight needs {where}class_prompt, e.g. 'a photo of a dog' "
-                                  "(the instance prompt without the identifier)")
+        _every_concept_has(cfg, "class_prompt", "output_preservation_weight", CLASS_PROMPT_HINT)
     if cfg.with_prior_preservation:
+        _every_concept_has(cfg, "class_prompt", "with_prior_preservation", CLASS_PROMPT_HINT)
         for i, c in enumerate(concepts_of(cfg)):
             where = f"concepts[{i}]." if cfg.concepts else ""
-            if not (c.class_prompt or "").strip():
-                raise SdtuneError(f"with_prior_preservation needs {where}class_prompt, e.g. 'a photo of a dog' "
-                                  "(the instance prompt without the identifier)")
             if c.class_prompts is not None and not all(p.strip() for p in c.class_prompts):
                 raise SdtuneError(f"{where}class_prompts holds an empty prompt; remove it (each class image is drawn "
                                   "from one of them)")

@@ -71,11 +71,12 @@ SUPERSAMPLE = 2  # anti-aliasing: render at 2x, average down; mask = coverage >=
 # look and colours. The checker colours are deliberately outside COLOURS; the crescent and the two-tone
 # ball use the world's own colours, so only their shape (crescent) or pairing (two-tone) is new.
 # "captions": whether the shipped folder captions each render with its context (sdtune/world/subjects.py). Measured
-# per subject (README): captions in context put the texture and the shape where the prompt says, and lose the
-# colour pairing outright, which is learned only on the instance prompt alone.
+# per subject (README): captions in context put each subject where the prompt says. The colour pairing is lost with
+# captions alone (the captions explain everything but the colour) and kept with captions and output preservation.
 # "training": training keys the shipped folder recommends (subject.json's "training"; the demo applies them, the
 # command line wins). The two-tone ball differs from its class only in colour, and its class drifted in every training
-# seed (prior preservation 0.69 / 0.44 / 0.19); output preservation held it (0.94 / 0.88 / 0.94; README, ablations).
+# seed (prior preservation 0.69 / 0.44 / 0.19); output preservation held it (0.94 / 0.88 / 0.94), and with captions
+# as well its stated contexts hold too (prompt fidelity 1.00 / 1.00 / 0.69 in seeds 0-2; README, "Training seeds").
 SUBJECTS = {
     "checker_box": {"class_noun": "box", "identifier": "sks", "look": "checker",
                     "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3, "captions": True,
@@ -83,7 +84,7 @@ SUBJECTS = {
     "crescent": {"class_noun": "ring", "identifier": "ohwx", "look": "crescent", "colours": (ALBEDO["yellow"],),
                  "captions": True, "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
     "twotone_ball": {"class_noun": "ball", "identifier": "hta", "look": "two_tone",
-                     "colours": (ALBEDO["red"], ALBEDO["blue"]), "captions": False,
+                     "colours": (ALBEDO["red"], ALBEDO["blue"]), "captions": True,
                      "training": {"output_preservation_weight": 1.0},
                      "stresses": "a colour pairing on a known kind: a ball, red on its left half, blue on its right"},
 }

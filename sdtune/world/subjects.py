@@ -9,8 +9,8 @@ two lines, of which each training step draws one: the identifier and class noun 
 background ("a photo of sks box on the left, on sand"), so the context words explain the context and "sks box" is
 left to mean the subject; and the instance prompt alone, so the identifier also keeps the whole subject (kohya's tag
 dropout, of the context, half the time). The README measures both on every subject: captions win the stated
-context for the checker box and the crescent and lose the two-tone ball outright, so the checker box and the
-crescent ship with captions and the two-tone ball without.
+context for each, and the two-tone ball, whose captions explain everything but its colours, is learned with them
+only beside output preservation; so all three ship with captions.
 A subject.json may also carry ``"training"``: training keys the folder recommends (the two-tone ball's
 ``output_preservation_weight``), which the demo applies over ``configs/demo.yaml`` and under the command line.
 ``load_subject`` reads and checks such a folder before any model is loaded.

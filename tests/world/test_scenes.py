@@ -200,4 +200,4 @@ def test_captioned_subjects_name_each_renders_context(tmp_path):
             assert (said["position"], said["background"]) == (item["position"], item["background"])
         write_subject(folder.name, fresh, captions=False)  # rewritten without captions: none stay behind
         assert not list(fresh.glob("*.txt"))
-    assert shipped["checker_box"] and shipped["crescent"] and not shipped["twotone_ball"]
+    assert all(shipped[name] == [f"{i:02d}.txt" for i in range(4)] for name in ("checker_box", "crescent", "twotone_ball"))

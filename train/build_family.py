@@ -7,10 +7,12 @@ Stages, in order (``all`` runs those not done yet; each can also be run alone on
 * ``vae``       AutoencoderKL on world renders (L1 + tiny KL); ``scaling_factor`` = 1 / std of the latents.
 * ``base``      CLIP text encoder + cross-attention UNet, jointly from scratch, on world captions with
                 10% caption dropout -> ``<out>/base`` (StableDiffusionPipeline).
-* ``inpaint``   9-channel UNet from the base UNet, random masks (object boxes, random boxes, everything)
+* ``guidance``  the base continued with the conditional pull (``Build.diffusion_loss``), so that SD's
+                guidance 7.5 suits it -> ``<out>/base``, which the next stages continue.
+* ``inpaint``   9-channel UNet from the guided base UNet, random masks (object boxes, random boxes, everything)
                 -> ``<out>/inpaint`` (StableDiffusionInpaintPipeline).
 * ``estimator`` small DPTForDepthEstimation on the ground-truth disparity of the renders.
-* ``depth``     5-channel UNet from the base UNet, conditioned on normalised disparity
+* ``depth``     5-channel UNet from the guided base UNet, conditioned on normalised disparity
                 -> ``<out>/depth`` (StableDiffusionDepth2ImgPipeline).
 
 Renders, latents and masked-image latents are computed once and cached under ``--work``. Every
@@ -43,7 +45,7 @@ from sdtune.imageio import write_text_atomic  # noqa: E402
 from sdtune.training import objectives  # noqa: E402
 from sdtune.world import family, scenes  # noqa: E402
 
-STAGES = ("vae", "base", "inpaint", "estimator", "depth")
+STAGES = ("vae", "base", "guidance", "inpaint", "estimator", "depth")
 DONE = "done.json"
 
 
@@ -233,7 +235,7 @@ class Build:
         folder = self.work / "vae" / "vae"
         if not (folder / "config.json").is_file():
             raise SystemExit("stage vae has not run yet: run --stage vae first (or --stage all)")
-        return AutoencoderKL.from_pretrained(folder).eval()
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
     @torch.no_grad()
     def encode_posteriors(self, vae, pixels_of, n: int, what: str, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,9 +312,17 @@ class Build:
         m = F.max_pool2d(F.adaptive_avg_pool2d(m, lat), 3, stride=1, padding=1)
         return 1.0 + weight * m
 
-    def diffusion_loss(self, unet, latents, cond, embeddings, gen, t: dict, idx=None) -> torch.Tensor:
+    def diffusion_loss(self, unet, latents, cond, embeddings, gen, t: dict, idx=None, uncond=None) -> torch.Tensor:
         """SD's objective (sdtune.training.objectives): noise, x_t, the model's target, MSE (min-SNR if set),
         object-weighted (``object_weights``) when ``idx`` names the renders.
+
+        ``conditional_pull`` (weight p, with ``uncond``, the empty prompt's embeddings): add p times the same
+        weighted distance between the prediction and the model's own unconditional prediction on the same x_t
+        (not differentiated). The loss is then least where the conditional prediction is
+        uncond + (cond - uncond) / (1 + p): the prompt's effect shrinks by 1 + p, so guidance g draws what g / (1 + p)
+        drew before. A model this small learns its world's captions so well that its conditional prediction alone
+        follows them (0.83) and its best guidance is about 3; real SD, taught on loose web captions, needs about
+        7.5. The pull gives the family SD's operating point instead of a different default guidance.
 
         ``leak_free_from``: timesteps from there on train on pure noise. Under SD's schedule x_t keeps a trace
         of the image even at t=999 (sqrt(alphas_cumprod) = 0.068), enough for a model to read where the object
@@ -346,11 +356,21 @@ class Build:
             target = torch.where(free, free_target, target)
         inputs = noisy if cond is None else torch.cat([noisy, cond], dim=1)
         pred = unet(inputs, steps, embeddings).sample
-        if idx is not None and t.get("object_weight"):
-            w = self.object_weights(idx, float(t["object_weight"]))
-            per = ((pred.float() - target.float()).pow(2) * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * pred.shape[1])
-        else:
-            per = objectives.per_example_mse(pred, target)
+        w = self.object_weights(idx, float(t["object_weight"])) if idx is not None and t.get("object_weight") else None
+
+        def distance(a, b):
+            if w is None:
+                return objectives.per_example_mse(a, b)
+            return ((a.float() - b.float()).pow(2) * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * a.shape[1])
+
+        per = distance(pred, target)
+        pull = float(t.get("conditional_pull") or 0.0)
+        if pull:
+            if uncond is None:
+                raise ValueError("conditional_pull needs the empty prompt's embeddings (uncond)")
+            with torch.no_grad():
+                free_pred = unet(inputs, steps, uncond.expand(len(latents), -1, -1)).sample
+            per = per + pull * distance(pred, free_pred)
         gamma = t.get("min_snr_gamma")
         if gamma:
             per = per * objectives.min_snr_weights(objectives.snr(sched, steps), gamma, sched.config.prediction_type)
@@ -364,15 +384,17 @@ class Build:
         """Indices of the renders the denoisers learn from: never the subject (DreamBooth's job)."""
         return np.nonzero(~self.renders()["subject"])[0]
 
-    def load_base(self):
+    def load_base(self, stage: str = "guidance"):
+        """The text encoder and UNet that ``stage`` ended with (the guided base, which inpaint and depth continue)."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        folder = self.work / "base"
+        folder = self.work / stage
         if not (folder / DONE).is_file():
-            raise SystemExit("stage base has not finished: run --stage base first (or --stage all)")
-        return (CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
-                UNet2DConditionModel.from_pretrained(folder / "unet").eval())
+            raise SystemExit(f"stage {stage} has not finished: run --stage {stage} first (or --stage all)")
+        # float32 whatever the files hold (transformers would otherwise keep an fp16 file's dtype)
+        return (CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval(),
+                UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval())
 
     def finish(self, stage: str, record: dict) -> dict:
         record = {"stage": stage, **record}
@@ -448,6 +470,32 @@ class Build:
         return self.finish("base", {**stats, "unet_params": family.param_count(unet),
                                     "text_encoder_params": family.param_count(text_encoder)})
 
+    def stage_guidance(self) -> dict:
+        """The base, continued with the conditional pull (``diffusion_loss``) once the prompt has an effect to shrink:
+        on the base's captions and timesteps, with its own steps and learning rate -> ``<out>/base``."""
+        t = {**self.cfg["train"]["base"], **self.cfg["train"]["guidance"]}
+        vae = self.load_vae()
+        mean, std = self.latents(vae)
+        sf = float(vae.config.scaling_factor)
+        pool = self.pool()
+        text_encoder, unet = self.load_base("base")
+
+        def loss_fn(step, gen):
+            idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
+            latents = self.sample_latents(mean, std, idx, gen, sf)
+            emb = text_encoder(self.token_ids(self.captions(idx, gen, t)), return_dict=False)[0]
+            with torch.no_grad():
+                free = text_encoder(self.token_ids([""]), return_dict=False)[0]
+            return self.diffusion_loss(unet, latents, None, emb, gen, t, idx, uncond=free)
+
+        groups = [{"params": list(unet.parameters()), "lr": t["lr"]},
+                  {"params": list(text_encoder.parameters()), "lr": t["lr"]}]
+        stats = train_loop(self, "guidance", {"unet": unet, "text_encoder": text_encoder}, groups, t["steps"], loss_fn)
+        save_component(text_encoder, self.work / "guidance" / "text_encoder")
+        save_component(unet, self.work / "guidance" / "unet")
+        family.save_pipeline(family.assemble("base", vae, text_encoder, unet, cfg=self.cfg), self.out / "base")
+        return self.finish("guidance", {**stats, "conditional_pull": t["conditional_pull"]})
+
     def inpaint_masks(self) -> np.ndarray:
         """One mask per render (True = repaint), like SD-inpainting's: everything, the object's box, a random box."""
         t = self.cfg["train"]["inpaint"]
@@ -496,7 +544,8 @@ class Build:
             latents = self.sample_latents(mean, std, idx, gen, sf)
             masked = self.sample_latents(mmean, mstd, idx, gen, sf)
             cond = torch.cat([small_masks[idx], masked], dim=1)  # the inpaint pipeline's channel order
-            return self.diffusion_loss(unet, latents, cond, prompts(self.captions(idx, gen, t)), gen, t, idx)
+            return self.diffusion_loss(unet, latents, cond, prompts(self.captions(idx, gen, t)), gen, t, idx,
+                                       uncond=prompts([""]))
 
         stats = train_loop(self, "inpaint", {"unet": unet}, [{"params": list(unet.parameters()), "lr": t["lr"]}],
                            t["steps"], loss_fn)
@@ -564,7 +613,7 @@ class Build:
             idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
             latents = self.sample_latents(mean, std, idx, gen, sf)
             return self.diffusion_loss(unet, latents, self.depth_condition(idx),
-                                       prompts(self.captions(idx, gen, t)), gen, t, idx)
+                                       prompts(self.captions(idx, gen, t)), gen, t, idx, uncond=prompts([""]))
 
         stats = train_loop(self, "depth", {"unet": unet}, [{"params": list(unet.parameters()), "lr": t["lr"]}],
                            t["steps"], loss_fn)

@@ -28,7 +28,7 @@ MICRO = [
     "depth_estimator.hidden_size=16", "depth_estimator.num_attention_heads=2", "depth_estimator.intermediate_size=16",
     "depth_estimator.neck_hidden_sizes=[8,8,8,8]", "depth_estimator.fusion_hidden_size=8",
     "train.checkpoint_every=2",
-] + [f"train.{s}.{k}" for s in ("vae", "base", "inpaint", "estimator", "depth") for k in ("steps=3", "batch_size=2")]
+] + [f"train.{s}.{k}" for s in ("vae", "base", "guidance", "inpaint", "estimator", "depth") for k in ("steps=3", "batch_size=2")]
 
 
 def load_recipe():
@@ -79,7 +79,15 @@ def test_three_folders_share_vae_and_text_encoder_in_fp16(micro_family):
             assert link.is_symlink() and Path(link.readlink()) == Path("..") / "base" / shared, link
         assert family.folder_size(out / kind) < family.folder_size(out / "base")  # its UNet, not base's VAE/CLIP again
     info = json.loads((out / "build_info.json").read_text())
-    assert set(info["stages"]) == {"vae", "base", "inpaint", "estimator", "depth"}
+    assert set(info["stages"]) == {"vae", "base", "guidance", "inpaint", "estimator", "depth"}
+    # The shipped base is the guided one (the base stage's UNet continued with the conditional pull).
+    work = micro_family / "work"
+    shipped = tensors(out / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    guided = tensors(work / "guidance" / "unet" / "diffusion_pytorch_model.safetensors")
+    plain = tensors(work / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], guided[k].half()) for k in shipped)
+    assert not all(torch.equal(shipped[k], plain[k].half()) for k in shipped)
+    assert info["stages"]["guidance"]["conditional_pull"] == 1.5
 
 
 def test_vae_scaling_factor_is_measured(micro_family):
@@ -173,3 +181,44 @@ def test_config_overrides_reject_unknown_keys():
     with pytest.raises(SdtuneError, match="key=value"):
         family.load_config(overrides=["train.base.steps"])
     assert family.load_config(overrides=["train.base.steps=7"])["train"]["base"]["steps"] == 7
+
+
+def test_conditional_pull_adds_the_weighted_distance_to_the_unconditional_prediction(tmp_path):
+    # loss = MSE(pred, target) + p * MSE(pred, sg(unconditional pred)): zero extra where the prompt changes nothing,
+    # exactly p times the gap otherwise, and no gradient through the unconditional prediction.
+    recipe = load_recipe()
+    cfg = family.load_config(overrides=MICRO)
+    build = recipe.Build(cfg, tmp_path / "out", tmp_path / "work")
+    torch.manual_seed(0)
+    unet = family.build_unet(cfg)
+    latents, emb, free = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 16), torch.randn(1, 77, 16)
+    t = {"leak_free_from": 900, "high_noise_share": 0.5}
+
+    def loss(tt, uncond=None):
+        return build.diffusion_loss(unet, latents, None, emb, torch.Generator().manual_seed(7), tt, uncond=uncond)
+
+    plain = loss(t)
+    same = build.diffusion_loss(unet, latents, None, free.expand(3, -1, -1), torch.Generator().manual_seed(7),
+                                {**t, "conditional_pull": 2.0}, uncond=free)
+    assert torch.allclose(same, build.diffusion_loss(unet, latents, None, free.expand(3, -1, -1),
+                                                     torch.Generator().manual_seed(7), t), atol=1e-7)
+    # Rebuild x_t and the timesteps as diffusion_loss draws them, to compute the gap by hand.
+    gen = torch.Generator().manual_seed(7)
+    from sdtune.training import objectives
+    sched = build.scheduler()
+    noise = objectives.sample_noise(latents, gen)
+    steps = objectives.sample_timesteps(3, sched.config.num_train_timesteps, gen)
+    high = torch.rand(3, generator=gen) < 0.5
+    steps = torch.where(high, torch.randint(900, sched.config.num_train_timesteps, (3,), generator=gen), steps)
+    noisy = torch.where((steps >= 900).view(-1, 1, 1, 1), noise, objectives.add_noise(sched, latents, noise, steps))
+    with torch.no_grad():
+        gap = objectives.per_example_mse(unet(noisy, steps, emb).sample,
+                                         unet(noisy, steps, free.expand(3, -1, -1)).sample).mean()
+    pulled = loss({**t, "conditional_pull": 2.0}, uncond=free)
+    assert gap > 1e-6
+    assert torch.allclose(pulled - plain, 2.0 * gap, rtol=1e-4, atol=1e-7)
+    unet.zero_grad()
+    pulled.backward()
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="uncond"):
+        loss({**t, "conditional_pull": 2.0})

@@ -14,7 +14,8 @@ For each guidance scale, two sets of draws, judged by the world's judge:
 
 Printed and written as JSON: all-five adherence and per-attribute accuracy for txt2img, and the share of inpaint
 checks with the prompted kind and colour inside the mask. The demo's targets are stated at SD's 7.5; this says
-where the family itself follows best (on v2: about 3, README "The v2 base follows its prompts"). ``--interval``
+where the family itself follows best (v2: about 3; v2.1, with its guidance stage: 7.5, README "What the embedded
+family can and cannot do"). ``--interval``
 guides only at those noise levels (``sdtune.generation.guidance``), the conditional prediction elsewhere.
 """
 from __future__ import annotations

@@ -445,28 +445,39 @@ class Build:
                                    "scaling_factor": vae.config.scaling_factor,
                                    "params": family.param_count(vae)})
 
-    def stage_base(self) -> dict:
-        t = self.cfg["train"]["base"]
+    def train_text_to_image(self, stage: str, text_encoder, unet, t: dict, text_lr: float) -> dict:
+        """Text encoder + UNet jointly on world captions (``diffusion_loss``, with the conditional pull when ``t``
+        sets one), saved under <work>/<stage> and as ``<out>/base``."""
         vae = self.load_vae()
         mean, std = self.latents(vae)
         sf = float(vae.config.scaling_factor)
         pool = self.pool()
-        torch.manual_seed(stage_seed(self.seed, "base"))
-        text_encoder = family.build_text_encoder(self.cfg)
-        unet = family.build_unet(self.cfg)
+        pull = bool(t.get("conditional_pull"))
 
         def loss_fn(step, gen):
             idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
             latents = self.sample_latents(mean, std, idx, gen, sf)
             emb = text_encoder(self.token_ids(self.captions(idx, gen, t)), return_dict=False)[0]
-            return self.diffusion_loss(unet, latents, None, emb, gen, t, idx)
+            free = None
+            if pull:  # the empty prompt through the text encoder as it is now: the model's own unconditional
+                with torch.no_grad():
+                    free = text_encoder(self.token_ids([""]), return_dict=False)[0]
+            return self.diffusion_loss(unet, latents, None, emb, gen, t, idx, uncond=free)
 
         groups = [{"params": list(unet.parameters()), "lr": t["lr"]},
-                  {"params": list(text_encoder.parameters()), "lr": t["text_lr"]}]
-        stats = train_loop(self, "base", {"unet": unet, "text_encoder": text_encoder}, groups, t["steps"], loss_fn)
-        save_component(text_encoder, self.work / "base" / "text_encoder")
-        save_component(unet, self.work / "base" / "unet")
+                  {"params": list(text_encoder.parameters()), "lr": text_lr}]
+        stats = train_loop(self, stage, {"unet": unet, "text_encoder": text_encoder}, groups, t["steps"], loss_fn)
+        save_component(text_encoder, self.work / stage / "text_encoder")
+        save_component(unet, self.work / stage / "unet")
         family.save_pipeline(family.assemble("base", vae, text_encoder, unet, cfg=self.cfg), self.out / "base")
+        return stats
+
+    def stage_base(self) -> dict:
+        t = self.cfg["train"]["base"]
+        torch.manual_seed(stage_seed(self.seed, "base"))
+        text_encoder = family.build_text_encoder(self.cfg)
+        unet = family.build_unet(self.cfg)
+        stats = self.train_text_to_image("base", text_encoder, unet, t, t["text_lr"])
         return self.finish("base", {**stats, "unet_params": family.param_count(unet),
                                     "text_encoder_params": family.param_count(text_encoder)})
 
@@ -474,26 +485,8 @@ class Build:
         """The base, continued with the conditional pull (``diffusion_loss``) once the prompt has an effect to shrink:
         on the base's captions and timesteps, with its own steps and learning rate -> ``<out>/base``."""
         t = {**self.cfg["train"]["base"], **self.cfg["train"]["guidance"]}
-        vae = self.load_vae()
-        mean, std = self.latents(vae)
-        sf = float(vae.config.scaling_factor)
-        pool = self.pool()
         text_encoder, unet = self.load_base("base")
-
-        def loss_fn(step, gen):
-            idx = pool[torch.randint(0, len(pool), (t["batch_size"],), generator=gen).numpy()]
-            latents = self.sample_latents(mean, std, idx, gen, sf)
-            emb = text_encoder(self.token_ids(self.captions(idx, gen, t)), return_dict=False)[0]
-            with torch.no_grad():
-                free = text_encoder(self.token_ids([""]), return_dict=False)[0]
-            return self.diffusion_loss(unet, latents, None, emb, gen, t, idx, uncond=free)
-
-        groups = [{"params": list(unet.parameters()), "lr": t["lr"]},
-                  {"params": list(text_encoder.parameters()), "lr": t["lr"]}]
-        stats = train_loop(self, "guidance", {"unet": unet, "text_encoder": text_encoder}, groups, t["steps"], loss_fn)
-        save_component(text_encoder, self.work / "guidance" / "text_encoder")
-        save_component(unet, self.work / "guidance" / "unet")
-        family.save_pipeline(family.assemble("base", vae, text_encoder, unet, cfg=self.cfg), self.out / "base")
+        stats = self.train_text_to_image("guidance", text_encoder, unet, t, t["lr"])
         return self.finish("guidance", {**stats, "conditional_pull": t["conditional_pull"]})
 
     def inpaint_masks(self) -> np.ndarray:

@@ -185,7 +185,7 @@ def test_config_overrides_reject_unknown_keys():
 
 def test_conditional_pull_adds_the_weighted_distance_to_the_unconditional_prediction(tmp_path):
     # loss = MSE(pred, target) + p * MSE(pred, sg(unconditional pred)): zero extra where the prompt changes nothing,
-    # exactly p times the gap otherwise, and no gradient through the unconditional prediction.
+    # exactly p times the gap otherwise, still differentiable, and an error without the empty prompt's embeddings.
     recipe = load_recipe()
     cfg = family.load_config(overrides=MICRO)
     build = recipe.Build(cfg, tmp_path / "out", tmp_path / "work")

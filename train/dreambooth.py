@@ -9,7 +9,8 @@ dropout swaps some prompts for the empty one (so classifier-free guidance keeps 
 are noised at random timesteps and the UNet learns the target of the model's own prediction type;
 loss = instance loss + prior_loss_weight x class loss. With ``output_preservation_weight`` each instance example is
 also run on its class caption (``a photo of a box``), to predict what the base model (adapters off) predicts on the
-same noisy latent: + output_preservation_weight x that loss.
+same noisy latent: + output_preservation_weight x that loss. With ``conditional_pull`` (a base trained with it, as the
+embedded family's guidance stage is) each prediction is also pulled toward the model's own unconditional one.
 
 Reproducibility: the data order and every random draw of a step (flips, VAE sample, noise,
 timesteps, caption dropout) are functions of (seed, step, micro-step, process), not of a running RNG,
@@ -641,7 +642,22 @@ def _train(cfg: TrainConfig) -> TrainResult:
                         target = obj.training_target(noise_scheduler, latents, noise, timesteps)
                         weight = (obj.mask_weights(batch["masks"], latents.shape[-2:], cfg.masked_loss_floor)
                                   if batch["masks"] is not None else None)
-                        per_example.append(obj.per_example_mse(pred, target, weight, cfg.masked_loss_mean))
+                        example_loss = obj.per_example_mse(pred, target, weight, cfg.masked_loss_mean)
+                        if cfg.conditional_pull:
+                            # the base's own objective (conditional_pull): also toward the model's unconditional
+                            # prediction on the same x_t, which is a target here, not a path for gradients
+                            with torch.no_grad():
+                                if sdxl:
+                                    empty, empty_pooled = encode([""] * n)
+                                    empty_extra = {"added_cond_kwargs": sdxl_parts.added_cond(
+                                        empty_pooled, batch["time_ids"], weight_dtype)}
+                                else:
+                                    empty, empty_extra = encode([""] * n), {}
+                                uncond = unet(noisy.to(weight_dtype), timesteps, empty.to(weight_dtype),
+                                              return_dict=False, **empty_extra)[0]
+                            example_loss = example_loss + cfg.conditional_pull * obj.per_example_mse(
+                                pred, uncond, weight, cfg.masked_loss_mean)
+                        per_example.append(example_loss)
                         is_class.append(batch["is_class"])
                         if cfg.snr_gamma:
                             weights.append(obj.min_snr_weights(obj.snr(noise_scheduler, timesteps), cfg.snr_gamma,

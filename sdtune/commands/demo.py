@@ -7,16 +7,18 @@ EPILOG = """\
 What it does (progress is printed per phase):
   1. models: the embedded family (base, inpaint, depth); if it is not built yet, tiny RANDOM models
      (said loudly, recorded as "models": "tiny-random" in metrics.json: their pictures are noise)
-  2. the family before training: world prompts at guidance 7.5, 1.0, 3.0 and 7.5 guided in noise levels
-     [0.3, 0.8) (demo.guidance_interval), inpaint and depth2img checks
+  2. the family before training: world prompts at guidance 7.5, 1.0 and the LoRA's (demo.subject_guidance),
+     optionally 7.5 guided only in some noise levels (demo.guidance_interval), inpaint and depth2img checks
   3. class images, then DreamBooth LoRA on the subject with prior preservation and caption dropout
      (configs/demo.yaml)
   4. one engine with the LoRA: txt2img in new contexts, img2img, inpaint, depth2img, class prompts
-     (at guidance 3.0, configs/demo.yaml's demo.subject_guidance)
+     (at configs/demo.yaml's demo.subject_guidance)
   5. the judge scores everything: OUT/metrics.json, OUT/report.md (+ OUT/grids/*.png, OUT/images/)
 
 Any training key of configs/demo.yaml can be overridden as key=value:
   sdtune demo --out outputs/demo max_steps=800 learning_rate=2e-4
+and the generation plan (the demo: section) as demo.KEY=VALUE:
+  sdtune demo --out outputs/g5 demo.subject_guidance=5 demo.per_mode=16
   sdtune demo --quick --out /tmp/demo              # a short pass (few steps, few images)
   sdtune demo --subjects all --out outputs/all     # every subject in data/subjects, a row each
   sdtune demo --ablations --out outputs/demo       # the recipe's variants and the diffusers example's defaults
@@ -51,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="instead of the demo: train the --subjects (default all) as concepts of ONE LoRA and judge "
                         "each, and how often one subject's prompt draws another (OUT/together.md); max_steps is per subject "
                         "there (3 subjects: 3x the steps) unless given as max_steps=N")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys to override")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="training config keys to override, "
+                   "or demo.KEY=VALUE for the generation plan (configs/demo.yaml's demo: section)")
     p.set_defaults(func=run)
     return p
 

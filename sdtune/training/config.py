@@ -61,6 +61,12 @@ class TrainConfig:
     # with the identifier taken out) must predict what the base model predicts, LoRA off, on the same noisy latent.
     # It teaches the class word's meaning on the subject's own images; 0 = off. LoRA only; costs one more UNet pass.
     output_preservation_weight: float = 0.0
+    # fine-tune with the base's own objective when it was trained with one (the embedded family's guidance stage):
+    # + conditional_pull x the distance between each prediction and the model's own unconditional prediction on the
+    # same noisy latent (not differentiated), so the prompt's effect stays 1 / (1 + p) of the data's, as in the base,
+    # and the guidance the base is sampled at still suits the fine-tune. 0 = off (SD's plain objective); one more
+    # UNet pass without gradients.
+    conditional_pull: float = 0.0
     class_generation_steps: int = 50
     class_generation_guidance: float = 7.5
     class_generation_batch_size: int = 4
@@ -392,6 +398,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _range(cfg.prior_loss_weight >= 0, "prior_loss_weight", ">= 0", cfg.prior_loss_weight)
     _range(cfg.output_preservation_weight >= 0, "output_preservation_weight", ">= 0 (0 = off, 1 is usual)",
            cfg.output_preservation_weight)
+    _range(cfg.conditional_pull >= 0, "conditional_pull", ">= 0 (0 = off)", cfg.conditional_pull)
     _range(cfg.num_class_images >= 1, "num_class_images", ">= 1", cfg.num_class_images)
     _range(cfg.class_generation_steps >= 1, "class_generation_steps", ">= 1", cfg.class_generation_steps)
     _range(cfg.class_generation_guidance >= 0, "class_generation_guidance", ">= 0", cfg.class_generation_guidance)

@@ -39,7 +39,9 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
     lines = front + [
         f"# DreamBooth {'LoRA' if method == 'lora' else 'fine-tune'} of {base_model}", "",
         f"Trained with sdtune for {steps} steps on the subject \"{prompt}\", {prior}, "
-        f"caption dropout {config.get('caption_dropout')}.", "",
+        f"caption dropout {config.get('caption_dropout')}"
+        + (f", conditional pull {config.get('conditional_pull')} (the base model's own objective)"
+           if config.get("conditional_pull") else "") + ".", "",
         f"- base model: `{base_model}` ({family}, {prediction_type} prediction)",
         f"- method: {method}" + (f" (rank {config.get('lora_rank')}, alpha {config.get('lora_alpha') or config.get('lora_rank')})"
                                   if method == "lora" else ""),

@@ -81,7 +81,7 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
     base = Engine.load(models.base)
     resolution = base.native_size[0]
     judge = Judge.load()
-    plan = demo.demo_plan(quick)
+    plan = demo.demo_plan(quick, overrides)
     if quick:
         subject_prompts, class_prompts, sample_steps = 2, 2, 3
 

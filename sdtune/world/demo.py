@@ -170,7 +170,7 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     if quick:
         data.update(QUICK_TRAINING)
     given = {}
-    for text in overrides:
+    for text in training_overrides(overrides):
         key, value = parse_override(text)
         given[key] = value
     data.update(given)
@@ -180,23 +180,57 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     return config_from_dict(data)
 
 
-def demo_plan(quick: bool) -> Plan:
-    """The generation plan: QUICK for --quick, else FULL updated by the ``demo:`` section of configs/demo.yaml."""
+PLAN_PREFIX = "demo."
+
+
+def training_overrides(overrides) -> list[str]:
+    """The key=value overrides that are training keys (``demo.KEY=VALUE`` ones set the plan instead)."""
+    return [t for t in overrides if not t.strip().startswith(PLAN_PREFIX)]
+
+
+def demo_plan(quick: bool, overrides=()) -> Plan:
+    """The generation plan: QUICK for --quick, else FULL updated by the ``demo:`` section of configs/demo.yaml;
+    then the ``demo.KEY=VALUE`` overrides (``sdtune demo demo.subject_guidance=5``), with or without --quick."""
     from dataclasses import fields, replace
+
+    import yaml
 
     from sdtune.training.config import read_yaml
 
-    if quick or not DEMO_CONFIG.is_file():
-        return QUICK if quick else FULL
-    section = read_yaml(DEMO_CONFIG).get("demo") or {}
     names = {f.name for f in fields(Plan)}
-    if not isinstance(section, dict) or set(section) - names:
-        raise SdtuneError(f"{DEMO_CONFIG}: the demo section takes only {', '.join(sorted(names))}")
+    given = {}
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        if not key.startswith(PLAN_PREFIX):
+            continue
+        if key[len(PLAN_PREFIX):] not in names:
+            raise SdtuneError(f"{key}: the demo's plan has no such key; it takes {PLAN_PREFIX}KEY for KEY in "
+                              f"{', '.join(sorted(names))}")
+        try:
+            given[key[len(PLAN_PREFIX):]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise SdtuneError(f"override '{text}': {raw!r} is not a value (e.g. {PLAN_PREFIX}subject_guidance=5)")
+        default = getattr(FULL, key[len(PLAN_PREFIX):])
+        value = given[key[len(PLAN_PREFIX):]]
+        if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SdtuneError(f"override '{text}': {key} takes a number (e.g. {key}={default})")
+    if quick or not DEMO_CONFIG.is_file():
+        section = {}
+        base = QUICK if quick else FULL
+    else:
+        section = read_yaml(DEMO_CONFIG).get("demo") or {}
+        base = FULL
+        if not isinstance(section, dict) or set(section) - names:
+            raise SdtuneError(f"{DEMO_CONFIG}: the demo section takes only {', '.join(sorted(names))}")
+    section = {**section, **given}
+    if not section:
+        return base
     if section.get("guidance_interval") is not None:
         from sdtune.generation.guidance import parse_interval
 
         section = {**section, "guidance_interval": parse_interval(section["guidance_interval"])}
-    return replace(FULL, **section)
+    return replace(base, **section)
 
 
 # ----------------------------------------------------------------------------- prompts and inputs
@@ -338,7 +372,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject=None, model=None, 
     from sdtune.training.data import check_output_dir
 
     t_start = time.perf_counter()
-    plan = plan or demo_plan(quick)
+    plan = plan or demo_plan(quick, overrides)
     subjs = resolve_subjects(subjects if subjects is not None else subject)  # user errors first
     out = check_output_dir(out, what="--out")
     for s in subjs:  # bad key=value overrides fail now, not after loading

@@ -41,7 +41,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     if len(set(idents)) != len(idents):
         raise SdtuneError(f"subjects trained together need different identifiers, got {', '.join(idents)}")
     # One config for all, so the training keys the subject folders recommend must agree (checked before any work).
-    given = {parse_override(text)[0] for text in overrides}  # the command line settles a key for all
+    given = {parse_override(text)[0] for text in demo.training_overrides(overrides)}  # the command line settles a key for all
     training: dict = {}
     for s in subjs:
         for key, value in s.training.items():
@@ -57,7 +57,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     models = demo.resolve_models(model, None, None, out, say)
     base = Engine.load(models.base)
     resolution = base.native_size[0]
-    plan = demo.demo_plan(quick)
+    plan = demo.demo_plan(quick, overrides)
     if quick:
         prompts = 2
 
@@ -76,7 +76,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     # (three subjects in 1500 steps: 0.875 / 0.500 / 0.562; in 3000 all three pass 0.8; README). As kohya's
     # epochs over all images do, and unlike a fixed max_train_steps. An explicit max_steps= wins.
     data["max_steps"] = cfg.max_steps * len(subjs)
-    for text in overrides:  # the user's overrides win, as in the demo
+    for text in demo.training_overrides(overrides):  # the user's overrides win, as in the demo
         key, value = parse_override(text)
         data[key] = value
     cfg = config_from_dict(data)

@@ -440,6 +440,22 @@ def test_output_preservation_adds_the_class_prompts_distance_from_the_base_model
         config(tiny_models, subject, tmp_path / "bad", output_preservation_weight=1.0)
 
 
+def test_conditional_pull_adds_p_times_the_distance_to_the_unconditional_prediction(tiny_models, subject, tmp_path):
+    def run(out, **kw):
+        return recipe.train(config(tiny_models, subject, tmp_path / out, max_steps=2, lora_rank=2, **kw))
+
+    plain, one, two = run("plain"), run("one", conditional_pull=1.0), run("two", conditional_pull=2.0)
+    # Step 1 runs the same weights on the same draws, so the pull's term is the only difference, and it scales
+    # with p: it is the distance to the unconditional prediction, which a random model's prompt moves away from.
+    added = one.losses[0] - plain.losses[0]
+    assert added > 1e-6 * plain.losses[0], (one.losses, plain.losses)
+    assert np.isclose(two.losses[0] - plain.losses[0], 2 * added, rtol=1e-3), (two.losses, one.losses, plain.losses)
+    assert "conditional pull 1.0" in (tmp_path / "one" / "README.md").read_text()
+    assert "conditional pull" not in (tmp_path / "plain" / "README.md").read_text()
+    with pytest.raises(SdtuneError, match="conditional_pull must be"):
+        config(tiny_models, subject, tmp_path / "bad", conditional_pull=-1)
+
+
 def test_disabled_adapters_give_the_base_models_output_and_come_back(tiny_models):
     base = stock(tiny_models["sd1"]).unet
     unet = stock(tiny_models["sd1"]).unet

@@ -164,6 +164,23 @@ def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp
         demo_config(load_subject(ball.folder), "m", tmp_path / "o", 32, True)
 
 
+def test_demo_dot_keys_set_the_generation_plan_and_not_training(tmp_path):
+    """demo.KEY=VALUE overrides the plan (configs/demo.yaml's demo: section), over --quick too; others train."""
+    from sdtune.errors import SdtuneError
+    from sdtune.world.demo import FULL, QUICK, demo_config, demo_plan
+    from sdtune.world.subjects import load_subject, write_subject
+
+    given = ["demo.subject_guidance=5", "demo.guidance_interval=[0.2, 0.9]", "max_steps=7"]
+    plan, quick = demo_plan(False, given), demo_plan(True, given)
+    assert plan.subject_guidance == 5 and plan.guidance_interval == (0.2, 0.9)
+    assert quick.subject_guidance == 5 and quick.base_prompts == QUICK.base_prompts != FULL.base_prompts
+    assert demo_plan(True) == QUICK
+    box = load_subject(write_subject("checker_box", tmp_path / "box", size=32))
+    assert demo_config(box, "m", tmp_path / "o", 32, True, given).max_steps == 7  # demo.* is not a training key
+    with pytest.raises(SdtuneError, match="takes a number"):
+        demo_plan(False, ["demo.subject_guidance=high"])
+
+
 def test_subjects_trained_together_must_agree_on_their_training_keys(no_embedded, tmp_path):
     from sdtune.world.subjects import write_subject
 
@@ -206,7 +223,7 @@ def test_rerun_into_the_same_out_reuses_class_images_and_replaces_results(quick_
 
 
 @pytest.mark.parametrize("case", ["missing_subject", "no_subject_json", "bad_class_noun", "out_is_a_file",
-                                  "bad_override"])
+                                  "bad_override", "bad_plan_override"])
 def test_user_errors_are_one_line_and_write_nothing(case, no_embedded, tmp_path):
     out = tmp_path / "out"
     argv = ["demo", "--quick", "--out", str(out)]
@@ -226,8 +243,10 @@ def test_user_errors_are_one_line_and_write_nothing(case, no_embedded, tmp_path)
     elif case == "out_is_a_file":
         out.write_text("not a folder")
         argv[argv.index(str(out))] = str(out)
-    else:
+    elif case == "bad_override":
         argv += ["max_stepz=3"]
+    else:
+        argv += ["demo.subject_guidanse=3"]
     code, stdout, stderr = run_cli(argv)
     assert code == 2
     lines = stderr.strip().splitlines()
@@ -236,7 +255,8 @@ def test_user_errors_are_one_line_and_write_nothing(case, no_embedded, tmp_path)
     if case != "out_is_a_file":
         assert not out.exists() or not any(out.iterdir()), "something was written"
     expected = {"missing_subject": "not a folder", "no_subject_json": "subject.json", "bad_class_noun": "class_noun",
-                "out_is_a_file": "--out", "bad_override": "max_steps"}[case]
+                "out_is_a_file": "--out", "bad_override": "max_steps",
+                "bad_plan_override": "demo.subject_guidanse"}[case]
     assert expected in lines[0]
 
 

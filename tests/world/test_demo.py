@@ -73,6 +73,9 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
     assert metrics["steps"] == 3 and metrics["resolution"] == 32  # --quick, tiny models' native size
     assert metrics["training"]["with_prior_preservation"] and metrics["training"]["caption_dropout"] > 0
     assert metrics["modes"] == list(MODE_GROUPS)
+    # the class prompts drawn by the base too, the same count, so the prior before training is reported
+    assert metrics["counts"]["base_class_prompts"] == metrics["counts"]["class_prompts"]
+    assert 0.0 <= metrics["base_prior_preservation"] <= 1.0 and "prior_kept" in metrics
 
     # The LoRA the recipe trained, and the class images for prior preservation.
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -162,6 +165,23 @@ def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp
     (ball.folder / "subject.json").write_text(json.dumps(meta))
     with pytest.raises(SdtuneError, match="output_preservation_weight"):  # the config's own validation
         demo_config(load_subject(ball.folder), "m", tmp_path / "o", 32, True)
+
+
+def test_prior_before_and_after_training_compares_the_same_draws():
+    """base_prior_preservation is the base's share; prior_kept counts only prompts the base drew as the class."""
+    from sdtune.world.demo import prior_before_after
+
+    class Judge:  # reads each "image" as its prediction
+        def predict(self, images):
+            return list(images)
+
+    box, ball = {"kind": "box", "subject": None}, {"kind": "ball", "subject": None}
+    leak = {"kind": "box", "subject": "checker_box"}
+    got = prior_before_after(Judge(), "box", [box, box, ball, box], [box, leak, box, box])
+    # the base: 3 of 4 the class; of those 3 the LoRA keeps 2 (one drew the subject); the third prompt, which the
+    # base missed, does not count for prior_kept though the LoRA drew a box there
+    assert got == {"base_prior_preservation": 0.75, "prior_kept": pytest.approx(2 / 3)}
+    assert prior_before_after(Judge(), "box", [ball], [box]) == {"base_prior_preservation": 0.0, "prior_kept": None}
 
 
 def test_demo_dot_keys_set_the_generation_plan_and_not_training(tmp_path):

@@ -205,17 +205,18 @@ def demo_plan(quick: bool, overrides=()) -> Plan:
         key = key.strip()
         if not key.startswith(PLAN_PREFIX):
             continue
-        if key[len(PLAN_PREFIX):] not in names:
+        name = key[len(PLAN_PREFIX):]
+        if name not in names:
             raise SdtuneError(f"{key}: the demo's plan has no such key; it takes {PLAN_PREFIX}KEY for KEY in "
                               f"{', '.join(sorted(names))}")
         try:
-            given[key[len(PLAN_PREFIX):]] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise SdtuneError(f"override '{text}': {raw!r} is not a value (e.g. {PLAN_PREFIX}subject_guidance=5)")
-        default = getattr(FULL, key[len(PLAN_PREFIX):])
-        value = given[key[len(PLAN_PREFIX):]]
+        default = getattr(FULL, name)
         if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SdtuneError(f"override '{text}': {key} takes a number (e.g. {key}={default})")
+        given[name] = value
     if quick or not DEMO_CONFIG.is_file():
         section = {}
         base = QUICK if quick else FULL

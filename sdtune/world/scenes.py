@@ -77,12 +77,17 @@ SUPERSAMPLE = 2  # anti-aliasing: render at 2x, average down; mask = coverage >=
 # command line wins). The two-tone ball differs from its class only in colour, and its class drifted in every training
 # seed (prior preservation 0.69 / 0.44 / 0.19); output preservation held it (0.94 / 0.88 / 0.94), and with captions
 # as well its stated contexts hold too (prompt fidelity 1.00 / 1.00 / 0.69 in seeds 0-2; README, "Training seeds").
+# The crescent is a silhouette, which the attention layers reach alone: on family v2.1 (seed 0, 2026-12-03) its
+# LoRA on attention only drew it 1.00 / 0.88 / 1.00 / 1.00 (txt2img / img2img / inpaint / depth2img), prior 1.00,
+# where `all` drew small crescents as blobs (txt2img 0.78); the checker box on attention only fell to 0.84 / 0.38 /
+# 0.88 / 0.62 (a texture needs the convolutions), so the default stays `all` (configs/demo.yaml).
 SUBJECTS = {
     "checker_box": {"class_noun": "box", "identifier": "sks", "look": "checker",
                     "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3, "captions": True,
                     "stresses": "a texture: a box whose faces are a teal-and-cream checkerboard"},
     "crescent": {"class_noun": "ring", "identifier": "ohwx", "look": "crescent", "colours": (ALBEDO["yellow"],),
-                 "captions": True, "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
+                 "captions": True, "training": {"lora_targets": "attention"},
+                 "stresses": "a shape: a yellow crescent, a silhouette the world never shows"},
     "twotone_ball": {"class_noun": "ball", "identifier": "hta", "look": "two_tone",
                      "colours": (ALBEDO["red"], ALBEDO["blue"]), "captions": True,
                      "training": {"output_preservation_weight": 1.0},

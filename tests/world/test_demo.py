@@ -385,5 +385,13 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
     assert sorted(c["instance_prompt"] for c in config["concepts"]) == sorted(
         json.loads((ROOT_SUBJECTS / n / "subject.json").read_text())["instance_prompt"] for n in names)
     assert config["output_preservation_weight"] == 1.0  # the two-tone ball's folder asks for it, for all
-    assert "the subject folders set output_preservation_weight=1.0" in stdout
+    # every key a folder recommends is named once, applied to all of them
+    recommended = {}
+    for n in names:
+        recommended.update(json.loads((ROOT_SUBJECTS / n / "subject.json").read_text()).get("training", {}))
+    line = next(x for x in stdout.splitlines() if x.startswith("the subject folders set "))
+    assert line.endswith("for all of them (a key=value on the command line wins)")
+    for key, value in recommended.items():
+        assert f"{key}={value}" in line
+    assert config["lora_targets"] == "attention" and "lora_targets=attention" in line  # the crescent's, for all
     assert "cross-talk (judged another subject)" in (out / "together.md").read_text()

@@ -152,12 +152,14 @@ def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp
     ball = load_subject(write_subject("twotone_ball", tmp_path / "ball", size=32))
     box = load_subject(write_subject("checker_box", tmp_path / "box", size=32))
     crescent = load_subject(write_subject("crescent", tmp_path / "crescent", size=32))
-    assert ball.training == {"output_preservation_weight": 1.0} and box.training == {}
+    assert ball.training == {"output_preservation_weight": 1.0, "masked_loss_mean": "pixels"} and box.training == {}
     assert crescent.training == {"lora_targets": "attention"}  # a silhouette: attention reaches it (README)
     assert demo_config(crescent, "m", tmp_path / "o", 32, True).lora_targets == "attention"
     assert demo_config(box, "m", tmp_path / "o", 32, True).lora_targets == "all"
     assert demo_config(ball, "m", tmp_path / "o", 32, True).output_preservation_weight == 1.0
     assert demo_config(box, "m", tmp_path / "o", 32, True).output_preservation_weight == 0.0
+    assert demo_config(ball, "m", tmp_path / "o", 32, True).masked_loss_mean == "pixels"
+    assert demo_config(box, "m", tmp_path / "o", 32, True).masked_loss_mean == "weights"
     assert demo_config(ball, "m", tmp_path / "o", 32, True, ["output_preservation_weight=0"]) \
         .output_preservation_weight == 0.0
     meta = json.loads((ball.folder / "subject.json").read_text())

@@ -6,15 +6,17 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from sdtune.commands.cli import main
 from sdtune.generation.metadata import read_params
 from sdtune.models import embedded
-from sdtune.world.demo import DEFAULT_SUBJECT, MODE_GROUPS, TINY_NOTICE
+from sdtune.world.demo import DEFAULT_SUBJECT, DEMO_CONFIG, MODE_GROUPS, TINY_NOTICE
 
 REAL_MODELS_DIR = embedded.MODELS_DIR
 ROOT_SUBJECTS = DEFAULT_SUBJECT.parent
+DEMO_YAML = yaml.safe_load(DEMO_CONFIG.read_text())
 SCORES = ("base_prompt_adherence", "guidance_gain", "inpaint_in_region", "depth_layout_kept", "subject_fidelity",
           "prompt_fidelity", "prior_preservation")
 
@@ -157,7 +159,7 @@ def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp
     assert demo_config(crescent, "m", tmp_path / "o", 32, True).lora_targets == "attention"
     assert demo_config(box, "m", tmp_path / "o", 32, True).lora_targets == "all"
     assert demo_config(ball, "m", tmp_path / "o", 32, True).output_preservation_weight == 1.0
-    assert demo_config(box, "m", tmp_path / "o", 32, True).output_preservation_weight == 0.0
+    assert demo_config(box, "m", tmp_path / "o", 32, True).output_preservation_weight == 1.0  # configs/demo.yaml's
     assert demo_config(ball, "m", tmp_path / "o", 32, True).masked_loss_mean == "pixels"
     assert demo_config(box, "m", tmp_path / "o", 32, True).masked_loss_mean == "weights"
     assert demo_config(ball, "m", tmp_path / "o", 32, True, ["output_preservation_weight=0"]) \
@@ -353,7 +355,7 @@ def test_every_subject_is_trained_and_summarised(no_embedded, tmp_path):
         assert f"[{name}]({name}/report.md)" in report
         # each trained with the keys its own folder recommends (the two-tone ball: output preservation)
         recommended = json.loads((ROOT_SUBJECTS / name / "subject.json").read_text()).get("training", {})
-        weight = recommended.get("output_preservation_weight", 0.0)
+        weight = recommended.get("output_preservation_weight", DEMO_YAML["output_preservation_weight"])
         assert per["training"]["output_preservation_weight"] == weight
         assert ("output preservation" in (out / name / "report.md").read_text()) == bool(weight)
     assert any(json.loads((ROOT_SUBJECTS / n / "subject.json").read_text()).get("training") for n in names)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sdtune import console  # noqa: E402
 from sdtune.imageio import write_text_atomic  # noqa: E402
 from sdtune.training import objectives  # noqa: E402
 from sdtune.world import family, scenes  # noqa: E402
@@ -689,8 +690,10 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ap.add_argument("--force", action="store_true", help="rerun stages that are already done")
     ap.add_argument("--samples", default=None, help="after the build, write base/inpaint/depth sample grids (PNG) here")
+    ap.add_argument("--verbose", action="store_true", help="also show the libraries' notices and warnings")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console.setup(verbose=args.verbose)  # the build's own lines and bars; diffusers' dtype notices only with --verbose
     cfg = family.load_config(args.config, args.set)
     torch.set_num_threads(int(cfg.get("threads", 2)))
     out = Path(args.out)

@@ -164,6 +164,19 @@ def test_same_seed_same_weights_and_resume_is_exact(micro_family, tmp_path):
     assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_build_prints_its_own_lines_only(tmp_path, capfd):
+    # diffusers warns when a pipeline is cast to fp16 for saving ("modules ... should be kept in float32"); the build
+    # shows only its own lines and bars unless --verbose, as every sdtune command does.
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_warning()  # as a fresh process starts, whatever earlier tests set
+    build(tmp_path / "out", tmp_path / "work", "--stage", "vae")
+    build(tmp_path / "out", tmp_path / "work", "--stage", "base")
+    captured = capfd.readouterr()
+    assert "float32" not in captured.out + captured.err
+    assert "stage" in captured.out  # the build's own record lines are still there
+
+
 def test_widen_unet_keeps_the_base_function():
     cfg = family.load_config(overrides=MICRO)
     torch.manual_seed(0)

@@ -154,16 +154,35 @@ def tiny_models(folder: Path) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- configuration
 
-def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,
-                overrides=(), training: dict | None = None):
-    """configs/demo.yaml + the subject folder's own training keys (subject.json "training", or ``training``) + what
-    this run fixes (model, subject, folders under ``out``, resolution) + --quick + overrides."""
-    from sdtune.training.config import config_from_dict, parse_override, read_yaml
+def demo_yaml() -> dict:
+    """configs/demo.yaml's training keys (its ``demo:`` generation plan left out)."""
+    from sdtune.training.config import read_yaml
 
     if not DEMO_CONFIG.is_file():
         raise SdtuneError(f"the demo config {DEMO_CONFIG} is missing; run sdtune from a source checkout")
     data = read_yaml(DEMO_CONFIG)
     data.pop("demo", None)  # the generation plan (see demo_plan), not a training key
+    return data
+
+
+def demo_defaults() -> dict:
+    """Every training key as a demo run takes it before any folder's or command line's: configs/demo.yaml, and the
+    recipe's own default (``TrainConfig``'s) for a key the file leaves out."""
+    import dataclasses
+
+    from sdtune.training.config import TrainConfig
+
+    recipe = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {**recipe, **demo_yaml()}
+
+
+def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,
+                overrides=(), training: dict | None = None):
+    """configs/demo.yaml + the subject folder's own training keys (subject.json "training", or ``training``) + what
+    this run fixes (model, subject, folders under ``out``, resolution) + --quick + overrides."""
+    from sdtune.training.config import config_from_dict, parse_override
+
+    data = demo_yaml()
     data.update(subject.training if training is None else training)
     data.update(model=base_model, instance_dir=str(subject.folder), instance_prompt=subject.instance_prompt,
                 identifier=subject.identifier, class_prompt=subject.class_prompt, class_dir=str(out / "class_images"),

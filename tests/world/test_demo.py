@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from sdtune.commands.cli import main
+from sdtune.errors import SdtuneError
 from sdtune.generation.metadata import read_params
 from sdtune.models import embedded
 from sdtune.world.demo import DEFAULT_SUBJECT, DEMO_CONFIG, MODE_GROUPS, TINY_NOTICE
@@ -147,7 +148,6 @@ def test_an_uncaptioned_subject_gets_the_class_prompt_alone(no_embedded, tmp_pat
 
 def test_a_subject_folder_recommends_training_keys_and_the_command_line_wins(tmp_path):
     """subject.json's "training" goes over configs/demo.yaml and under key=value; a bad one is a one-line error."""
-    from sdtune.errors import SdtuneError
     from sdtune.world.demo import demo_config
     from sdtune.world.subjects import load_subject, write_subject
 
@@ -194,7 +194,6 @@ def test_prior_before_and_after_training_compares_the_same_draws():
 
 def test_demo_dot_keys_set_the_generation_plan_and_not_training(tmp_path):
     """demo.KEY=VALUE overrides the plan (configs/demo.yaml's demo: section), over --quick too; others train."""
-    from sdtune.errors import SdtuneError
     from sdtune.world.demo import FULL, QUICK, demo_config, demo_plan
     from sdtune.world.subjects import load_subject, write_subject
 
@@ -221,6 +220,30 @@ def test_subjects_trained_together_must_agree_on_their_training_keys(no_embedded
     code, _, stderr = run_cli(["demo", "--quick", "--together", "--subjects", str(one), str(two), "--out", str(out)])
     assert code == 2 and "recommend different output_preservation_weight (1.0 and 0.5)" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_together_keeps_the_demos_value_for_a_key_only_some_folders_recommend():
+    from types import SimpleNamespace
+
+    from sdtune.world.together import agreed_training
+
+    def subj(name, **training):
+        return SimpleNamespace(name=name, training=training)
+
+    defaults = {"lora_targets": "all", "output_preservation_weight": 1.0, "masked_loss_mean": "weights"}
+    said = []
+    got = agreed_training([subj("box"), subj("crescent", lora_targets="attention"),
+                           subj("ball", output_preservation_weight=1.0)], set(), defaults, said.append)
+    assert got == {"output_preservation_weight": 1.0}  # the same as the demo's: nothing to choose between
+    assert any("keeps lora_targets=all" in x and "crescent recommends attention" in x for x in said)
+    # every folder recommending the same value: it applies to all
+    assert agreed_training([subj("a", lora_targets="attention"), subj("b", lora_targets="attention")], set(),
+                           defaults, said.append) == {"lora_targets": "attention"}
+    # the command line settles a key for all, conflicts included
+    assert agreed_training([subj("a", lora_targets="attention"), subj("b", lora_targets="all_linear")],
+                           {"lora_targets"}, defaults, said.append) == {}
+    with pytest.raises(SdtuneError, match="recommend different lora_targets"):
+        agreed_training([subj("a", lora_targets="attention"), subj("b", lora_targets="x")], set(), defaults)
 
 
 def test_report_links_existing_grids_and_is_honest(quick_run):
@@ -388,14 +411,19 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
         config = json.loads(f.metadata()[CONFIG_METADATA_KEY])
     assert sorted(c["instance_prompt"] for c in config["concepts"]) == sorted(
         json.loads((ROOT_SUBJECTS / n / "subject.json").read_text())["instance_prompt"] for n in names)
-    assert config["output_preservation_weight"] == 1.0  # the two-tone ball's folder asks for it, for all
-    # every key a folder recommends is named once, applied to all of them
-    recommended = {}
-    for n in names:
-        recommended.update(json.loads((ROOT_SUBJECTS / n / "subject.json").read_text()).get("training", {}))
-    line = next(x for x in stdout.splitlines() if x.startswith("the subject folders set "))
-    assert line.endswith("for all of them (a key=value on the command line wins)")
-    for key, value in recommended.items():
-        assert f"{key}={value}" in line
-    assert config["lora_targets"] == "attention" and "lora_targets=attention" in line  # the crescent's, for all
+    # A key every folder agrees on (a folder that sets none takes the demo's value) applies to all; a key only some
+    # folders recommend, against the demo's value, is a per-subject choice: one LoRA keeps the demo's, and says so.
+    from sdtune.world.demo import demo_defaults
+
+    defaults = demo_defaults()
+    folders = {n: json.loads((ROOT_SUBJECTS / n / "subject.json").read_text()).get("training", {}) for n in names}
+    lines = [x for x in stdout.splitlines() if x.startswith("the subject folders ")]
+    for key in {k for t in folders.values() for k in t}:
+        values = {t.get(key, defaults[key]) for t in folders.values()}
+        if len(values) == 1:
+            assert config[key] == values.pop() and any(f"{key}=" in x and "for all of them" in x for x in lines)
+        else:
+            assert config[key] == defaults[key], key
+            assert any(f"keeps {key}={defaults[key]}" in x or f"; {key}={defaults[key]}" in x for x in lines), key
+    assert config["lora_targets"] == "all"  # the crescent's attention-only targets would cost the checker box
     assert "cross-talk (judged another subject)" in (out / "together.md").read_text()

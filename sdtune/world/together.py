@@ -26,9 +26,11 @@ def agreed_training(subjects, given: set, defaults: dict, say: Callable[[str], N
 
     Subjects trained together share one config. A key the command line sets (``given``) is settled for all. Two
     folders recommending different values is a one-line error (the user settles it with key=VALUE). A key that
-    only some folders recommend is a per-subject choice (the crescent's attention-only targets suit a silhouette
-    and cost the checker box its texture: 0.625 against 1.000 in one LoRA): the others would train with the
-    demo's own value, so the demo's value is kept for all, and a note says so. Checked before any work.
+    only some folders recommend is a per-subject choice (the crescent's attention-only targets suit a silhouette,
+    not the checker box's texture: in one LoRA of the three, box / crescent 0.625 / 0.812 with attention for all,
+    0.812 / 0.688 with the demo's all): the folders that do not name it would train with the demo's value, so one
+    LoRA keeps the demo's value, and a note names the key and the folder that asked otherwise. Checked before any
+    work.
     """
     recommended: dict = {}
     for s in subjects:

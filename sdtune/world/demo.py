@@ -168,12 +168,9 @@ def demo_yaml() -> dict:
 def demo_defaults() -> dict:
     """Every training key as a demo run takes it before any folder's or command line's: configs/demo.yaml, and the
     recipe's own default (``TrainConfig``'s) for a key the file leaves out."""
-    import dataclasses
-
     from sdtune.training.config import TrainConfig
 
-    recipe = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return {**recipe, **demo_yaml()}
+    return {**vars(TrainConfig()), **demo_yaml()}
 
 
 def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,

@@ -44,7 +44,7 @@ def agreed_training(subjects, given: set, defaults: dict, say: Callable[[str], N
     training, kept = {}, []
     for key, (value, name) in recommended.items():
         others = [s.name for s in subjects if key not in s.training]
-        if others and key in defaults and defaults[key] != value:
+        if others and defaults.get(key, value) != value:
             kept.append(f"{key}={defaults[key]} (the demo's, for {', '.join(others)}; {name} recommends {value})")
         else:
             training[key] = value

@@ -31,7 +31,7 @@ def make_images(folder: Path, resolution: int, n: int = 100) -> list[tuple[int, 
 
 def measure(model: str, work: Path, resolution: int, steps: int = 200, n: int = 100) -> dict:
     from sdtune.training.config import config_from_dict
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
 
     buckets = make_images(work / "images", resolution, n)
     rows = {}
@@ -39,8 +39,8 @@ def measure(model: str, work: Path, resolution: int, steps: int = 200, n: int = 
         common = dict(model=model, instance_dir=str(work / "images"), instance_prompt="a photo of sks thing",
                       resolution=resolution, buckets=value, train_batch_size=2, max_steps=steps, learning_rate=1e-4,
                       caption_dropout=0.0, lora_rank=4, latent_cache_dir=str(work / "latents"), seed=0)
-        load_recipe().train(config_from_dict({**common, "output_dir": str(work / f"warm-{value}")}))
-        result = load_recipe().train(config_from_dict({**common, "output_dir": str(work / f"timed-{value}")}))
+        dreambooth.train(config_from_dict({**common, "output_dir": str(work / f"warm-{value}")}))
+        result = dreambooth.train(config_from_dict({**common, "output_dir": str(work / f"timed-{value}")}))
         rows[name] = {"steps_per_s": round(steps / result.loop_s, 2), "latent_encodes": result.latent_encodes}
     single, multi = rows["one square bucket"], rows[f"{len(buckets)} buckets"]
     return {"images": n, "buckets": [list(b) for b in buckets], "steps": steps, "resolution": resolution, "runs": rows,

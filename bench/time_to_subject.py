@@ -48,7 +48,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
 
     from sdtune.generation.engine import Engine
     from sdtune.training.class_images import ensure_class_images
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
     from sdtune.world import demo
     from sdtune.world.judge import Judge
 
@@ -75,7 +75,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
     clock, done = 0.0, 0
     for step in range(every, max_steps + 1, every):
         cfg.max_steps = step
-        result = load_recipe().train(cfg)
+        result = dreambooth.train(cfg)
         # A finished run keeps no checkpoint at its last step (its final weights are saved instead), so each stage
         # resumes from an earlier checkpoint and reruns the steps since: count only the new steps' share of its time.
         clock += result.loop_s * (step - done) / max(len(result.losses), step - done)

@@ -33,13 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from sdtune.training.config import load_config
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
 
     cfg = load_config(args.config, args.overrides)  # validated before anything heavy is loaded
     if args.dry_run:
-        recipe = load_recipe()
+        recipe = dreambooth
         print(recipe.format_dry_run(recipe.dry_run(cfg)))
         return 0
-    result = load_recipe().train(cfg)
+    result = dreambooth.train(cfg)
     print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
     return 0

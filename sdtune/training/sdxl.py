@@ -1,6 +1,6 @@
 """The SDXL pieces of the DreamBooth recipe: two text encoders, the pooled embedding, size/crop time ids.
 
-``train/dreambooth.py`` trains SDXL with the same loop as SD; what differs lives here:
+``sdtune.training.dreambooth`` trains SDXL with the same loop as SD; what differs lives here:
 
 * ``XLPromptEncoder``: captions through both text encoders (``sdtune.models.sdxl.encode_batch_xl``),
   giving the cross-attention context and the pooled embedding; cached per caption while the encoders are

@@ -68,7 +68,7 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
     from sdtune.generation.engine import Engine
     from sdtune.training.class_images import ensure_class_images
     from sdtune.training.data import check_output_dir
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
     from sdtune.world import demo
     from sdtune.world import evaluation as ev
     from sdtune.world.judge import Judge
@@ -108,7 +108,7 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*non-image file")
-                result = load_recipe().train(cfg)
+                result = dreambooth.train(cfg)
             train_s = time.perf_counter() - t
             engine = Engine.load(models.base, lora=cfg.output_dir) if cfg.method == "lora" else Engine.load(cfg.output_dir)
             g = plan.subject_guidance

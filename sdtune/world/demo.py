@@ -449,7 +449,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
 
     from sdtune.generation.engine import Engine
     from sdtune.training.class_images import ensure_class_images
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
 
     timings = dict(family_timings)
     t_subject = time.perf_counter()
@@ -481,7 +481,7 @@ def _run_subject(subj, out, models, base_engine, resolution, judge, plan, quick,
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*non-image file")  # subject.json beside the images
-        result = load_recipe().train(cfg)
+        result = dreambooth.train(cfg)
     timings["train_s"] = time.perf_counter() - t
 
     # --- 4. generation with one engine, LoRA applied ---------------------------------------------------

@@ -63,7 +63,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     from sdtune.training.class_images import ensure_class_images
     from sdtune.training.config import config_from_dict, parse_override
     from sdtune.training.data import check_output_dir
-    from sdtune.training.recipe import load_recipe
+    from sdtune.training import dreambooth
     from sdtune.world import demo
     from sdtune.world import evaluation as ev
     from sdtune.world.judge import Judge
@@ -111,7 +111,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     ensure_class_images(cfg, pipeline=base.pipeline("txt2img"))
     del base
     t = time.perf_counter()
-    result = load_recipe().train(cfg)
+    result = dreambooth.train(cfg)
     train_s = time.perf_counter() - t
 
     say(f"[2/3] drawing each subject's prompts with the one LoRA (t={time.perf_counter() - t_start:.0f}s)")

@@ -18,7 +18,6 @@ import yaml
 
 from sdtune.training import adapters, checkpointing
 from sdtune.training.config import config_from_dict
-from sdtune.training.recipe import RECIPE
 
 from test_train_recipe import make_images, recipe  # noqa: F401
 
@@ -28,9 +27,8 @@ DRIVER = """
 import os, signal, sys, json
 import torch
 torch.set_num_threads(1)
-sys.path.insert(0, {recipe_dir!r})
 import builtins, safetensors.torch as st
-import dreambooth
+from sdtune.training import dreambooth
 from sdtune.training.config import load_config
 kill_at, count = int(sys.argv[2]), [0]
 def counted(fn):
@@ -68,7 +66,7 @@ def test_kill_at_any_write_leaves_a_resumable_run_and_nothing_half_done(tiny_mod
                   resolution=32, max_steps=3, learning_rate=1e-3, caption_dropout=0.0, checkpoint_every=1,
                   checkpoints_keep=2, seed=3, resume="latest", train_batch_size=1)
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(recipe_dir=str(RECIPE.parent)))
+    driver.write_text(DRIVER.format())
     ref_cfg = tmp_path / "ref.yaml"
     ref_cfg.write_text(yaml.safe_dump({**common, "output_dir": str(tmp_path / "ref")}))
     ref = run(driver, ref_cfg, 0)

@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from sdtune.training.config import config_from_dict
-from sdtune.training.recipe import load_recipe
+from sdtune.training import dreambooth
 
-from test_train_recipe import make_images  # the same two-tone subjects as the SD tests
+from test_train_recipe import ROOT, make_images  # the same two-tone subjects as the SD tests
 
-recipe = load_recipe()
+recipe = dreambooth
 PROMPT = "a photo of sks dog"
 
 
@@ -274,9 +274,8 @@ def test_full_v_prediction_sdxl_run_saves_a_complete_sdxl_folder(tmp_path):
 
 def test_sdxl_example_config_is_valid():
     from sdtune.training.config import load_config
-    from sdtune.training.recipe import RECIPE
-
-    cfg = load_config(RECIPE.parents[1] / "configs" / "sdxl_lora.yaml",
+    
+    cfg = load_config(ROOT / "configs" / "sdxl_lora.yaml",
                       [] if torch.cuda.is_available() else ["optimizer=adamw"])
     assert cfg.model == "stabilityai/stable-diffusion-xl-base-1.0" and cfg.resolution == 1024
     assert cfg.buckets == "auto" and cfg.cache_latents

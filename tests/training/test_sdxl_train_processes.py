@@ -17,14 +17,13 @@ from test_sdxl_train import PROMPT, make_images
 
 from sdtune.training import adapters, checkpointing
 from sdtune.training.config import config_from_dict
-from sdtune.training.recipe import RECIPE, load_recipe
+from sdtune.training import dreambooth
 
-recipe = load_recipe()
+recipe = dreambooth
 
 GLOO_DRIVER = """
 import json, os, sys
-sys.path.insert(0, {recipe_dir!r})
-import dreambooth
+from sdtune.training import dreambooth
 from safetensors.torch import save_file
 from sdtune.training.config import load_config
 from accelerate import PartialState
@@ -78,7 +77,7 @@ def test_sdxl_resume_after_kill_matches_an_uninterrupted_run(tiny_sdxl, tmp_path
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump({**common, "output_dir": str(out)}))
     driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER.format(recipe_dir=str(RECIPE.parent), kill_at=2))
+    driver.write_text(KILL_DRIVER.format(kill_at=2))
     proc = subprocess.run([sys.executable, str(driver), str(cfg_path)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

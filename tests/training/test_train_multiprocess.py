@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file
-from test_train_recipe import make_images
+from test_train_recipe import ROOT, make_images
 
-from sdtune.training.recipe import RECIPE
 
 DRIVER = """
 import json, os, sys
-sys.path.insert(0, {recipe_dir!r})
-import dreambooth
+from sdtune.training import dreambooth
 from safetensors.torch import save_file
 from sdtune.training.config import load_config
 from accelerate import PartialState
@@ -42,7 +40,7 @@ def run_on_gloo(tmp_path, cfg: dict, driver: str = DRIVER):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     driver_path = tmp_path / "driver.py"
-    driver_path.write_text(driver.format(recipe_dir=str(RECIPE.parent)))
+    driver_path.write_text(driver.format())
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(driver_path), str(cfg_path)], capture_output=True, text=True, env=env, timeout=600)
@@ -81,11 +79,11 @@ def _launch(tmp_path, tiny_models, accelerate_config: dict, env_extra: dict):
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc),
-                           str(RECIPE), str(cfg)], capture_output=True, text=True, env=env, timeout=600)
+                           "-m", "sdtune.training.dreambooth", str(cfg)], capture_output=True, text=True, env=env, timeout=600)
     return proc, out
 
 
-CONFIGS = RECIPE.parents[1] / "configs" / "accelerate"
+CONFIGS = ROOT / "configs" / "accelerate"
 FSDP_ON_CPU = {**yaml.safe_load((CONFIGS / "fsdp_full.yaml").read_text()),
                "use_cpu": True, "mixed_precision": "no"}
 FSDP_ON_CPU["fsdp_config"] = {**FSDP_ON_CPU["fsdp_config"], "fsdp_sync_module_states": False,

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from sdtune.errors import SdtuneError
 from sdtune.training import adapters, checkpointing
 from sdtune.training.config import TrainConfig, config_from_dict
-from sdtune.training.recipe import RECIPE, load_recipe
+from sdtune.training import dreambooth
 
-recipe = load_recipe()
-ROOT = RECIPE.parents[1]
+recipe = dreambooth
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size=(36, 40)) -> Path:
@@ -241,8 +241,7 @@ DRIVER = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)  # as in this test process: same kernels, same float rounding
-sys.path.insert(0, {recipe_dir!r})
-import dreambooth
+from sdtune.training import dreambooth
 from sdtune.training import checkpointing
 from sdtune.training.config import load_config
 original = checkpointing.save_checkpoint
@@ -272,7 +271,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_models, subject, tm
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump({**common, "output_dir": str(out)}))
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(recipe_dir=str(RECIPE.parent), kill_at=2))
+    driver.write_text(DRIVER.format(kill_at=2))
     proc = subprocess.run([sys.executable, str(driver), str(cfg_path)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -355,7 +354,7 @@ def test_cli_train_help_bad_config_and_a_real_run(tiny_models, subject, tmp_path
 def test_example_configs_are_valid(name):
     from sdtune.training.config import load_config
 
-    path = RECIPE.parents[1] / "configs" / f"{name}.yaml"
+    path = ROOT / "configs" / f"{name}.yaml"
     # adamw8bit is CUDA-only and refused here by design; everything else must validate as shipped.
     cfg = load_config(path, [] if torch.cuda.is_available() else ["optimizer=adamw"])
     assert cfg.instance_prompt and cfg.output_dir

@@ -14,7 +14,7 @@ import torch
 
 from sdtune.generation.engine import MODES, Engine
 from sdtune.training.config import config_from_dict
-from sdtune.training.recipe import load_recipe
+from sdtune.training import dreambooth
 from sdtune.world import scenes
 from sdtune.world.demo import DEFAULT_SUBJECT, box_mask
 
@@ -48,7 +48,7 @@ def train(tiny_models, out, **overrides):
     cfg.update(overrides)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*non-image file")  # subject.json beside the images
-        return load_recipe().train(config_from_dict(cfg))
+        return dreambooth.train(config_from_dict(cfg))
 
 
 def test_trained_lora_changes_every_mode_of_the_engine(tiny_models, inputs, tmp_path):

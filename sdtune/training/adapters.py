@@ -235,3 +235,14 @@ def disabled(*modules):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def save_lora_files(output_dir: str | os.PathLike, unet, text_encoder=None, text_encoder_2=None, *, rank: int,
+                    alpha: float, metadata: dict[str, str], sdxl: bool = False) -> list[str]:
+    """Every LoRA file a run writes into ``output_dir`` (each atomically); returns their names.
+
+    ``text_encoder`` / ``text_encoder_2``: pass them only when they carry a LoRA."""
+    save_diffusers_lora(output_dir, unet, text_encoder, metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
+    save_kohya_lora(Path(output_dir) / KOHYA_FILE, unet, text_encoder, rank=rank, alpha=alpha,
+                    extra_metadata=metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
+    return [LORA_FILE, KOHYA_FILE]

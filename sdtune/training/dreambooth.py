@@ -725,13 +725,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 identifier.save(output_dir, identifier_rows, tokenizer, identifiers, metadata)
             else:  # an earlier run's embedding in this folder would be loaded with this run's LoRA
                 (output_dir / identifier.IDENTIFIER_FILE).unlink(missing_ok=True)
-            adapters.save_diffusers_lora(output_dir, unet_final, te_final if cfg.train_text_encoder else None, metadata,
-                                         text_encoder_2=te2_final, sdxl=sdxl)
-            adapters.save_kohya_lora(output_dir / adapters.KOHYA_FILE, unet_final,
-                                     te_final if cfg.train_text_encoder else None, rank=cfg.lora_rank,
-                                     alpha=cfg.lora_alpha or cfg.lora_rank, extra_metadata=metadata,
-                                     text_encoder_2=te2_final, sdxl=sdxl)
-            files = [adapters.LORA_FILE, adapters.KOHYA_FILE]
+            files = adapters.save_lora_files(output_dir, unet_final, te_final if cfg.train_text_encoder else None,
+                                             te2_final, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,
+                                             metadata=metadata, sdxl=sdxl)
             files += [identifier.IDENTIFIER_FILE] if identifier_rows else []
         else:
             save_full_pipeline(output_dir, pipe, unet_final, te_final, metadata)

@@ -52,6 +52,23 @@ def list_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]
     return images, strays
 
 
+def folder_images(folder: Path, what: str, stacklevel: int = 2) -> list[Path]:
+    """``list_image_files`` of an existing folder, for a source: an unreadable folder or one without images ->
+    ``SdtuneError``; stray files are skipped with a warning (``stacklevel`` as ``warnings.warn``'s, from the caller)."""
+    try:
+        images, others = list_image_files(folder)
+    except OSError as exc:
+        raise SdtuneError(f"{what} {folder} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if others:
+        names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
+        warnings.warn(f"{what} {folder}: skipping {len(others)} non-image file(s): {names}", SdtuneWarning,
+                      stacklevel=stacklevel + 1)
+    if not images:
+        raise SdtuneError(f"{what} {folder} holds no images (need .png/.jpg/.webp files; "
+                          f"{'found only ' + str(len(others)) + ' other file(s)' if others else 'it is empty'})")
+    return images
+
+
 def find_images(folder: str | os.PathLike | None, what: str = "instance_dir", min_side: int = 0) -> list[Path]:
     """Sorted image files in ``folder``, every one opened once to prove it is readable.
 
@@ -65,17 +82,7 @@ def find_images(folder: str | os.PathLike | None, what: str = "instance_dir", mi
         raise SdtuneError(f"{what} not found: {p}; create it and put the images there")
     if not p.is_dir():
         raise SdtuneError(f"{what} {p} is not a folder; point it at a folder of images")
-    try:
-        images, others = list_image_files(p)
-    except OSError as exc:
-        raise SdtuneError(f"{what} {p} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    if others:
-        names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
-        message = f"{what} {p}: skipping {len(others)} non-image file(s): {names}"
-        warnings.warn(message, SdtuneWarning, stacklevel=2)
-    if not images:
-        raise SdtuneError(f"{what} {p} holds no images (need .png/.jpg/.webp files; "
-                          f"{'found only ' + str(len(others)) + ' other file(s)' if others else 'it is empty'})")
+    images = folder_images(p, what, stacklevel=2)
     for image in images:
         w, h = open_image(image, "RGB", what=f"{what} image").size  # raises naming the corrupt file
         if min(w, h) < min_side:
@@ -101,37 +108,13 @@ def check_output_dir(path: str | os.PathLike, what: str = "output_dir") -> Path:
     return p
 
 
-def _resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
-    w, h = img.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size == (w, h):
-        return img
-    # Lanczos keeps detail when shrinking photos; bicubic rings less when enlarging small images.
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-    return img.resize(size, resample=resample)
-
-
-def _crop_flip_to_tensor(img: Image.Image, resolution: int, center_crop: bool, flip: bool,
-                         generator: torch.Generator | None) -> torch.Tensor:
-    w, h = img.size
-    if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = ImageOps.mirror(img)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
 def load_pixels(path: str | os.PathLike, resolution: int, center_crop: bool = True, flip: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One image as a [3, R, R] float32 tensor in [-1, 1] (``generator`` drives the random crop)."""
-    img = _resize_shorter_side(open_image(path, "RGB", what="image"), resolution)
-    return _crop_flip_to_tensor(img, resolution, center_crop, flip, generator)
+    from sdtune.training.buckets import fit
+
+    img = fit(open_image(path, "RGB", what="image"), (resolution, resolution), center_crop, generator)
+    return to_tensor(ImageOps.mirror(img) if flip else img)
 
 
 def example_generator(seed: int, epoch: int, kind: str, index: int) -> torch.Generator:

@@ -35,7 +35,7 @@ from PIL import Image
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
 from sdtune.imageio import has_alpha, image_and_alpha_of_bytes, open_image_bytes
-from sdtune.training.data import METADATA_FILES, list_image_files
+from sdtune.training.data import METADATA_FILES, folder_images
 
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
 
@@ -146,17 +146,7 @@ def _folder_rows(folder: Path, what: str):
     """A plain folder: its images, each with the text of ``<stem>.txt`` beside it as caption (if any)."""
     import datasets
 
-    try:
-        images, others = list_image_files(folder)
-    except OSError as exc:
-        raise SdtuneError(f"{what} {folder} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    if others:
-        names = ", ".join(o.name for o in others[:5]) + (" ..." if len(others) > 5 else "")
-        warnings.warn(f"{what} {folder}: skipping {len(others)} non-image file(s): {names}", SdtuneWarning,
-                      stacklevel=3)
-    if not images:
-        raise SdtuneError(f"{what} {folder} holds no images (need .png/.jpg/.webp files; "
-                          f"{'found only ' + str(len(others)) + ' other file(s)' if others else 'it is empty'})")
+    images = folder_images(folder, what, stacklevel=3)
     captions = [_caption_file(p.with_suffix(".txt")) for p in images]
     return datasets.Dataset.from_dict({"image": [str(p) for p in images], "caption": captions})
 

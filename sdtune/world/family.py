@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from sdtune import DATA_DIR
+from sdtune import CONFIGS_DIR, DATA_DIR
 from sdtune.errors import SdtuneError
+from sdtune.overrides import dotted_keys, parse_override, set_dotted
 
-CONFIG_PATH = DATA_DIR.parent / "configs" / "family.yaml"
+CONFIG_PATH = CONFIGS_DIR / "family.yaml"
 PIPELINES = ("base", "inpaint", "depth")
 EXTRA_CHANNELS = {"base": 0, "inpaint": 5, "depth": 1}  # UNet inputs beyond the 4 latent channels
 
@@ -33,7 +34,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     path = Path(path) if path else CONFIG_PATH
     if not path.is_file():
         raise SdtuneError(f"family config {path} not found; pass --config with a YAML file like configs/family.yaml")
-    cfg = yaml.safe_load(path.read_text())
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SdtuneError(f"family config {path} is not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', None) or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise SdtuneError(f"family config {path} is not a text file") from None
+    if not isinstance(cfg, dict):
+        raise SdtuneError(f"family config {path} must be a mapping of key: value lines, got {type(cfg).__name__}")
     for item in overrides:
         apply_override(cfg, item)
     return cfg
@@ -41,18 +52,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 def apply_override(cfg: dict, item: str) -> None:
     """Set ``a.b.c=value`` in ``cfg`` in place; the key must already exist (typos fail loudly)."""
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise SdtuneError(f"override {item!r} is not key=value; write e.g. train.base.steps=200")
-    node = cfg
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            raise SdtuneError(f"override {key!r}: no section {part!r} in the family config")
-        node = node[part]
-    if parts[-1] not in node:
-        raise SdtuneError(f"override {key!r}: unknown key {parts[-1]!r}; known: {', '.join(node)}")
-    node[parts[-1]] = yaml.safe_load(raw)
+    key, value = parse_override(item, dotted_keys(cfg), example="train.base.steps=200")
+    set_dotted(cfg, key, value)
 
 
 # ----------------------------------------------------------------------------------------------

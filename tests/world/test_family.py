@@ -196,6 +196,24 @@ def test_config_overrides_reject_unknown_keys():
     assert family.load_config(overrides=["train.base.steps=7"])["train"]["base"]["steps"] == 7
 
 
+def test_config_overrides_use_the_shared_parser(tmp_path):
+    with pytest.raises(SdtuneError, match=r"unknown key 'train.base.stepz'; did you mean 'train.base.steps'\? "
+                                          r"valid keys: train.base.steps, "):
+        family.load_config(overrides=["train.base.stepz=3"])
+    with pytest.raises(SdtuneError, match=r"unknown key 'trian.base'; did you mean 'train.base'\? valid keys: seed, "):
+        family.load_config(overrides=["trian.base=3"])
+    with pytest.raises(SdtuneError, match=r"'\[8' is not a YAML value"):
+        family.load_config(overrides=["unet.block_out_channels=[8"])
+    assert family.load_config(overrides=["unet.block_out_channels=[8, 16]"])["unet"]["block_out_channels"] == [8, 16]
+    bad = tmp_path / "family.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SdtuneError, match="must be a mapping"):
+        family.load_config(bad)
+    bad.write_text("seed: [1\n")
+    with pytest.raises(SdtuneError, match="is not valid YAML at line"):
+        family.load_config(bad)
+
+
 def test_conditional_pull_adds_the_weighted_distance_to_the_unconditional_prediction(tmp_path):
     # loss = MSE(pred, target) + p * MSE(pred, sg(unconditional pred)): zero extra where the prompt changes nothing,
     # exactly p times the gap otherwise, still differentiable, and an error without the empty prompt's embeddings.

@@ -7,11 +7,20 @@
   (transformers' own ``add_adapter`` wants peft >= 0.22; sdtune pins 0.21, and in-place injection
   keeps the encoder a stock ``CLIPTextModel`` too.)
 
-Saving writes ``pytorch_lora_weights.safetensors`` with diffusers' own writer (so stock
-``pipe.load_lora_weights(folder)`` reads it, alpha included via the adapter metadata), adding the
-training config to the file's metadata; and a kohya-style file (``lora_unet_<module>.lora_down.weight``
-/ ``.lora_up.weight`` / ``.alpha``, ``lora_te_text_model_<module>...``) that A1111 and ComfyUI load.
-Both are written under a temporary name and renamed.
+Saving writes two files, each under a temporary name and renamed:
+
+* ``pytorch_lora_weights.safetensors``, written with diffusers' own writer (adapter metadata, the training config
+  added to the file's metadata) in the one key layout that stock diffusers (``pipe.load_lora_weights(folder)``, SD
+  and SDXL pipelines) and ComfyUI's LoRA loader both read completely (``diffusers_layout``): UNet attention
+  projections under their attention-processor names (``unet.<block>.attn1.processor.to_q_lora.down.weight``,
+  ``...processor.to_out_lora.up.weight``), the UNet's other targets as ``unet.<module>.lora.down.weight``, text
+  encoders rooted at ``text_model.`` (``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer
+  .down.weight``: transformers 4.x's module path; diffusers drops the root for transformers 5's flattened CLIP).
+  The file has no ``.alpha`` keys (diffusers refuses keys without "lora" in them): alpha / rank is folded into the
+  up weights and the adapter metadata says ``lora_alpha = r``, so every reader applies the trained delta exactly.
+* ``lora_kohya.safetensors``: kohya/A1111 keys (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``, ``lora_te_text_model_<module>...``), for AUTOMATIC1111, Forge and kohya's tools (ComfyUI and
+  diffusers read it too).
 
 SDXL (``text_encoder_2`` given): the diffusers file through ``StableDiffusionXLPipeline.save_lora_weights``
 (``unet.``, ``text_encoder.``, ``text_encoder_2.`` keys, read by stock SDXL ``load_lora_weights``); the kohya
@@ -36,8 +45,9 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # lora_targets "all": also the transformer blocks' feed-forward layers and the ResNet blocks' convolutions
 # (kohya's LoCon reaches the same convolutions). Not proj_in/proj_out: given a file that also held those,
 # stock diffusers' load_lora_weights dropped the attention LoRAs (measured, diffusers 0.42). The cause was the
-# file's mixed key formats (see save_diffusers_lora); since the export is peft-format throughout, such a file
-# loads whole (checked on the tiny SD model), but the targets are left as the demo was measured with.
+# file's mixed key formats: diffusers converts old-style UNet names only when the first key is not peft's lora_A,
+# so the export now has no peft-form key at all (see diffusers_layout_unet); the targets are left as the demo was
+# measured with.
 UNET_TARGETS_ALL = UNET_TARGETS + ["ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -90,25 +100,75 @@ def text_encoder_lora_state_dict(text_encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adapter_metadata(config) -> dict:
+def _adapter_metadata(config, folded: bool = False) -> dict:
+    """The peft config as diffusers' adapter metadata; ``folded``: alpha / rank is in the up weights (scale 1)."""
     data = config.to_dict()
+    if folded:
+        data["lora_alpha"] = data["r"]
+        data["alpha_pattern"] = {}
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
 
 
-def _te_layers(text_encoder):
-    """(diffusers-format LoRA layers, adapter metadata) of a text encoder, or (None, None) without a LoRA."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _scale(config) -> float:
+    return float(config.lora_alpha) / float(config.r)
 
-    if text_encoder is None or getattr(text_encoder, "_sdtune_lora_config", None) is None:
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
+def diffusers_layout_unet(unet_sd: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """peft UNet keys -> the names both diffusers and ComfyUI read (no ``unet.`` prefix; the writer adds it).
+
+    ComfyUI maps a diffusers UNet LoRA by module name with ``.to_q`` read as ``.processor.to_q`` and ``to_out.0`` as
+    ``processor.to_out`` (the attention-processor names of diffusers' old LoRA files); diffusers converts exactly
+    those names back (``.processor.`` dropped, ``to_q_lora.down`` -> ``to_q.lora_A``, ``to_out_lora`` ->
+    ``to_out.0``, ``.lora.down`` -> ``.lora_A``) - but only when the first UNet key is not in peft's form, so no
+    key here says ``lora_A``. ``scale`` (alpha / rank) is folded into the up weights."""
+    out = {}
+    for key, value in unet_sd.items():
+        module, _, kind = key.rpartition(".lora_")  # "<module>", "A.weight" | "B.weight"
+        down = kind.startswith("A")
+        head, _, leaf = module.rpartition(".")
+        if module.endswith(".to_out.0"):
+            name = module[: -len(".to_out.0")] + ".processor.to_out_lora"
+        elif leaf in ATTENTION_PROJECTIONS:
+            name = f"{head}.processor.{leaf}_lora"
+        else:  # feed-forward layers, ResNet convolutions, time projections
+            name = module + ".lora"
+        value = value if down else value * scale
+        out[f"{name}.{'down' if down else 'up'}.weight"] = value.contiguous()
+    return out
+
+
+def diffusers_layout_text_encoder(te_sd: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """peft text-encoder keys -> ``text_model.encoder.layers.N.<proj>.lora_linear_layer.down/up.weight`` (no
+    ``text_encoder.`` prefix): CLIP's module path as transformers 4.x names it, which ComfyUI maps; transformers 5
+    flattens CLIPTextModel (no ``text_model``) and diffusers' loader drops the root then. ``scale`` as above."""
+    out = {}
+    for key, value in te_sd.items():
+        module, _, kind = key.rpartition(".lora_")
+        down = kind.startswith("A")
+        if not module.startswith("text_model."):
+            module = "text_model." + module
+        value = value if down else value * scale
+        out[f"{module}.lora_linear_layer.{'down' if down else 'up'}.weight"] = value.contiguous()
+    return out
+
+
+def _te_layers(text_encoder):
+    """(diffusers-layout LoRA layers, adapter metadata) of a text encoder, or (None, None) without a LoRA."""
+    config = getattr(text_encoder, "_sdtune_lora_config", None) if text_encoder is not None else None
+    if config is None:
         return None, None
-    return (convert_state_dict_to_diffusers(text_encoder_lora_state_dict(text_encoder)),
-            _adapter_metadata(text_encoder._sdtune_lora_config))
+    return (diffusers_layout_text_encoder(text_encoder_lora_state_dict(text_encoder), _scale(config)),
+            _adapter_metadata(config, folded=True))
 
 
 def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
                         extra_metadata: dict[str, str] | None = None, text_encoder_2=None,
                         sdxl: bool = False) -> Path:
-    """Write ``output_dir/pytorch_lora_weights.safetensors`` (diffusers format) atomically.
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` atomically, in the layout diffusers and ComfyUI both
+    load (see the module docstring).
 
     ``sdxl``: SDXL's writer, with ``text_encoder_2`` (SDXL's second encoder) when it has a LoRA."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -125,14 +185,11 @@ def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
             te2_layers, te2_meta = _te_layers(text_encoder_2)
             extra = dict(text_encoder_2_lora_layers=te2_layers, text_encoder_2_lora_adapter_metadata=te2_meta)
         writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        # The UNet's keys stay in peft's format (lora_A/lora_B) throughout: diffusers' loader decides from the
-        # file's *first* UNet key whether to convert the old "lora.down/up" names, so a file mixing both (the
-        # attention layers converted, convolutions and feed-forward layers not) lost its attention LoRAs whenever
-        # a non-attention key came first - SDXL's first block has no attention (seen with lora_targets: all).
+        unet_config = unet.peft_config["default"]
         writer.save_lora_weights(
-            scratch, unet_lora_layers=unet_lora_state_dict(unet),
+            scratch, unet_lora_layers=diffusers_layout_unet(unet_lora_state_dict(unet), _scale(unet_config)),
             text_encoder_lora_layers=te_layers,
-            unet_lora_adapter_metadata=_adapter_metadata(unet.peft_config["default"]),
+            unet_lora_adapter_metadata=_adapter_metadata(unet_config, folded=True),
             text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True, **extra)
         written = scratch / LORA_FILE
         # diffusers' writer takes no extra metadata: add ours to what it wrote and write the final file.

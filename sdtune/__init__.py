@@ -9,15 +9,29 @@ The library is organised by concern; imports run one way, from the top of this l
 * ``sdtune.models``     - loading, LoRA files, conversion, schedulers, tiny fixtures
 * shared modules        - ``errors``, ``devices``, ``imageio``, ``console``
 
-(``training`` and ``generation`` sit side by side and do not import each other.) Recipes runnable
-with ``accelerate launch`` live in ``train/``, generation entry points in ``infer/``; both are thin.
+(``training`` and ``generation`` sit side by side and do not import each other.) The DreamBooth recipe is
+``sdtune.training.dreambooth`` (``accelerate launch -m sdtune.training.dreambooth``); ``train/`` and ``infer/`` in a
+source checkout hold thin entry points over the library. The shipped configs and data are ``CONFIGS_DIR`` and
+``DATA_DIR`` below, found the same way in an installed wheel and in a checkout.
 Imports here stay light on purpose: ``import sdtune`` and ``sdtune --help`` must not pay for torch.
 """
+from importlib import resources
 from pathlib import Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# The source checkout sdtune runs from: configs/, data/ and the train/ recipes sit beside the package.
+
+def _shipped(name: str) -> Path:
+    """Where the shipped ``configs/`` or ``data/`` is: inside the installed package (a wheel carries them as
+    ``sdtune/_configs`` and ``sdtune/_data``, see pyproject.toml), else beside the package in a source checkout."""
+    # A wheel installs unpacked, so the package's resources are real folders that diffusers and PIL can open.
+    packaged = Path(str(resources.files(__name__) / f"_{name}"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / name
+
+
+# The shipped configs (one YAML per scenario: ``sdtune config list``) and data (tokenizer files, the embedded
+# model family, subjects, the judge).
+CONFIGS_DIR = _shipped("configs")
+DATA_DIR = _shipped("data")
+# The source checkout, where there is one (the train/ and bench/ scripts sit there); not part of an install.
 ROOT = Path(__file__).resolve().parent.parent
-# Where the shipped data lives (tokenizer files, the embedded model family, subjects, the judge).
-DATA_DIR = ROOT / "data"

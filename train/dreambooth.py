@@ -8,7 +8,7 @@ The recipe itself lives in the library (``sdtune/training/dreambooth.py``); this
 """
 import sys
 
-from sdtune.training.dreambooth import main
+from sdtune.training.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

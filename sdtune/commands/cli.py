@@ -13,11 +13,14 @@ import sys
 from sdtune import console
 from sdtune.errors import SdtuneError, disk_reason
 
-COMMANDS = ("infer", "inspect", "train", "eval", "demo", "ui")
+COMMANDS = ("infer", "inspect", "train", "config", "eval", "demo", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sdtune import __version__
+
     parser = argparse.ArgumentParser(prog="sdtune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

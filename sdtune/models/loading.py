@@ -361,3 +361,52 @@ def _load_single_file_depth(path: Path, cls, config: Path, dtype):
     return cls.from_pretrained(config, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
                                tokenizer=parts.tokenizer, scheduler=parts.scheduler, dtype=dtype,
                                local_files_only=True, use_safetensors=True)
+
+
+@dataclass(frozen=True)
+class ModelPeek:
+    """What a model's config files say, read without loading any weights."""
+    sdxl: bool
+    native_resolution: int | None  # pixels: the UNet's sample size x the VAE's downsampling; None if unknown
+
+
+def peek_model(source: str | os.PathLike) -> ModelPeek:
+    """The family and native size of a diffusers folder, hub id (its config files only) or .safetensors file."""
+    kind, where = resolve_source(source)
+    if kind == "file":  # a checkpoint's own keys say SDXL; its size lives in a config folder it does not carry
+        return ModelPeek(sdxl=_file_is_sdxl(where), native_resolution=None)
+    if kind == "folder":
+        index, unet_config = _folder_configs(where)
+        vae_file = where / "vae" / "config.json"
+        vae_config = json.loads(vae_file.read_text()) if vae_file.is_file() else {}
+    else:
+        index, unet_config, vae_config = (_hub_config(where, name) for name in
+                                          ("model_index.json", "unet/config.json", "vae/config.json"))
+        if not index:
+            how = "it is not in the local cache and HF_HUB_OFFLINE is set" if _is_offline() else "no model_index.json"
+            raise SdtuneError(f"could not read model {where} from the hub: {how}; pass a local folder instead")
+    size = unet_config.get("sample_size")
+    blocks = vae_config.get("block_out_channels")
+    native = int(size) * 2 ** (len(blocks) - 1) if isinstance(size, int) and blocks else None
+    return ModelPeek(sdxl=is_sdxl_config(index, unet_config), native_resolution=native)
+
+
+def _hub_config(repo_id: str, filename: str) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, filename, local_files_only=_is_offline())).read_text())
+    except Exception:  # not cached offline, no such file, no network: the caller says what it needs
+        return {}
+
+
+def _file_is_sdxl(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.") for k in f.keys())
+    except Exception as exc:
+        raise SdtuneError(f"{path} is not a readable .safetensors file ({type(exc).__name__})") from exc

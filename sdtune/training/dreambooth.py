@@ -1,7 +1,7 @@
 """DreamBooth for Stable Diffusion: learn one subject from 3-5 images, as LoRA or full weights.
 
-    accelerate launch train/dreambooth.py configs/dreambooth_lora.yaml [key=value ...]
-    sdtune train configs/dreambooth_lora.yaml [key=value ...]          # the same, one process
+    accelerate launch -m sdtune.training.dreambooth CONFIG [key=value ...]   # or train/dreambooth.py in a checkout
+    sdtune train CONFIG [key=value ...]                                     # the same, one process
 
 Read top to bottom: config -> data -> model -> adapters/optimizer -> (resume) -> loop -> save.
 Each step: a batch of instance examples (+ as many class examples with prior preservation); caption
@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-from sdtune import console
 from sdtune.console import SdtuneWarning
 from sdtune.errors import LaunchError, SdtuneError
 from sdtune.imageio import save_image_atomic
@@ -50,7 +49,7 @@ from sdtune.training import objectives as obj
 from sdtune.training.buckets import parse_buckets
 from sdtune.training.caching import LatentSource, PromptEncoder
 from sdtune.training.class_images import ensure_concept_class_images
-from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, load_config, min_image_side, resolve_model
+from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, min_image_side, resolve_model
 from sdtune.training.data import TrainingData, check_output_dir, class_caption, collate, drop_captions
 from sdtune.training.model_card import write_model_card
 from sdtune.training.sources import Source, read_examples
@@ -768,27 +767,7 @@ def run_validation(cfg, pipe, unet, text_encoder, accelerator, step, output_dir,
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(__doc__)
-        return 0 if argv else 2
-    verbose = "--verbose" in argv
-    console.setup(verbose=verbose)
-    try:
-        cfg = load_config(argv[0], [a for a in argv[1:] if a not in ("--verbose", "--dry-run")])
-        if "--dry-run" in argv:
-            print(format_dry_run(dry_run(cfg)))
-            return 0
-        result = train(cfg)
-    except SdtuneError as exc:
-        if not (isinstance(exc, LaunchError) and os.environ.get("RANK", "0") not in ("", "0")):
-            sys.stderr.write(f"sdtune: error: {exc}\n")  # one write: a line another process cannot split
-            sys.stderr.flush()
-        return exc.exit_code
-    print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
-    return 0
+if __name__ == "__main__":  # accelerate launch -m sdtune.training.dreambooth CONFIG [key=value ...]
+    from sdtune.training.launch import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from sdtune import overrides
 from sdtune.errors import SdtuneError
 
 METHODS = ("lora", "full")
@@ -32,136 +34,226 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-@dataclass
-class TrainConfig:
-    """All settings of a DreamBooth run. Field names are the YAML keys."""
+# ----------------------------------------------------------------------------------------------- declaring keys
 
-    # --- what to learn from (one subject here, or several under `concepts`) ---
-    model: str | None = None  # diffusers folder, .safetensors file or hub id; None -> embedded base model
-    instance_dir: str = ""  # 3-5 photos of the subject, optionally with <name>.txt captions or metadata.jsonl
-    dataset: str | None = None  # instead of instance_dir: a saved dataset folder or a hub dataset id
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str | None = None  # None: "text" or "caption" when the source has one
-    instance_prompt: str = ""  # with the rare identifier, e.g. "a photo of sks dog"; per-image captions replace it
-    identifier: str | None = None  # the rare token ("sks"): captions without it are flagged
-    caption_prefix: str | None = None  # ...or get this prefix ("a photo of sks dog,") added
-    use_captions: bool = True  # false: ignore .txt captions / caption columns; every image trains on its prompt
-    concepts: list | None = None  # several subjects in one run: a list of mappings (see CONCEPT_KEYS)
-    # --- prior preservation ---
-    with_prior_preservation: bool = False
-    class_prompt: str | None = None  # e.g. "a photo of a dog"
-    # Varied class prompts ("a photo of a dog on a beach", ...): class image i is drawn from class_prompts[i % n]
-    # and keeps its prompt as its caption (class_i.txt), so the prior also holds the context words the captions use.
-    class_prompts: list[str] | None = None
-    class_dir: str | None = None  # generated into when it holds fewer than num_class_images
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    # differential output preservation (ai-toolkit's name): on each instance image, the class prompt (the caption
-    # with the identifier taken out) must predict what the base model predicts, LoRA off, on the same noisy latent.
-    # It teaches the class word's meaning on the subject's own images; 0 = off. LoRA only; costs one more UNet pass.
-    output_preservation_weight: float = 0.0
-    # fine-tune with the base's own objective when it was trained with one (the embedded family's guidance stage):
-    # + conditional_pull x the distance between each prediction and the model's own unconditional prediction on the
-    # same noisy latent (not differentiated), so the prompt's effect stays 1 / (1 + p) of the data's, as in the base,
-    # and the guidance the base is sampled at still suits the fine-tune. 0 = off (SD's plain objective); one more
-    # UNet pass without gradients.
-    conditional_pull: float = 0.0
-    class_generation_steps: int = 50
-    class_generation_guidance: float = 7.5
-    class_generation_batch_size: int = 4
-    # --- unconditional-caption dropout (keeps classifier-free guidance working) ---
-    caption_dropout: float = 0.1
-    # which examples may train on "": all (kohya's caption_dropout_rate), or only the class images, so the empty
-    # prompt learns the class prior and never the subject (measured: the two-tone ball's class drifted more; README)
-    caption_dropout_on: str = "all"
-    # --- what to train ---
-    method: str = "lora"  # lora | full
-    lora_rank: int = 4
-    lora_alpha: float | None = None  # None -> lora_rank (scale 1)
-    # attention: q/k/v/out projections (diffusers' scripts); all: also feed-forward and the
-    # ResNet convolutions (kohya's LoCon), which reach textures the attention layers cannot
-    lora_targets: str = "attention"
-    train_text_encoder: bool = False
-    # also train the identifier's own token embedding (pivotal tuning; LoRA, SD 1.x/2.x); without
-    # train_text_encoder it is the text encoder's only trained part, so no other word's meaning moves
-    train_identifier_embedding: bool = False
-    # --- data ---
-    resolution: int = 512
-    center_crop: bool = True  # False -> random crop
-    buckets: Any = None  # null: square crops at resolution; auto, or [[w, h], ...]: aspect-ratio buckets
-    bucket_step: int | None = None  # bucket sides move in this many pixels (default resolution / 8)
-    max_aspect: float = 2.0  # the widest bucket of `auto` (2 = 2:1 and 1:2)
-    random_flip: bool = False
-    # each instance image's mask weighs its loss (kohya's masked loss): masks/NAME.png in its folder, else its
-    # alpha channel; the subject counts fully, the rest masked_loss_floor; images without a mask count everywhere
-    masked_loss: bool = False
-    masked_loss_floor: float = 0.1
-    # the masked loss divided by the mask's weights (each example keeps its scale) or by the pixel count (kohya's)
-    masked_loss_mean: str = "weights"
-    # images whose shorter side is below this share of `resolution` are refused, not upscaled into mush
-    min_image_fraction: float = 0.25
-    dataloader_num_workers: int = 0
-    cache_latents: bool = True  # compute VAE latents / prompt embeddings once while they are frozen
-    latent_cache_dir: str | None = None  # where latents persist between runs (default OUTPUT_DIR/latent_cache)
-    # --- optimisation ---
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 400
-    learning_rate: float = 1e-4
-    text_encoder_learning_rate: float | None = None  # None -> learning_rate
-    identifier_learning_rate: float | None = None  # the identifier's embedding; None -> learning_rate
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw | adamw8bit (CUDA + bitsandbytes)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet: ~1.3x per CPU step once compiled, after minutes of compiling
-    snr_gamma: float | None = None  # min-SNR weighting; 5.0 is the paper's value
-    noise_offset: float = 0.0
-    seed: int = 0
-    # --- watching and saving ---
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 0  # steps; 0 = off
-    validation_steps: int = 25  # sampler steps per validation image
-    validation_guidance: float = 7.5
-    checkpoint_every: int = 0  # steps; 0 = off
-    checkpoints_keep: int = 2
-    resume: str | None = None  # a checkpoint folder or "latest"
-    output_dir: str = "outputs/dreambooth"
-
-
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-_TYPES = typing.get_type_hints(TrainConfig)
-# The keys a concept (one subject of a several-subject run) may set; the rest are the run's.
-CONCEPT_KEYS = ("instance_dir", "dataset", "split", "image_column", "caption_column", "instance_prompt", "identifier",
-                "caption_prefix", "class_prompt", "class_prompts", "class_dir", "num_class_images", "repeats")
-_SPECIAL = {"buckets", "concepts"}  # validated by their own rules below, not by type alone
+GROUPS = ("data source", "prior preservation", "adapter: what trains", "images", "loss", "optimisation",
+          "validation and checkpoints")
 
 
 @dataclass(frozen=True)
-class Concept:
-    """One subject of a run: where its images come from, its prompts and its class images."""
+class Range:
+    """The values a numeric key takes, written as in the help: ``>= 1``, ``> 0``, ``[0, 1)``, ``[0, 1]``; and
+    optionally a multiple of ``multiple_of``."""
 
-    instance_dir: str | None
-    dataset: str | None
-    split: str
-    image_column: str
-    caption_column: str | None
-    instance_prompt: str
-    identifier: str | None
-    caption_prefix: str | None
-    class_prompt: str | None
-    class_dir: str | None
-    num_class_images: int
-    repeats: int = 1
-    class_prompts: tuple[str, ...] | None = None
+    text: str
+    multiple_of: int | None = None
 
+    def _bounds(self) -> tuple[float | None, bool, float | None, bool]:
+        """(low, low included, high, high included)."""
+        t = self.text.replace(" ", "")
+        if t.startswith(">="):
+            return float(t[2:]), True, None, False
+        if t.startswith(">"):
+            return float(t[1:]), False, None, False
+        low, high = t[1:-1].split(",")
+        return float(low), t[0] == "[", float(high), t[-1] == "]"
+
+    def ok(self, value: float) -> bool:
+        low, low_in, high, high_in = self._bounds()
+        if low is not None and not (value >= low if low_in else value > low):
+            return False
+        if high is not None and not (value <= high if high_in else value < high):
+            return False
+        return not self.multiple_of or value % self.multiple_of == 0
+
+    def requirement(self) -> str:
+        """The range in words: ``>= 1``, ``in [0, 1)``, ``a positive multiple of 8``."""
+        if self.multiple_of and self._bounds()[0] is not None and self._bounds()[0] >= 0 and self._bounds()[2] is None:
+            return f"a positive multiple of {self.multiple_of}"
+        words = self.text if self.text[0] in "<>" else f"in {self.text}"
+        return f"{words}, a multiple of {self.multiple_of}" if self.multiple_of else words
+
+
+def _key(group: str, default: Any = dataclasses.MISSING, *, help: str, range: str | None = None,
+         multiple_of: int | None = None, choices: Sequence[str] | None = None, note: str = "", concept: bool = False,
+         path: bool = False, required: str | None = None, coerce=None, kind: str | None = None, factory=None):
+    """A ``TrainConfig`` field with everything about its key in its metadata (as peft's ``LoraConfig``):
+
+    ``help`` (shown by ``format_keys_help`` and the web UI), ``range`` (``Range``'s forms) or ``choices``, ``note``
+    (added to the range's error: "0 = off"), ``concept`` (a concept of a several-subject run may set it too),
+    ``path`` (a file or folder: a YAML number is its name), ``required`` (a blank value is refused, with this hint),
+    ``coerce`` (the key's own parser, for keys that are not one plain type) and ``kind`` (its type in words then).
+    """
+    metadata = {"group": group, "help": help, "range": Range(range, multiple_of) if range else None,
+                "choices": tuple(choices) if choices else None, "note": note, "concept": concept, "path": path,
+                "required": required, "coerce": coerce, "kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _group(title: str):
+    assert title in GROUPS, title
+    return lambda *args, **kw: _key(title, *args, **kw)
+
+
+SOURCE, PRIOR, ADAPTER, IMAGES, LOSS, OPTIM, WATCH = (_group(g) for g in GROUPS)
+
+
+def _coerce_buckets(where: str, value: Any) -> Any:
+    if value is None or value == "auto" or isinstance(value, (list, tuple)):
+        return value
+    raise SdtuneError(f"{where} must be null, auto or a list of [width, height] pairs, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a DreamBooth run. Field names are the YAML keys; each field's metadata says the rest
+    (``format_keys_help`` prints it)."""
+
+    # --- what to learn from (one subject here, or several under `concepts`) ---
+    model: str | None = SOURCE(None, path=True, help="the base model: a diffusers folder, a .safetensors file or a "
+                               "hub id; null: the embedded base model shipped with sdtune")
+    instance_dir: str = SOURCE("", path=True, concept=True, help="a folder of 3-5 photos of the subject, optionally "
+                               "with <name>.txt captions (several lines: variants) or metadata.jsonl/.csv")
+    dataset: str | None = SOURCE(None, path=True, concept=True,
+                                 help="instead of instance_dir: a saved dataset folder or a hub dataset id")
+    split: str = SOURCE("train", concept=True, help="the dataset's split")
+    image_column: str = SOURCE("image", concept=True, help="the dataset's image column")
+    caption_column: str | None = SOURCE(None, concept=True, help="the caption column; null: text or caption when "
+                                        "the source has one, else instance_prompt")
+    instance_prompt: str = SOURCE("", concept=True, help="the prompt with the rare identifier, e.g. 'a photo of sks "
+                                  "dog'; per-image captions replace it")
+    identifier: str | None = SOURCE(None, concept=True, help="the rare token (sks): captions without it are flagged "
+                                    "(pivotal tuning trains its embedding)")
+    caption_prefix: str | None = SOURCE(None, concept=True, help="added to captions that lack the identifier "
+                                        "('a photo of sks dog,') instead of flagging them")
+    use_captions: bool = SOURCE(True, help="false: ignore .txt captions and caption columns; every image trains on "
+                                "its prompt")
+    concepts: list | None = SOURCE(None, coerce=lambda where, v: _coerce_concepts(v), kind="a list of mappings",
+                                   help="several subjects in one run: a list of mappings of the keys marked "
+                                   "[concept]; a key a concept leaves out is the run's")
+    repeats: int = SOURCE(1, concept=True, range=">= 1", help="how often a concept's images count per epoch against "
+                          "the other concepts' (kohya's folder repeats)")
+    # --- prior preservation ---
+    with_prior_preservation: bool = PRIOR(False, help="also train on class images of the class prompt, so the class "
+                                          "keeps its meaning (DreamBooth's prior-preservation loss)")
+    class_prompt: str | None = PRIOR(None, concept=True, help="the class images' prompt, e.g. 'a photo of a dog'")
+    # Varied class prompts: class image i is drawn from class_prompts[i % n] and keeps its prompt as its caption
+    # (class_i.txt), so the prior also holds the context words the captions use.
+    class_prompts: list[str] | None = PRIOR(None, concept=True, help="varied class prompts ('a photo of a dog on a "
+                                            "beach', ...): class image i is drawn from class_prompts[i % n] and keeps "
+                                            "it as its caption")
+    class_dir: str | None = PRIOR(None, path=True, concept=True, help="the class images' folder; missing ones (up to "
+                                  "num_class_images) are generated into it")
+    num_class_images: int = PRIOR(100, concept=True, range=">= 1", help="how many class images prior preservation "
+                                  "uses")
+    prior_loss_weight: float = PRIOR(1.0, range=">= 0", help="the class images' share of the loss")
+    # ai-toolkit's differential output preservation; LoRA only; costs one more UNet pass.
+    output_preservation_weight: float = LOSS(0.0, range=">= 0", note="0 = off, 1 is usual", help="on each instance "
+                                             "image, the class prompt must predict what the base model (LoRA off) "
+                                             "predicts: teaches the class word on the subject's own images; LoRA "
+                                             "only, one more UNet pass")
+    # The base's own objective (the embedded family's guidance stage): + p x the distance between each prediction
+    # and the model's own unconditional one (not differentiated), so the guidance the base is sampled at still suits.
+    conditional_pull: float = LOSS(0.0, range=">= 0", note="0 = off", help="fine-tune with the base's own guidance "
+                                   "objective: + this x the distance to the model's own unconditional prediction "
+                                   "(the embedded family); one more UNet pass without gradients")
+    class_generation_steps: int = PRIOR(50, range=">= 1", help="sampler steps per generated class image")
+    class_generation_guidance: float = PRIOR(7.5, range=">= 0", help="guidance scale of the generated class images")
+    class_generation_batch_size: int = PRIOR(4, range=">= 1", help="class images generated per batch")
+    # --- unconditional-caption dropout (keeps classifier-free guidance working) ---
+    caption_dropout: float = LOSS(0.1, range="[0, 1)", note="0.1 is typical", help="the share of examples trained on "
+                                  "the empty prompt, which keeps classifier-free guidance working")
+    caption_dropout_on: str = LOSS("all", choices=CAPTION_DROPOUT_ON, help="which examples may train on '': all "
+                                   "(kohya's caption_dropout_rate) or only the class images, so the empty prompt "
+                                   "learns the class prior and never the subject")
+    # --- what to train ---
+    method: str = ADAPTER("lora", choices=METHODS, help="lora: a LoRA adapter; full: fine-tune the whole UNet")
+    lora_rank: int = ADAPTER(4, range=">= 1", help="the LoRA's rank")
+    lora_alpha: float | None = ADAPTER(None, range="> 0", note="or null for lora_rank",
+                                       help="the LoRA's alpha; null: lora_rank (scale 1)")
+    lora_targets: str = ADAPTER("attention", choices=LORA_TARGETS, help="attention: the q/k/v/out projections "
+                                "(diffusers' scripts); all: also feed-forward and the ResNet convolutions (kohya's "
+                                "LoCon), which reach textures attention cannot")
+    train_text_encoder: bool = ADAPTER(False, help="also train the text encoder (a LoRA on it, or all of it with "
+                                       "method: full)")
+    train_identifier_embedding: bool = ADAPTER(False, help="also train the identifier's own token embedding (pivotal "
+                                               "tuning; LoRA, SD 1.x/2.x); without train_text_encoder no other "
+                                               "word's meaning moves")
+    # --- data ---
+    resolution: int | None = IMAGES(512, range="> 0", multiple_of=8, note="e.g. 512; null: the model's native size",
+                                    help="the training size in pixels; null: the model's native size (its UNet's "
+                                    "sample size x the VAE's scale factor), filled in before training")
+    center_crop: bool = IMAGES(True, help="center crops; false: random crops")
+    buckets: Any = IMAGES(None, coerce=_coerce_buckets, kind="null, auto or a list of [width, height]",
+                          help="null: square crops at resolution; auto, or [[w, h], ...]: aspect-ratio buckets")
+    bucket_step: int | None = IMAGES(None, range=">= 8", multiple_of=8, note="one that divides resolution",
+                                     help="bucket sides move in this many pixels; null: resolution / 8")
+    max_aspect: float = IMAGES(2.0, range=">= 1", note="2 allows 2:1 and 1:2", help="the widest bucket of auto")
+    random_flip: bool = IMAGES(False, help="mirror half of the examples")
+    masked_loss: bool = LOSS(False, help="weigh each instance image's loss by its mask: masks/NAME.png in its folder, "
+                             "else its alpha channel (kohya's masked loss); images without one count everywhere")
+    masked_loss_floor: float = LOSS(0.1, range="[0, 1]", note="0: the background is not learned at all",
+                                    help="the weight of the pixels outside the mask")
+    masked_loss_mean: str = LOSS("weights", choices=MASKED_LOSS_MEANS, help="the masked loss divided by the mask's "
+                                 "weights (each example keeps its scale) or by the pixel count (kohya's)")
+    min_image_fraction: float = IMAGES(0.25, range="[0, 1]", note="0 accepts any size", help="images whose shorter "
+                                       "side is below this share of resolution are refused, not upscaled into mush")
+    dataloader_num_workers: int = IMAGES(0, range=">= 0", help="processes that prepare batches (0: this one)")
+    cache_latents: bool = IMAGES(True, help="compute VAE latents and prompt embeddings once while they are frozen")
+    latent_cache_dir: str | None = IMAGES(None, path=True, help="where latents persist between runs; null: "
+                                          "OUTPUT_DIR/latent_cache")
+    # --- optimisation ---
+    train_batch_size: int = OPTIM(1, range=">= 1", help="examples per micro-step (and as many class images)")
+    gradient_accumulation_steps: int = OPTIM(1, range=">= 1", help="micro-steps per optimiser step")
+    max_steps: int = OPTIM(400, range=">= 1", help="optimiser steps")
+    learning_rate: float = OPTIM(1e-4, range="> 0", help="the UNet's (or its LoRA's) learning rate")
+    text_encoder_learning_rate: float | None = OPTIM(None, range="> 0", note="or null",
+                                                     help="the text encoder's; null: learning_rate")
+    identifier_learning_rate: float | None = OPTIM(None, range="> 0", note="or null",
+                                                   help="the identifier's embedding's; null: learning_rate")
+    lr_scheduler: str = OPTIM("constant", choices=LR_SCHEDULERS, help="the learning-rate schedule (diffusers' names)")
+    lr_warmup_steps: int = OPTIM(0, range=">= 0", help="steps of linear warm-up")
+    optimizer: str = OPTIM("adamw", choices=OPTIMIZERS, help="adamw, or adamw8bit (CUDA and bitsandbytes)")
+    adam_beta1: float = OPTIM(0.9, range="[0, 1)", help="AdamW's beta1")
+    adam_beta2: float = OPTIM(0.999, range="[0, 1)", help="AdamW's beta2")
+    adam_weight_decay: float = OPTIM(1e-2, range=">= 0", help="AdamW's weight decay")
+    adam_epsilon: float = OPTIM(1e-8, range="> 0", help="AdamW's epsilon")
+    max_grad_norm: float = OPTIM(1.0, range="> 0", help="gradients are clipped to this norm")
+    mixed_precision: str = OPTIM("no", choices=MIXED_PRECISIONS, help="no, fp16 or bf16 autocast")
+    gradient_checkpointing: bool = OPTIM(False, help="recompute activations in the backward pass: less memory, "
+                                         "slower steps")
+    compile: bool = OPTIM(False, help="torch.compile the UNet: ~1.3x per CPU step once compiled, after minutes of "
+                          "compiling")
+    snr_gamma: float | None = LOSS(None, range="> 0", note="5.0 is usual, or null for off",
+                                   help="min-SNR loss weighting; null: off")
+    noise_offset: float = LOSS(0.0, range=">= 0", note="0.05 is usual", help="offset noise, for darker darks and "
+                               "brighter brights; 0: off")
+    seed: int = OPTIM(0, range=">= 0", help="the seed of every random choice (a resumed run draws the same)")
+    # --- watching and saving ---
+    validation_prompts: list[str] = WATCH(factory=list, help="prompts sampled at each validation")
+    validation_every: int = WATCH(0, range=">= 0", note="0 = off", help="validate every this many steps; 0: off")
+    validation_steps: int = WATCH(25, range=">= 1", help="sampler steps per validation image")
+    validation_guidance: float = WATCH(7.5, range=">= 0", help="guidance scale of the validation images")
+    checkpoint_every: int = WATCH(0, range=">= 0", note="0 = off", help="save a checkpoint every this many steps; "
+                                  "0: off")
+    checkpoints_keep: int = WATCH(2, range=">= 1", help="the newest checkpoints kept")
+    resume: str | None = WATCH(None, path=True, help="a checkpoint folder, or latest (the newest in output_dir)")
+    output_dir: str = WATCH("outputs/dreambooth", path=True, required="set it to the folder the results go to",
+                            help="where the LoRA or model, checkpoints, logs and samples go")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_NAMES = tuple(FIELDS)
+_TYPES = typing.get_type_hints(TrainConfig)
+# The keys a concept (one subject of a several-subject run) may set; the rest are the run's.
+CONCEPT_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["concept"])
+# Keys whose override value is text as written (prompts, paths, names), never YAML's numbers or mappings.
+TEXT_KEYS = frozenset(name for name in FIELD_NAMES if _TYPES[name] in (str, str | None))
+
+
+class _ConceptSource:
     @property
     def source(self):
         from sdtune.training.sources import Source
@@ -170,19 +262,24 @@ class Concept:
                       image_column=self.image_column, caption_column=self.caption_column)
 
 
+# One subject of a run: the CONCEPT_KEYS, as TrainConfig declares them (class_prompts a tuple, instance_dir None
+# when unset); ``concept.source`` is where its images come from.
+Concept = dataclasses.make_dataclass("Concept", [(name, _TYPES[name]) for name in CONCEPT_KEYS],
+                                     bases=(_ConceptSource,), frozen=True)
+Concept.__module__ = __name__
+Concept.__doc__ = "One subject of a run: where its images come from, its prompts and its class images."
+
+
 def concepts_of(cfg: "TrainConfig") -> list[Concept]:
-    """The run's subjects: ``cfg.concepts``, or the one the top-level keys describe."""
-    if not cfg.concepts:
-        return [Concept(cfg.instance_dir or None, cfg.dataset, cfg.split, cfg.image_column, cfg.caption_column,
-                        cfg.instance_prompt, cfg.identifier, cfg.caption_prefix, cfg.class_prompt, cfg.class_dir,
-                        cfg.num_class_images, class_prompts=_tuple_or_none(cfg.class_prompts))]
+    """The run's subjects: ``cfg.concepts``, or the one the top-level keys describe. A concept's key that it leaves
+    out (or sets to null) is the run's."""
+    run = {name: getattr(cfg, name) for name in CONCEPT_KEYS}
     out = []
-    for c in cfg.concepts:
-        out.append(Concept(c.get("instance_dir") or None, c.get("dataset"), c.get("split", "train"),
-                           c.get("image_column", "image"), c.get("caption_column"), c.get("instance_prompt", ""),
-                           c.get("identifier"), c.get("caption_prefix"), c.get("class_prompt"), c.get("class_dir"),
-                           c.get("num_class_images", cfg.num_class_images), c.get("repeats", 1),
-                           _tuple_or_none(c.get("class_prompts"))))
+    for given in cfg.concepts or [{}]:
+        values = {**run, **{k: v for k, v in given.items() if v is not None}}
+        values["instance_dir"] = values["instance_dir"] or None
+        values["class_prompts"] = _tuple_or_none(values["class_prompts"])
+        out.append(Concept(**values))
     return out
 
 
@@ -190,30 +287,41 @@ def _tuple_or_none(prompts) -> tuple[str, ...] | None:
     return tuple(prompts) if prompts else None
 
 
-def _type_name(tp) -> str:
+# ----------------------------------------------------------------------------------------------- checking keys
+
+
+def _type_name(name: str) -> str:
+    kind = FIELDS[name].metadata["kind"]
+    if kind:
+        return kind
+    tp = _TYPES[name]
     args = typing.get_args(tp)
     if type(None) in args:
         inner = [a for a in args if a is not type(None)][0]
-        return f"{_type_name(inner)} or null"
+        return f"{_plain_type_name(inner)} or null"
+    return _plain_type_name(tp)
+
+
+def _plain_type_name(tp) -> str:
     if typing.get_origin(tp) is list:
         return "a list of strings"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Return ``value`` as type ``tp`` or raise a one-line error; accepts what YAML users naturally write."""
-    if key == "buckets":
-        if value is None or value == "auto" or isinstance(value, (list, tuple)):
-            return value
-        raise SdtuneError(f"buckets must be null, auto or a list of [width, height] pairs, got {value!r}")
-    if key == "concepts":
-        return _coerce_concepts(value)
+def _coerce(key: str, value: Any, where: str | None = None) -> Any:
+    """``value`` as key ``key``'s declared type, or a one-line error naming ``where`` (default: the key); accepts
+    what YAML users naturally write (``1e-4``, ``no``, a single prompt for a list)."""
+    where = where or key
+    meta = FIELDS[key].metadata
+    if meta["coerce"] is not None:
+        return meta["coerce"](where, value)
+    tp = _TYPES[key]
     args = typing.get_args(tp)
     if type(None) in args:
         if value is None:
             return None
         tp = [a for a in args if a is not type(None)][0]
-    bad = SdtuneError(f"{key} must be {_type_name(_TYPES[key])}, got {value!r}")
+    bad = SdtuneError(f"{where} must be {_type_name(key)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -223,34 +331,38 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise bad
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if isinstance(value, str):  # YAML reads 1e3 as a string
             try:
-                number = float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
-            if number.is_integer():
-                return int(number)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         raise bad
     if tp is float:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string, not a float
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if not isinstance(value, (int, float)):
+            raise bad
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):
+            raise SdtuneError(f"{where} must be a finite number, got {value!r}")
+        return value
     if tp is str:
-        if key == "mixed_precision" and value is False:  # YAML 1.1 reads a bare `no` as false
+        if value is False and "no" in (meta["choices"] or ()):  # YAML 1.1 reads a bare `no` as false
             return "no"
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in {"model", "resume"}:
-            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and meta["path"]:
+            return str(value)  # a folder named 2024
         raise bad
     if typing.get_origin(tp) is list:
         if isinstance(value, str):  # a single prompt
@@ -261,9 +373,23 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise TypeError(f"unhandled config type {tp!r}")  # a programming error, not a user one
 
 
-_CONCEPT_TYPES = {"instance_dir": str, "dataset": str, "split": str, "image_column": str, "caption_column": str,
-                  "instance_prompt": str, "identifier": str, "caption_prefix": str, "class_prompt": str,
-                  "class_prompts": list, "class_dir": str, "num_class_images": int, "repeats": int}
+def _check(key: str, value: Any, where: str | None = None) -> None:
+    """The declared choices, range and blankness of one key's (coerced) value; one line naming ``where``."""
+    where = where or key
+    meta = FIELDS[key].metadata
+    if value is None:
+        return
+    choices = meta["choices"]
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise SdtuneError(f"{where} must be one of {', '.join(choices)}; got '{value}'{hint}")
+    rng = meta["range"]
+    if rng is not None and not rng.ok(value):
+        note = f" ({meta['note']})" if meta["note"] else ""
+        raise SdtuneError(f"{where} must be {rng.requirement()}{note}; got {value!r}")
+    if meta["required"] and isinstance(value, str) and not value.strip():
+        raise SdtuneError(f"{where} is empty; {meta['required']}")
 
 
 def _coerce_concepts(value: Any) -> list | None:
@@ -276,51 +402,27 @@ def _coerce_concepts(value: Any) -> list | None:
         where = f"concepts[{i}]"
         if not isinstance(item, dict):
             raise SdtuneError(f"{where} must be a mapping of key: value (instance_dir, instance_prompt, ...)")
+        checked = {}
         for k, v in item.items():
             if k not in CONCEPT_KEYS:
                 close = difflib.get_close_matches(str(k), CONCEPT_KEYS, n=1, cutoff=0.6)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 raise SdtuneError(f"{where}: unknown key '{k}'; {hint}a concept takes {', '.join(CONCEPT_KEYS)}")
-            want = _CONCEPT_TYPES[k]
-            if v is None and k not in ("instance_prompt", "num_class_images", "repeats"):
+            if v is None:  # null: the run's value
                 continue
-            if want is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise SdtuneError(f"{where}.{k} must be an integer, got {v!r}")
-            if want is str and not isinstance(v, str):
-                raise SdtuneError(f"{where}.{k} must be a string, got {v!r}")
-            if want is list:
-                if isinstance(v, str):
-                    item = {**item, k: [v]}
-                elif not (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
-                    raise SdtuneError(f"{where}.{k} must be a list of strings, got {v!r}")
-        if bool(item.get("instance_dir")) == bool(item.get("dataset")):
+            checked[k] = _coerce(k, v, f"{where}.{k}")
+            _check(k, checked[k], f"{where}.{k}")
+        if bool(checked.get("instance_dir")) == bool(checked.get("dataset")):
             raise SdtuneError(f"{where} needs exactly one of instance_dir or dataset")
-        if not str(item.get("instance_prompt") or "").strip():
+        if not str(checked.get("instance_prompt") or "").strip():
             raise SdtuneError(f"{where}.instance_prompt is empty; give each subject its own prompt with its own "
                               "identifier, e.g. 'a photo of sks dog'")
-        if item.get("repeats", 1) < 1 or item.get("num_class_images", 1) < 1:
-            raise SdtuneError(f"{where}: repeats and num_class_images must be >= 1")
-        out.append(dict(item))
+        out.append(checked)
     return out
 
 
 def unknown_key_error(key: str) -> SdtuneError:
-    close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return SdtuneError(f"unknown key '{key}'; {hint}valid keys: {', '.join(FIELD_NAMES)}")
-
-
-def _choice(cfg: TrainConfig, key: str, choices: Sequence[str]) -> None:
-    value = getattr(cfg, key)
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got '{value}'{hint}")
-
-
-def _range(ok: bool, key: str, requirement: str, value: Any) -> None:
-    if not ok:
-        raise SdtuneError(f"{key} must be {requirement}; got {value!r}")
+    return overrides.unknown_key_error(key, FIELD_NAMES)
 
 
 CLASS_PROMPT_HINT = ", e.g. 'a photo of a dog' (the instance prompt without the identifier)"
@@ -335,10 +437,14 @@ def _every_concept_has(cfg: TrainConfig, key: str, option: str, hint: str) -> No
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check choices, ranges and combinations; raise one ``SdtuneError`` line for the first problem."""
+    """Check every key's declared type, choices and range, then the rules between keys; raise one
+    ``SdtuneError`` line for the first problem."""
     for key in FIELD_NAMES:  # types too, for configs built in code
-        setattr(cfg, key, _coerce(key, getattr(cfg, key), _TYPES[key]))
+        value = _coerce(key, getattr(cfg, key))
+        _check(key, value)
+        setattr(cfg, key, value)
 
+    # --- rules between keys ---
     if cfg.concepts:
         given = [k for k in ("instance_dir", "dataset", "instance_prompt", "class_prompt", "class_prompts", "class_dir")
                  if getattr(cfg, k)]
@@ -353,77 +459,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cfg.instance_prompt.strip():
             raise SdtuneError("instance_prompt is empty; set it to a prompt with a rare identifier, "
                               "e.g. 'a photo of sks dog'")
-    if cfg.buckets is not None:
+    if cfg.bucket_step is not None and cfg.resolution is not None and cfg.resolution % cfg.bucket_step:
+        raise SdtuneError(f"bucket_step must be a multiple of 8 that divides resolution ({cfg.resolution}); "
+                          f"got {cfg.bucket_step!r}")
+    if cfg.buckets is not None and not (cfg.buckets == "auto" and cfg.resolution is None):
         from sdtune.training.buckets import parse_buckets
 
         parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect)  # one clear line if malformed
-    if cfg.bucket_step is not None:
-        _range(cfg.bucket_step >= 8 and cfg.bucket_step % 8 == 0 and cfg.resolution % cfg.bucket_step == 0,
-               "bucket_step", "a multiple of 8 that divides resolution", cfg.bucket_step)
-    _range(cfg.max_aspect >= 1, "max_aspect", ">= 1 (2 allows 2:1 and 1:2)", cfg.max_aspect)
-    _choice(cfg, "method", METHODS)
-    _choice(cfg, "optimizer", OPTIMIZERS)
-    _choice(cfg, "lora_targets", LORA_TARGETS)
-    _choice(cfg, "caption_dropout_on", CAPTION_DROPOUT_ON)
-    _choice(cfg, "masked_loss_mean", MASKED_LOSS_MEANS)
-    _choice(cfg, "mixed_precision", MIXED_PRECISIONS)
-    _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
-
-    _range(0.0 <= cfg.caption_dropout < 1.0, "caption_dropout", "in [0, 1) (0.1 is typical)", cfg.caption_dropout)
-    _range(cfg.resolution > 0 and cfg.resolution % 8 == 0, "resolution", "a positive multiple of 8 (e.g. 512)",
-           cfg.resolution)
-    _range(0 <= cfg.min_image_fraction <= 1, "min_image_fraction", "in [0, 1] (0 accepts any size)",
-           cfg.min_image_fraction)
-    _range(cfg.learning_rate > 0, "learning_rate", "> 0", cfg.learning_rate)
-    if cfg.identifier_learning_rate is not None:
-        _range(cfg.identifier_learning_rate > 0, "identifier_learning_rate", "> 0 (or null)",
-               cfg.identifier_learning_rate)
     if cfg.train_identifier_embedding:
         if cfg.method != "lora":
             raise SdtuneError("train_identifier_embedding trains beside a LoRA: set method: lora (a full fine-tune "
                               "with train_text_encoder trains every embedding already)")
         _every_concept_has(cfg, "identifier", "train_identifier_embedding",
                            ", the subject's rare word in its prompt (e.g. identifier: sks)")
-    if cfg.text_encoder_learning_rate is not None:
-        _range(cfg.text_encoder_learning_rate > 0, "text_encoder_learning_rate", "> 0 (or null)",
-               cfg.text_encoder_learning_rate)
-    _range(cfg.max_steps >= 1, "max_steps", ">= 1", cfg.max_steps)
-    _range(cfg.train_batch_size >= 1, "train_batch_size", ">= 1", cfg.train_batch_size)
-    _range(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1",
-           cfg.gradient_accumulation_steps)
-    _range(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", ">= 0", cfg.lr_warmup_steps)
-    _range(cfg.lora_rank >= 1, "lora_rank", ">= 1", cfg.lora_rank)
-    if cfg.lora_alpha is not None:
-        _range(cfg.lora_alpha > 0, "lora_alpha", "> 0 (or null for lora_rank)", cfg.lora_alpha)
-    _range(cfg.prior_loss_weight >= 0, "prior_loss_weight", ">= 0", cfg.prior_loss_weight)
-    _range(cfg.output_preservation_weight >= 0, "output_preservation_weight", ">= 0 (0 = off, 1 is usual)",
-           cfg.output_preservation_weight)
-    _range(cfg.conditional_pull >= 0, "conditional_pull", ">= 0 (0 = off)", cfg.conditional_pull)
-    _range(cfg.num_class_images >= 1, "num_class_images", ">= 1", cfg.num_class_images)
-    _range(cfg.class_generation_steps >= 1, "class_generation_steps", ">= 1", cfg.class_generation_steps)
-    _range(cfg.class_generation_guidance >= 0, "class_generation_guidance", ">= 0", cfg.class_generation_guidance)
-    _range(cfg.class_generation_batch_size >= 1, "class_generation_batch_size", ">= 1",
-           cfg.class_generation_batch_size)
-    _range(cfg.dataloader_num_workers >= 0, "dataloader_num_workers", ">= 0", cfg.dataloader_num_workers)
-    _range(0 <= cfg.adam_beta1 < 1, "adam_beta1", "in [0, 1)", cfg.adam_beta1)
-    _range(0 <= cfg.adam_beta2 < 1, "adam_beta2", "in [0, 1)", cfg.adam_beta2)
-    _range(cfg.adam_weight_decay >= 0, "adam_weight_decay", ">= 0", cfg.adam_weight_decay)
-    _range(cfg.adam_epsilon > 0, "adam_epsilon", "> 0", cfg.adam_epsilon)
-    _range(cfg.max_grad_norm > 0, "max_grad_norm", "> 0", cfg.max_grad_norm)
-    if cfg.snr_gamma is not None:
-        _range(cfg.snr_gamma > 0, "snr_gamma", "> 0 (5.0 is usual) or null for off", cfg.snr_gamma)
-    _range(cfg.noise_offset >= 0, "noise_offset", ">= 0 (0.05 is usual)", cfg.noise_offset)
-    _range(0 <= cfg.masked_loss_floor <= 1, "masked_loss_floor", "in [0, 1] (0: the background is not learned at all)",
-           cfg.masked_loss_floor)
-    _range(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
-    _range(cfg.validation_every >= 0, "validation_every", ">= 0 (0 = off)", cfg.validation_every)
-    _range(cfg.validation_steps >= 1, "validation_steps", ">= 1", cfg.validation_steps)
-    _range(cfg.validation_guidance >= 0, "validation_guidance", ">= 0", cfg.validation_guidance)
-    _range(cfg.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0 = off)", cfg.checkpoint_every)
-    _range(cfg.checkpoints_keep >= 1, "checkpoints_keep", ">= 1", cfg.checkpoints_keep)
-    if not cfg.output_dir.strip():
-        raise SdtuneError("output_dir is empty; set it to the folder the results go to")
-
     if cfg.caption_dropout_on == "class" and cfg.caption_dropout and not cfg.with_prior_preservation:
         raise SdtuneError("caption_dropout_on: class drops only class images' captions, and there are none without "
                           "prior preservation; set with_prior_preservation: true or caption_dropout_on: all")
@@ -456,37 +504,63 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def key_summary(name: str) -> str:
+    """One key in a line: ``max_steps = 400  (an integer, >= 1)``, ``[concept]`` when a concept may set it."""
+    f, meta = FIELDS[name], FIELDS[name].metadata
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if meta["choices"]:
+        kind = f"one of {', '.join(meta['choices'])}"
+    else:
+        kind = _type_name(name)
+        if meta["range"] is not None:
+            kind += f", {meta['range'].requirement()}"
+    return f"{name} = {_yaml_value(default)}  ({kind}){'  [concept]' if meta['concept'] else ''}"
+
+
+def format_keys_help(width: int = 100) -> str:
+    """Every training key with its type, default, range or choices and help, grouped (data source, prior
+    preservation, adapter, images, loss, optimisation, validation and checkpoints): ``sdtune train --help-keys``."""
+    import textwrap
+
+    lines = ["Training keys: set them in the YAML config (key: value) or on the command line (key=value, YAML "
+             "syntax).", "Each line: key = default  (type, range or choices); [concept]: a concept of a several-"
+             "subject run may set it too."]
+    for group in GROUPS:
+        lines += ["", f"{group}:"]
+        for name, f in FIELDS.items():
+            if f.metadata["group"] == group:
+                lines.append(f"  {key_summary(name)}")
+                lines += textwrap.wrap(f.metadata["help"], width, initial_indent="      ",
+                                       subsequent_indent="      ")
+    return "\n".join(lines)
+
+
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build and validate a config from a mapping of YAML keys."""
     for key in data:
         if key not in FIELD_NAMES:
             raise unknown_key_error(str(key))
-    values = {k: _coerce(k, v, _TYPES[k]) for k, v in data.items()}
+    values = {k: _coerce(k, v) for k, v in data.items()}
     return validate(TrainConfig(**values))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` -> (key, value parsed as YAML and converted to the key's type)."""
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise SdtuneError(f"override '{text}' is not key=value (e.g. max_steps=200)")
-    if key not in FIELD_NAMES:
-        raise unknown_key_error(key)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not YAML at all: take the text as written
-    # A prompt or path is text even when it happens to look like YAML ("photo: sks dog" is a mapping,
-    # "1.5" a number): for string keys keep the raw text unless it means null or the YAML `no`.
-    if _TYPES[key] in (str, str | None) and not isinstance(value, str) and value is not None \
-            and not (key == "mixed_precision" and value is False):
-        value = raw.strip()
+    """``"key=value"`` -> (key, value converted to the key's type), by the one parser of every command
+    (``sdtune.overrides.parse_override``): YAML values, text as written for prompts and paths."""
+    key, value = overrides.parse_override(text, FIELD_NAMES, text_keys=TEXT_KEYS)
     if value is None and _TYPES[key] is str:  # `instance_prompt=` means an empty string, caught by validate
         value = ""
-    return key, _coerce(key, value, _TYPES[key])
+    return key, _coerce(key, value)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -527,9 +601,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def min_image_side(cfg: TrainConfig) -> int:
-    """The smallest shorter side (pixels) a training image may have: ``min_image_fraction`` x ``resolution``."""
-    import math
-
+    """The smallest shorter side (pixels) a training image may have: ``min_image_fraction`` x ``resolution``;
+    0 (any size) while ``resolution`` is null (the model's native size, not known before the model is read)."""
+    if cfg.resolution is None:
+        return 0
     return math.ceil(cfg.min_image_fraction * cfg.resolution)
 
 

@@ -17,9 +17,12 @@ else the concept's ``instance_prompt``. Class images (prior preservation) come t
 A folder's image may have a mask for ``masked_loss``: ``masks/<stem>.png`` beside it (white = the subject), else
 its own alpha channel (any source).
 
-Checked here, one line each: a missing folder, column or file; a caption file that is not UTF-8; an empty
-caption; an image too small for the resolution; a mask of another size than its image. Warned: duplicate
-images, non-image files, captions without the concept's identifier (``caption_prefix`` adds it instead).
+Checked here, one line each naming the file (and the line): a missing folder, column or file; a metadata.jsonl line
+that is not one JSON object, a metadata.csv row of the wrong width or without a file_name column, a row without
+``file_name`` or whose file is missing, a column of two types, no rows, both metadata files (``check_metadata``); a
+caption file that is not UTF-8 or holds NUL bytes; an empty caption; an unreadable or damaged saved dataset; an image
+too small for the resolution; a mask of another size than its image. Warned: duplicate images, non-image files,
+images a metadata file leaves out, captions without the concept's identifier (``caption_prefix`` adds it instead).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from PIL import Image
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
 from sdtune.imageio import has_alpha, image_and_alpha_of_bytes, open_image_bytes
-from sdtune.training.data import METADATA_FILES, folder_images
+from sdtune.training.data import METADATA_FILES, folder_images, list_image_files
 
 CAPTION_COLUMNS = ("text", "caption")  # tried in this order when caption_column is not set
 
@@ -99,7 +102,13 @@ def read_rows(source: Source, what: str):
         if not folder.is_dir():
             raise SdtuneError(f"{what} {folder} is not a folder; point it at a folder of images")
         if any((folder / m).is_file() for m in METADATA_FILES):
-            ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+            check_metadata(folder, what)  # one line naming the file and line, not pyarrow's traceback
+            try:
+                ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+            except Exception as exc:  # noqa: BLE001 - what check_metadata cannot foresee, still in one line
+                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise SdtuneError(f"{what} {folder}: its metadata could not be read as an image folder's "
+                                  f"({reason})") from None
             image_col, caption_col = "image", source.caption_column
         else:
             ds = _folder_rows(folder, what)
@@ -122,12 +131,116 @@ def read_rows(source: Source, what: str):
     return ds
 
 
+METADATA_EXAMPLE = '{"file_name": "a.png", "text": "a photo of sks dog"}'
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "a list",
+               dict: "an object"}
+
+
+def check_metadata(folder: Path, what: str = "instance_dir") -> list[dict]:
+    """The rows of ``folder``'s metadata.jsonl or metadata.csv (the imagefolder convention), each proven sound before
+    ``datasets`` reads it: one ``SdtuneError`` line naming the file and the line for a file that is not UTF-8, a line
+    that is not one JSON object, a CSV row of the wrong width, a row without ``file_name`` or whose file is missing, a
+    column of two types (pyarrow's traceback otherwise), or no rows. Images the file leaves out are warned about:
+    they are not trained on."""
+    found = [folder / m for m in METADATA_FILES if (folder / m).is_file()]
+    if len(found) > 1:
+        raise SdtuneError(f"{what} {folder} has both {found[0].name} and {found[1].name}; keep one")
+    path = found[0]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SdtuneError(f"{path} line {line} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise SdtuneError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    rows = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
+    if not rows:
+        raise SdtuneError(f"{path} holds no rows; write one per image, e.g. "
+                          + (METADATA_EXAMPLE if path.suffix == ".jsonl" else "file_name,text then a.png,a photo of sks dog"))
+    types: dict[str, tuple[str, int]] = {}
+    listed = set()
+    for line, row in rows:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise SdtuneError(f"{path} line {line} has no file_name (the image's file, relative to the folder), "
+                              f"e.g. {METADATA_EXAMPLE}")
+        image = folder / name
+        if not image.is_file():
+            raise SdtuneError(f"{path} line {line}: file_name {name!r} not found in {folder}")
+        listed.add(image.resolve())
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = _JSON_TYPES.get(type(value), type(value).__name__)
+            first = types.setdefault(key, (kind, line))
+            if first[0] != kind:
+                raise SdtuneError(f"{path} line {line}: {key} is {kind}, but {first[0]} on line {first[1]}; a column "
+                                  "holds one type (quote numbers meant as text)")
+    missing = [p.name for p in list_image_files(folder)[0] if p.resolve() not in listed]
+    if missing:
+        names = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        warnings.warn(f"{what} {folder}: {len(missing)} image(s) not in {path.name}, not trained on: {names}",
+                      SdtuneWarning, stacklevel=3)
+    return [row for _, row in rows]
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    import json
+
+    rows = []
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError as exc:
+            reason = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+            raise SdtuneError(f"{path} line {line} is not valid JSON ({reason}); each line must be one JSON object "
+                              f"such as {METADATA_EXAMPLE}") from None
+        if not isinstance(row, dict):
+            raise SdtuneError(f"{path} line {line} is {_JSON_TYPES.get(type(row), 'null')}, not a JSON object; each "
+                              f"line must be one object such as {METADATA_EXAMPLE}")
+        rows.append((line, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    import csv
+    import io
+
+    try:
+        lines = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise SdtuneError(f"{path} is not valid CSV ({exc})") from None
+    numbered = [(i, cells) for i, cells in enumerate(lines, 1) if any(c.strip() for c in cells)]
+    if not numbered:
+        raise SdtuneError(f"{path} is empty; its first line names the columns, e.g. file_name,text")
+    (head_line, header), body = numbered[0], numbered[1:]
+    if "file_name" not in header:
+        raise SdtuneError(f"{path} line {head_line} names no file_name column (it names {', '.join(header)}); the "
+                          "first line names the columns, e.g. file_name,text")
+    if len(set(header)) != len(header):
+        raise SdtuneError(f"{path} line {head_line} names a column twice ({', '.join(header)})")
+    rows = []
+    for line, cells in body:
+        if len(cells) != len(header):
+            raise SdtuneError(f"{path} line {line} has {len(cells)} field(s) but the header names {len(header)} "
+                              f"({', '.join(header)}); quote a caption that holds a comma")
+        rows.append((line, dict(zip(header, cells))))
+    return rows
+
+
 def _load_dataset(source: Source, what: str):
     import datasets
 
     path = Path(source.dataset).expanduser()
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001 - a damaged saved dataset: its JSON or arrow files
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise SdtuneError(f"{what} {path} is a saved dataset that cannot be read ({reason}); save it again "
+                              "with Dataset.save_to_disk") from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise SdtuneError(f"{what} {path} has no split {source.split!r} (it has {', '.join(loaded)}); set split")
@@ -156,8 +269,14 @@ def _caption_file(path: Path) -> str | None:
         return None
     try:
         text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SdtuneError(f"caption file {path} is not UTF-8 text; save it as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SdtuneError(f"caption file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    except OSError as exc:
+        raise SdtuneError(f"caption file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if "\x00" in text:
+        raise SdtuneError(f"caption file {path} holds NUL bytes, so it is not a text caption; write the caption as "
+                          "plain text")
     return text.strip()
 
 
@@ -225,7 +344,7 @@ def _mask_of(source: Source, name: str, size: tuple[int, int], data: bytes, what
     if source.instance_dir and not source.dataset:
         path = Path(source.instance_dir).expanduser() / MASK_FOLDER / f"{Path(name).stem}.png"
         if path.is_file():
-            mask_data = path.read_bytes()
+            mask_data = _read(path, f"{what}: mask")
             got = open_image_bytes(mask_data, str(path), "L", what="mask").size
             if got != size:
                 raise SdtuneError(f"{what}: mask {path} is {got[0]}x{got[1]} but its image {Path(name).name} is "
@@ -257,7 +376,7 @@ def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:
             path = Path(source.instance_dir).expanduser() / path
         if not path.is_file():
             raise SdtuneError(f"{what}: image file {path} (row {i}) not found")
-        return path.read_bytes(), str(path)
+        return _read(path, f"{what}: image file"), str(path)
     if isinstance(image, Image.Image):  # a decoded column: encode once, losslessly
         import io
 
@@ -265,6 +384,13 @@ def _bytes_of(image, source: Source, i: int, what: str) -> tuple[bytes, str]:
         image.save(buf, format="PNG")
         return buf.getvalue(), label or f"row {i}"
     raise SdtuneError(f"{what} {source.name}: row {i} holds no image ({type(image).__name__}); check image_column")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SdtuneError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def _has_word(text: str, word: str) -> bool:

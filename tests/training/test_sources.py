@@ -164,3 +164,83 @@ def test_config_validates_concepts_and_sources():
     for data, message in bad:
         with pytest.raises(SdtuneError, match=message):
             config_from_dict(data)
+
+
+# ---------------------------------------------------------------- metadata files: one line naming the file and line
+
+def one_line_error(folder, match):
+    with pytest.raises(SdtuneError, match=match) as info:
+        read(Source(instance_dir=str(folder)))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png" "text": "b"}\n',
+     r"metadata\.jsonl line 2 is not valid JSON \(Expecting ',' delimiter\); each line must be one JSON object such "
+     r"as \{\"file_name\": \"a\.png\""),
+    ('{"file_name": "0.png", "text": "a"}\n\n[1, 2]\n', r"metadata\.jsonl line 3 is a list, not a JSON object"),
+    ('"0.png"\n', r"metadata\.jsonl line 1 is a string, not a JSON object"),
+    ('{"text": "a"}\n', r"metadata\.jsonl line 1 has no file_name"),
+    ('{"file_name": 3, "text": "a"}\n', r"metadata\.jsonl line 1 has no file_name"),
+    ('{"file_name": "9.png", "text": "a"}\n', r"metadata\.jsonl line 1: file_name '9\.png' not found in"),
+    ('{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": 5}\n',
+     r"metadata\.jsonl line 2: text is a number, but a string on line 1"),
+    ("\n  \n", r"metadata\.jsonl holds no rows"),
+])
+def test_bad_metadata_jsonl_is_one_line_naming_the_line(folder, text, match):
+    (folder / "metadata.jsonl").write_text(text)
+    assert str(folder / "metadata.jsonl") in one_line_error(folder, match)
+
+
+def test_metadata_jsonl_that_is_not_utf8(folder):
+    (folder / "metadata.jsonl").write_bytes(b'{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": "caf\xe9"}\n')
+    one_line_error(folder, r"metadata\.jsonl line 2 is not UTF-8 text")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", r"metadata\.csv is empty"),
+    ("name,text\n0.png,a\n", r"metadata\.csv line 1 names no file_name column \(it names name, text\)"),
+    ("file_name,text,text\n0.png,a,b\n", r"metadata\.csv line 1 names a column twice"),
+    ("file_name,text\n0.png,a\n1.png,a, b\n", r"metadata\.csv line 3 has 3 field\(s\) but the header names 2"),
+    ("file_name,text\n", r"metadata\.csv holds no rows"),
+    ("file_name,text\nnope.png,a\n", r"metadata\.csv line 2: file_name 'nope\.png' not found"),
+])
+def test_bad_metadata_csv_is_one_line_naming_the_line(folder, text, match):
+    (folder / "metadata.csv").write_text(text)
+    one_line_error(folder, match)
+
+
+def test_both_metadata_files_and_images_left_out(folder):
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "sks a"}\n')
+    with pytest.warns(SdtuneWarning, match=r"2 image\(s\) not in metadata\.jsonl, not trained on: 1\.png, 2\.png"):
+        assert [e.caption for e in read(Source(instance_dir=str(folder)))] == ["sks a"]
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a\n")
+    one_line_error(folder, r"has both metadata\.jsonl and metadata\.csv; keep one")
+
+
+def test_caption_file_siblings(folder):
+    (folder / "0.txt").write_bytes(b"sks dog\nline two caf\xe9")
+    one_line_error(folder, r"caption file .*0\.txt is not UTF-8 text \(line 2\)")
+    (folder / "0.txt").write_bytes(b"sks\x00dog")
+    one_line_error(folder, r"caption file .*0\.txt holds NUL bytes")
+    (folder / "0.txt").write_text("")  # an empty caption file is refused, not trained on as ""
+    one_line_error(folder, r"the caption of .*0\.png is empty")
+
+
+def test_damaged_saved_dataset_is_one_line(folder, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [str(folder / "0.png")]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "dataset_info.json").write_text("{not json")
+    with pytest.raises(SdtuneError, match=r"is a saved dataset that cannot be read") as info:
+        read(Source(dataset=str(tmp_path / "saved")))
+    assert "\n" not in str(info.value)
+
+
+def test_a_mask_that_is_not_an_image(folder):
+    (folder / "masks").mkdir()
+    (folder / "masks" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(SdtuneError, match=r"0\.png") as info:
+        read(Source(instance_dir=str(folder)))
+    assert "\n" not in str(info.value)

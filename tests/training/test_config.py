@@ -299,3 +299,133 @@ def test_configs_built_in_code_are_validated_too():
         config_from_dict({"instance_dir": "a", "instance_prompt": "b", "method": "dora"})
     with pytest.raises(SdtuneError, match="unknown key 'metod'"):
         config_from_dict({"instance_dir": "a", "instance_prompt": "b", "metod": "lora"})
+
+
+# ---------------------------------------------------------------- each key declared once, in its field
+
+def test_every_key_declares_its_help_group_and_checks():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        assert meta["help"].strip() and meta["group"] in config_mod.GROUPS, f.name
+        numeric = {int, float} & ({hints[f.name]} | set(typing.get_args(hints[f.name])))
+        assert not numeric or meta["range"] is not None, f"{f.name}: a numeric key declares its range"
+    assert set(config_mod.CONCEPT_KEYS) == {f.name for f in dataclasses.fields(config_mod.Concept)}
+    assert {"instance_dir", "instance_prompt", "class_dir", "num_class_images", "repeats"} <= set(config_mod.CONCEPT_KEYS)
+
+
+def outside(rng):
+    """A value just outside a declared range (its low end, else its high end)."""
+    low, low_in, high, high_in = rng._bounds()
+    if low is not None:
+        return low - 1 if low_in else low
+    return high + 1 if high_in else high
+
+
+def test_validate_checks_every_declared_range_with_the_keys_name():
+    import typing
+
+    for name, f in config_mod.FIELDS.items():
+        rng = f.metadata["range"]
+        if rng is None:
+            continue
+        value = outside(rng)
+        tp = config_mod._TYPES[name]
+        if int in (typing.get_args(tp) or (tp,)):
+            value = int(value)
+        message = error_of(f"{name}={value}")
+        assert message.startswith(f"{name} must be "), message
+        assert "; got" in message
+
+
+def test_declared_choices_are_what_validate_checks():
+    for name, f in config_mod.FIELDS.items():
+        if f.metadata["choices"]:
+            assert error_of(f"{name}=nope").startswith(f"{name} must be one of {', '.join(f.metadata['choices'])}")
+
+
+@pytest.mark.parametrize("override", ["learning_rate=inf", "learning_rate=.inf", "learning_rate=nan",
+                                      "learning_rate=.nan", "adam_epsilon=-.inf", "noise_offset=inf",
+                                      "max_aspect=1e400", "caption_dropout=nan", "lora_alpha=inf", "snr_gamma=.nan",
+                                      "prior_loss_weight=1e999"])
+def test_non_finite_numbers_are_refused(override):
+    key = override.partition("=")[0]
+    assert error_of(override).startswith(f"{key} must be a finite number, got ")
+
+
+def test_non_finite_numbers_in_the_yaml_file(tmp_path):
+    path = write(tmp_path, "instance_dir: a\ninstance_prompt: b\nlearning_rate: .inf\n")
+    assert error_of(path=path) == "learning_rate must be a finite number, got inf"
+    for bad in ("max_steps: .inf", "max_steps: .nan", "max_steps: 1e400", "seed: -.inf"):
+        path = write(tmp_path, f"instance_dir: a\ninstance_prompt: b\n{bad}\n")
+        assert "must be an integer" in error_of(path=path)
+
+
+def test_counts_must_be_positive_at_the_top_and_in_concepts():
+    assert error_of("repeats=0").startswith("repeats must be >= 1; got 0")
+    assert error_of("num_class_images=-3").startswith("num_class_images must be >= 1; got -3")
+    concept = {"instance_dir": "a", "instance_prompt": "sks dog"}
+    with pytest.raises(SdtuneError, match=r"^concepts\[0\]\.repeats must be >= 1; got 0$"):
+        load_config(None, [f"concepts=[{ {**concept, 'repeats': 0} }]"])
+    with pytest.raises(SdtuneError, match=r"^concepts\[0\]\.num_class_images must be an integer, got 'x'$"):
+        load_config(None, [f"concepts=[{ {**concept, 'num_class_images': 'x'} }]"])
+
+
+def test_a_concepts_unset_key_is_the_runs():
+    from sdtune.training.config import concepts_of
+
+    concepts = [{"instance_dir": "a", "instance_prompt": "sks dog", "num_class_images": None},
+                {"dataset": "d", "instance_prompt": "ohwx cat", "repeats": 3}]
+    cfg = load_config(None, [f"concepts={json.dumps(concepts)}", "num_class_images=7", "caption_prefix=sks dog,",
+                             "split=test"])
+    one, two = concepts_of(cfg)
+    assert (one.num_class_images, two.num_class_images) == (7, 7) and (one.repeats, two.repeats) == (1, 3)
+    assert one.caption_prefix == two.caption_prefix == "sks dog," and two.split == "test" and two.dataset == "d"
+    assert one.instance_dir == "a" and two.instance_dir is None and one.source.instance_dir == "a"
+
+
+def test_resolution_null_means_the_models_native_size():
+    from sdtune.training.config import min_image_side
+
+    cfg = load_config(None, [*BASE, "resolution=null", "buckets=auto", "bucket_step=64"])
+    assert cfg.resolution is None and min_image_side(cfg) == 0
+    assert load_config(None, [*BASE, "resolution=~"]).resolution is None
+    assert error_of("resolution=500").startswith("resolution must be a positive multiple of 8")
+    assert "divides resolution" in error_of("resolution=512", "bucket_step=48")
+    assert "multiple of 8" in error_of("resolution=null", "bucket_step=12")
+
+
+def test_override_value_that_is_not_yaml_is_one_line():
+    message = error_of("validation_prompts=[a, b")
+    assert "is not a YAML value" in message
+    # prompts and paths stay the text written, whatever YAML would make of them
+    assert parse_override("instance_prompt=[sks] dog: {x}") == ("instance_prompt", "[sks] dog: {x}")
+    assert parse_override("mixed_precision=no") == ("mixed_precision", "no")
+    assert parse_override("instance_prompt=") == ("instance_prompt", "")
+
+
+def test_yaml_file_siblings(tmp_path):
+    assert "must be a mapping of key: value lines, got a str" in error_of(path=write(tmp_path, "just some text\n"))
+    assert "must be a mapping" in error_of(path=write(tmp_path, "- instance_dir: a\n"))
+    message = error_of(path=write(tmp_path, "instance_dir: a\nmax_steps: 3\ninstance_prompt: b\nmax_steps: 5\n"))
+    assert "line 4" in message and "key 'max_steps' is given twice (first on line 2)" in message
+    (tmp_path / "train.yaml").write_bytes(b"instance_dir: a\ninstance_prompt: caf\xe9\n")
+    assert "is not a text file" in error_of(path=tmp_path / "train.yaml")
+    assert "unknown key '3'" in error_of(path=write(tmp_path, "instance_dir: a\n3: b\n"))
+
+
+def test_format_keys_help_lists_every_key_by_group():
+    from sdtune.training.config import format_keys_help
+
+    text = format_keys_help()
+    for name in config_mod.FIELD_NAMES:
+        assert f"\n  {name} = " in text, name
+    heads = [text.index(f"\n{g}:\n") for g in config_mod.GROUPS]
+    assert heads == sorted(heads)
+    assert "  learning_rate = 0.0001  (a number, > 0)\n" in text
+    assert "  method = lora  (one of lora, full)\n" in text
+    assert "  resolution = 512  (an integer or null, a positive multiple of 8)\n" in text
+    assert "  num_class_images = 100  (an integer, >= 1)  [concept]\n" in text

@@ -37,7 +37,8 @@ def bucket_sizes(resolution: int, step: int | None = None, max_aspect: float = 2
         raise SdtuneError(f"max_aspect must be >= 1 (2 allows 2:1 and 1:2), got {max_aspect}")
     area = resolution * resolution
     found = set()
-    for width in range(step, int(resolution * math.sqrt(max_aspect)) + step, step):
+    widest = min(resolution * math.sqrt(max_aspect), area / step)  # no bucket is narrower than one step
+    for width in range(step, int(widest) + step, step):
         height = (area // width) // step * step
         if height >= step and max(width / height, height / width) <= max_aspect + 1e-9:
             found.add((width, height))

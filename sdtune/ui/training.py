@@ -39,6 +39,19 @@ _LOSS = re.compile(r"loss=([0-9.eE+-]+)")
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,40}$")
 
 
+def advanced_help() -> str:
+    """Markdown for the Train tab's "advanced" box: every config key a line may set, grouped, with its default, type,
+    range and help (``sdtune.training.config``'s declarations, as ``sdtune train --help-keys`` prints them)."""
+    from sdtune.training.config import FIELDS, GROUPS, key_summary
+
+    lines = ["One `key=value` per line (YAML values); the form's fields are keys too, and a line wins over them."]
+    for group in GROUPS:
+        lines += ["", f"**{group}**", ""]
+        lines += [f"- `{key_summary(name)}`: {f.metadata['help'].replace('<', '&lt;')}" for name, f in FIELDS.items()
+                  if f.metadata["group"] == group and name not in FORM_KEYS]
+    return "\n".join(lines)
+
+
 @dataclass
 class Job:
     """One training process and what it said."""

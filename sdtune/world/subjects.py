@@ -69,27 +69,64 @@ def load_subject(folder: str | os.PathLike) -> Subject:
     if not meta_path.is_file():
         raise SdtuneError(f"--subject {p} has no subject.json (class_noun, identifier, prompts); "
                           f"see {DEFAULT_SUBJECT.relative_to(ROOT)}/subject.json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SdtuneError(f"{meta_path} is not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise SdtuneError(f"{meta_path} must hold a JSON object")
+    meta = read_subject_json(meta_path)
     noun = meta.get("class_noun")
     if noun not in scenes.KINDS:
         raise SdtuneError(f"{meta_path}: class_noun must be one of the world's classes the judge knows "
                           f"({', '.join(scenes.KINDS)}), got {noun!r}; use `sdtune train` for other subjects")
     identifier = str(meta.get("identifier") or scenes.IDENTIFIER)
     images = find_images(p, what="--subject")  # subject.json, captions and masks/ are not stray files
-    contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders", []) if isinstance(r, dict)}
+    contexts = {(r.get("position"), r.get("background")) for r in meta.get("renders") or []}
     training = meta.get("training") or {}
-    if not isinstance(training, dict) or not all(isinstance(k, str) for k in training):
-        raise SdtuneError(f"{meta_path}: \"training\" must be an object of training keys, "
-                          f"e.g. {{\"output_preservation_weight\": 1.0}}, got {training!r}")
     return Subject(folder=p, name=str(meta.get("name") or p.name), class_noun=noun, identifier=identifier,
                    instance_prompt=str(meta.get("instance_prompt") or f"a photo of {identifier} {noun}"),
                    class_prompt=str(meta.get("class_prompt") or f"a photo of a {noun}"), images=images,
                    contexts=contexts, training=dict(training))
+
+
+SUBJECT_TEXT_KEYS = ("name", "identifier", "instance_prompt", "class_prompt", "description")
+
+
+def read_subject_json(meta_path: Path) -> dict:
+    """A subject.json as a mapping, every problem one line naming the file (and the line of bad JSON): not UTF-8,
+    not JSON, not an object, a text key that is not a string, ``renders`` not a list of objects, ``training`` not an
+    object of training keys."""
+    from sdtune.training.config import FIELD_NAMES
+    from sdtune.overrides import unknown_key_error
+
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise SdtuneError(f"{meta_path} is not UTF-8 text; save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise SdtuneError(f"{meta_path} line {exc.lineno} is not valid JSON ({exc.msg}); it holds one object such as "
+                          '{"class_noun": "box", "identifier": "sks"}') from None
+    except OSError as exc:
+        raise SdtuneError(f"{meta_path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(meta, dict):
+        raise SdtuneError(f"{meta_path} must hold a JSON object such as {{\"class_noun\": \"box\"}}, "
+                          f"got a {type(meta).__name__}")
+    for key in SUBJECT_TEXT_KEYS:
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise SdtuneError(f"{meta_path}: \"{key}\" must be a non-empty string, got {value!r}")
+    identifier = meta.get("identifier")
+    if identifier is not None and len(identifier.split()) != 1:
+        raise SdtuneError(f"{meta_path}: \"identifier\" must be one rare word such as sks, got {identifier!r}")
+    renders = meta.get("renders")
+    if renders is not None and not (isinstance(renders, list) and all(
+            isinstance(r, dict) and all(isinstance(r.get(k), (str, type(None))) for k in ("position", "background"))
+            for r in renders)):
+        raise SdtuneError(f"{meta_path}: \"renders\" must be a list of objects (file, position, background: "
+                          f"strings), got {renders!r}"[:300])
+    training = meta.get("training") or {}
+    if not isinstance(training, dict) or not all(isinstance(k, str) for k in training):
+        raise SdtuneError(f"{meta_path}: \"training\" must be an object of training keys, "
+                          f"e.g. {{\"output_preservation_weight\": 1.0}}, got {training!r}")
+    for key in training:
+        if key not in FIELD_NAMES:
+            raise SdtuneError(f"{meta_path}: \"training\": {unknown_key_error(key, FIELD_NAMES)}")
+    return meta
 
 
 def instance_caption(scene: scenes.Scene, identifier: str) -> str:

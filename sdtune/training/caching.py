@@ -33,29 +33,45 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-class PromptEncoder:
+class CachedPrompts:
+    """The per-prompt cache a prompt encoder keeps while its text encoders are frozen: ``fill`` encodes each prompt
+    not seen yet (and the empty prompt, caption dropout's) once, alone, and keeps what ``_one`` makes of it."""
+
+    def __init__(self):
+        self._cached: dict[str, object] = {}
+        self.encoder_calls = 0
+
+    def _one(self, prompt: str):
+        raise NotImplementedError
+
+    def fill(self, prompts: list[str]) -> None:
+        missing = sorted({p for p in [*prompts, ""] if p not in self._cached})
+        with torch.no_grad():
+            for prompt in missing:
+                self._cached[prompt] = self._one(prompt)
+
+
+class PromptEncoder(CachedPrompts):
     """prompts -> text embeddings [N, 77 x windows, D]; cached per prompt when ``cache`` (frozen encoder)."""
 
     def __init__(self, tokenizer, text_encoder, device, cache: bool):
+        super().__init__()
         self.tokenizer, self.text_encoder, self.device, self.cache = tokenizer, text_encoder, device, cache
-        self._embeddings: dict[str, torch.Tensor] = {}
-        self.encoder_calls = 0
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         self.encoder_calls += 1
         return encode_batch(self.tokenizer, self.text_encoder, prompts, self.device)
 
+    def _one(self, prompt: str) -> torch.Tensor:
+        return self._encode([prompt])[0].detach()
+
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if not self.cache:
             return self._encode(prompts)
-        missing = sorted({p for p in [*prompts, ""] if p not in self._embeddings})
-        if missing:
-            with torch.no_grad():
-                for prompt in missing:
-                    self._embeddings[prompt] = self._encode([prompt])[0].detach()
-        longest = max(self._embeddings[p].shape[0] for p in prompts)
-        empty = self._embeddings[""]  # one empty window: what a shorter caption is padded with
-        return torch.stack([torch.cat([self._embeddings[p]] + [empty] * ((longest - self._embeddings[p].shape[0])
+        self.fill(prompts)
+        longest = max(self._cached[p].shape[0] for p in prompts)
+        empty = self._cached[""]  # one empty window: what a shorter caption is padded with
+        return torch.stack([torch.cat([self._cached[p]] + [empty] * ((longest - self._cached[p].shape[0])
                                                                          // empty.shape[0])) for p in prompts])
 
 

@@ -60,7 +60,8 @@ def run(args) -> int:
         print(dreambooth.format_dry_run(dreambooth.dry_run(cfg)))
         return 0
     result = dreambooth.train(cfg)
-    print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
+    if os.environ.get("RANK", "0") in ("", "0"):  # one line for the run, not one per process
+        print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
     return 0
 
 

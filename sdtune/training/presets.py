@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from sdtune import CONFIGS_DIR, DATA_DIR
 from sdtune.errors import SdtuneError
-from sdtune.training.config import TrainConfig, config_from_dict, parse_override, read_yaml
+from sdtune.training.config import TrainConfig, config_from_dict, config_to_dict, parse_override, read_yaml
 
 log = logging.getLogger("sdtune.train")
 # The shipped config each family starts from (configs/NAME.yaml).
@@ -143,3 +143,20 @@ def _run_keys(data: dict[str, Any], family: str) -> dict[str, Any]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_") or "subject"
+
+
+# The size to train at when neither the config nor the model's config says one (a single-file checkpoint).
+FALLBACK_RESOLUTION = {"sd": 512, "sdxl": 1024}
+
+
+def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
+    """``resolution: null`` means the model's native size, read from its config files (no weights loaded)."""
+    if cfg.resolution is not None:
+        return cfg
+    from sdtune.models.embedded import embedded_model
+    from sdtune.models.loading import peek_model
+
+    peek = peek_model(cfg.model or embedded_model("base"))
+    size = peek.native_resolution or FALLBACK_RESOLUTION["sdxl" if peek.sdxl else "sd"]
+    log.info("resolution %d (the model's native size)", size)
+    return config_from_dict({**config_to_dict(cfg), "resolution": size})

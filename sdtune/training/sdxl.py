@@ -23,34 +23,33 @@ from __future__ import annotations
 import torch
 
 from sdtune.models.sdxl import check_time_ids_fit, encode_batch_xl
+from sdtune.training.caching import CachedPrompts
 
 __all__ = ["XLPromptEncoder", "added_cond", "sdxl_pipeline", "check_time_ids_fit"]
 
 
-class XLPromptEncoder:
+class XLPromptEncoder(CachedPrompts):
     """prompts -> (embeddings [N, 77 x windows, D1 + D2], pooled [N, P]); "" is the caption-dropout prompt."""
 
     def __init__(self, tokenizers, text_encoders, device, cache: bool, force_zeros_for_empty_prompt: bool = True):
+        super().__init__()
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.device, self.cache, self.force_zeros = device, cache, bool(force_zeros_for_empty_prompt)
-        self._cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._window: torch.Tensor | None = None
-        self.encoder_calls = 0
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         self.encoder_calls += 1
         return encode_batch_xl(self.tokenizers, self.text_encoders, prompts, dropped=[p == "" for p in prompts],
                                force_zeros_for_empty_prompt=self.force_zeros, device=self.device)
 
+    def _one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, pooled = self._encode([prompt])
+        return emb[0].detach(), pooled[0].detach()
+
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cache:
             return self._encode(prompts)
-        missing = sorted({p for p in [*prompts, ""] if p not in self._cached})
-        if missing:
-            with torch.no_grad():
-                for prompt in missing:
-                    emb, pooled = self._encode([prompt])
-                    self._cached[prompt] = (emb[0].detach(), pooled[0].detach())
+        self.fill(prompts)
         longest = max(self._cached[p][0].shape[0] for p in prompts)
         window = self._empty_window()  # what a shorter caption's missing windows hold, as encode_batch_xl pads
         rows = []

@@ -148,7 +148,9 @@ def test_a_loop_that_dies_gives_the_signal_handlers_back(tiny_models, tmp_path, 
         assert signal.getsignal(signal.SIGINT) not in before  # the loop's own handler is installed
         raise RuntimeError("broken step")
 
-    monkeypatch.setattr(recipe.obj, "per_example_mse", broken)
+    from sdtune.training import objectives
+
+    monkeypatch.setattr(objectives, "per_example_mse", broken)
     with pytest.raises(RuntimeError, match="broken step"):
         recipe.train(config(tiny_models, one, tmp_path / "out", max_steps=2))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

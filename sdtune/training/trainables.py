@@ -1,0 +1,103 @@
+"""What trains and how: the base model's precision, the adapters (or full weights), and the optimizer over them.
+"""
+from __future__ import annotations
+
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.training import adapters, identifier
+from sdtune.training import sdxl as sdxl_parts
+from sdtune.training.config import TrainConfig
+
+
+def text_encoder_trains(cfg: TrainConfig) -> bool:
+    """Whether the text encoder has trainable weights: its LoRA (``train_text_encoder``), or only the identifier's
+    embedding rows (``train_identifier_embedding`` alone: pivotal tuning with every other word frozen)."""
+    return cfg.train_text_encoder or (cfg.method == "lora" and cfg.train_identifier_embedding)
+
+
+def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.device):
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise SdtuneError("optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use optimizer: adamw")
+        try:
+            import bitsandbytes as bnb  # lazy: a CUDA-only dependency
+        except ImportError:
+            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
+                              "or use optimizer: adamw") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    # The fused kernel updates all parameters in one pass: a LoRA has hundreds of small tensors, and
+    # the per-tensor loop of the default implementation costs ~7% of a small model's CPU step.
+    return torch.optim.AdamW(param_groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+
+
+def weight_dtype_of(cfg: TrainConfig) -> torch.dtype:
+    """The precision of what is frozen (the trained weights stay fp32 masters)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def prepare_models(cfg: TrainConfig, pipe, sdxl: bool, identifiers: list[str]) -> torch.dtype:
+    """Set up what trains in ``pipe``, in place: half precision for what is frozen, the adapters (or full weights)
+    trainable in fp32, gradient checkpointing, train/eval modes. Returns the VAE's dtype."""
+    from diffusers.training_utils import cast_training_params
+
+    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+    text_encoders = [text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    weight_dtype, te_trains = weight_dtype_of(cfg), text_encoder_trains(cfg)
+    half = weight_dtype != torch.float32
+    # SDXL's VAE overflows in fp16 (its config says force_upcast, as the SDXL pipelines honour): keep it fp32.
+    vae_dtype = torch.float32 if sdxl and vae.config.get("force_upcast", False) else weight_dtype
+    vae.requires_grad_(False)
+    for te in text_encoders:
+        te.requires_grad_(False)
+    if half:
+        vae.to(dtype=vae_dtype)
+        if cfg.method == "lora" or not cfg.train_text_encoder:
+            for te in text_encoders:
+                te.to(dtype=weight_dtype)
+    if cfg.method == "lora":
+        if half:
+            unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
+        adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if cfg.train_text_encoder:
+            for te in text_encoders:
+                adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.train_identifier_embedding:  # the identifier's own embedding rows (pivotal tuning)
+            if sdxl:
+                raise SdtuneError("train_identifier_embedding works with SD 1.x/2.x models so far, not SDXL; "
+                                  "set train_identifier_embedding: false")
+            identifier.attach(text_encoder, pipe.tokenizer, identifiers)
+        cast_training_params([unet, *text_encoders] if te_trains else [unet], dtype=torch.float32)
+    else:
+        unet.requires_grad_(True)
+        for te in text_encoders:
+            te.requires_grad_(cfg.train_text_encoder)
+    if sdxl and cfg.train_text_encoder:
+        sdxl_parts.freeze_unread_layers(text_encoder)  # SDXL reads its penultimate layer only
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if te_trains:
+            for te in text_encoders:
+                te.gradient_checkpointing_enable()
+    unet.train()
+    for te in text_encoders:
+        te.train(te_trains)
+    return vae_dtype
+
+
+def param_groups(cfg: TrainConfig, unet, text_encoders: list) -> list[dict]:
+    """The optimizer's groups: the UNet's trainables; the text encoders' (their own learning rate); the
+    identifier's embedding rows (their own learning rate, no weight decay)."""
+    groups = [{"params": adapters.trainable_parameters(unet), "lr": cfg.learning_rate}]
+    if text_encoder_trains(cfg):
+        rows = identifier.rows_of(text_encoders[0])
+        rows = [rows.identifier_rows] if rows is not None else []
+        lora_params = [p for te in text_encoders for p in adapters.trainable_parameters(te)
+                       if not any(p is r for r in rows)]
+        if lora_params:
+            groups.append({"params": lora_params, "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+        if rows:  # no weight decay: it would pull the identifier towards the zero vector, not towards a word
+            groups.append({"params": rows, "lr": cfg.identifier_learning_rate or cfg.learning_rate,
+                           "weight_decay": 0.0})
+    return groups

@@ -365,3 +365,109 @@ def test_fuzzed_png_metadata_for_from_png(engine, tmp_path):
         assert len(results) == 1 and results[0].image.mode == "RGB", label
         outcomes["image"] += 1
     assert outcomes["error"] > 80 and outcomes["image"] > 5, outcomes
+
+
+def fuzzed_metadata(rng: random.Random, names: list[str]) -> tuple[str, bytes]:
+    """A metadata.jsonl or metadata.csv for ``names``: structurally edited rows, or mutated bytes of a good file."""
+    rows = [{"file_name": n, "text": f"a photo of sks dog {i}"} for i, n in enumerate(names)]
+    if rng.random() < 0.5:
+        for _ in range(rng.randint(1, 3)):
+            row = rng.choice(rows)
+            key = rng.choice(["file_name", "text", "extra"])
+            if rng.random() < 0.2:
+                row.pop(key, None)
+            else:
+                row[key] = rng.choice(ODD_VALUES + ["nope.png", "../x.png", names[0], " ", "\n"])
+        lines = []
+        for row in rows:
+            r = rng.random()
+            lines.append(json.dumps(rng.choice(ODD_VALUES)) if r < 0.1 else json.dumps(row)[: -1] if r < 0.15
+                         else json.dumps(row))
+        good = "\n".join(lines)
+    else:
+        good = "\n".join(json.dumps(r) for r in rows)
+    if rng.random() < 0.3:
+        import csv
+
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["file_name", "text"])
+        writer.writerows([[r.get("file_name"), r.get("text")] for r in rows])
+        return "metadata.csv", mutate(buf.getvalue().encode(), rng) if rng.random() < 0.7 else buf.getvalue().encode()
+    data = good.encode()
+    return "metadata.jsonl", mutate(data, rng) if rng.random() < 0.5 else data
+
+
+def test_fuzzed_image_folders(tmp_path, world_image):
+    """120 instance folders with broken metadata.jsonl/.csv, caption files and masks, read as the recipe reads them:
+    examples, or one line naming the file."""
+    import warnings
+
+    from sdtune.training.sources import Source, read_examples
+
+    rng = random.Random(SEED + 5)
+    outcomes = {"error": 0, "read": 0}
+    for case in range(120):
+        folder = tmp_path / f"folder{case}"
+        folder.mkdir()
+        names = [f"{i}.png" for i in range(3)]
+        for i, name in enumerate(names):
+            world_image.rotate(90 * i).save(folder / name)
+        what = case % 3
+        if what == 0:
+            file, data = fuzzed_metadata(rng, names)
+            (folder / file).write_bytes(data)
+        elif what == 1:
+            caption = "a photo of sks dog\non grass".encode()
+            (folder / f"{rng.randrange(3)}.txt").write_bytes(mutate(caption, rng) if rng.random() < 0.8 else b"")
+        else:
+            (folder / "masks").mkdir()
+            mask = Image.new("L", world_image.size, 255) if rng.random() < 0.7 else Image.new("L", (3, 5), 255)
+            (folder / "masks" / "1.png").write_bytes(mutate(encoded(mask, "PNG"), rng) if rng.random() < 0.7
+                                                     else encoded(mask, "PNG"))
+        label = f"folder case {case} (seed {SEED + 5})"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                examples = read_examples(Source(instance_dir=str(folder)), default_caption="a photo of sks dog")
+                if what == 2:
+                    for ex in examples:
+                        ex.image_and_mask()
+        except SdtuneError as exc:
+            one_line_error(exc, label)
+            outcomes["error"] += 1
+            continue
+        assert examples and all(isinstance(e.caption, str) and e.caption.strip() for e in examples), label
+        outcomes["read"] += 1
+    assert outcomes["error"] > 20 and outcomes["read"] > 20, outcomes
+
+
+def test_fuzzed_subject_json(tmp_path, world_image):
+    """100 subject.json files (edited keys and mutated bytes), read as `sdtune demo --subject` reads them."""
+    from sdtune.world.subjects import load_subject
+
+    world_image.save(tmp_path / "0.png")
+    good = {"name": "box", "class_noun": "box", "identifier": "sks", "instance_prompt": "a photo of sks box",
+            "class_prompt": "a photo of a box", "description": "d",
+            "renders": [{"file": "0.png", "position": "left", "background": "grass"}],
+            "training": {"output_preservation_weight": 1.0}}
+    rng = random.Random(SEED + 6)
+    outcomes = {"error": 0, "read": 0}
+    for case in range(100):
+        meta = json.loads(json.dumps(good))
+        for _ in range(rng.randint(0, 2)):
+            key = rng.choice(list(meta) + ["renders", "training", "identifier"])
+            meta[key] = rng.choice(ODD_VALUES + [[{"position": [1]}], {"lr": 1}, "s k s"])
+        text = json.dumps(meta)
+        data = mutate(text.encode(), rng) if rng.random() < 0.4 else text.encode()
+        (tmp_path / "subject.json").write_bytes(data)
+        label = f"subject case {case} (seed {SEED + 6})"
+        try:
+            subject = load_subject(tmp_path)
+        except SdtuneError as exc:
+            one_line_error(exc, label)
+            outcomes["error"] += 1
+            continue
+        assert isinstance(subject.identifier, str) and isinstance(subject.training, dict), label
+        outcomes["read"] += 1
+    assert outcomes["error"] > 30 and outcomes["read"] > 5, outcomes

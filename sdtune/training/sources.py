@@ -194,7 +194,8 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
         try:
             row = json.loads(raw)
         except ValueError as exc:
-            reason = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+            reason = f"{exc.msg.removesuffix(' at')} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) \
+                else str(exc).splitlines()[0]
             raise SdtuneError(f"{path} line {line} is not valid JSON ({reason}); each line must be one JSON object "
                               f"such as {METADATA_EXAMPLE}") from None
         if not isinstance(row, dict):

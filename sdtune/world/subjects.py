@@ -99,7 +99,8 @@ def read_subject_json(meta_path: Path) -> dict:
     except UnicodeDecodeError:
         raise SdtuneError(f"{meta_path} is not UTF-8 text; save it as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
-        raise SdtuneError(f"{meta_path} line {exc.lineno} is not valid JSON ({exc.msg}); it holds one object such as "
+        raise SdtuneError(f"{meta_path} line {exc.lineno} is not valid JSON ({exc.msg.removesuffix(' at')} at column "
+                          f"{exc.colno}); it holds one object such as "
                           '{"class_noun": "box", "identifier": "sks"}') from None
     except OSError as exc:
         raise SdtuneError(f"{meta_path} cannot be read ({exc.strerror or type(exc).__name__})") from None

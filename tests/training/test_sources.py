@@ -177,7 +177,8 @@ def one_line_error(folder, match):
 
 @pytest.mark.parametrize("text, match", [
     ('{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png" "text": "b"}\n',
-     r"metadata\.jsonl line 2 is not valid JSON \(Expecting ',' delimiter\); each line must be one JSON object such "
+     r"metadata\.jsonl line 2 is not valid JSON \(Expecting ',' delimiter at column 23\); each line must be one JSON "
+     r"object such "
      r"as \{\"file_name\": \"a\.png\""),
     ('{"file_name": "0.png", "text": "a"}\n\n[1, 2]\n', r"metadata\.jsonl line 3 is a list, not a JSON object"),
     ('"0.png"\n', r"metadata\.jsonl line 1 is a string, not a JSON object"),

@@ -511,3 +511,35 @@ def test_class_caption_says_an_instance_caption_of_the_plain_class():
     assert class_caption("sksy box", *args) == "a photo of a box"  # a word that only starts like the identifier
     # no identifier given: the one word the instance prompt has beyond the class prompt
     assert class_caption("hta ball on snow", "a photo of hta ball", "a photo of a ball") == "ball on snow"
+
+
+# ---------------------------------------------------------------- one listing, one crop (written once, used twice)
+
+def test_find_images_and_the_folder_source_list_and_warn_alike(tmp_path):
+    save(tmp_path / "a.png", rgb(8, 8))
+    (tmp_path / "notes.doc").write_text("x")
+    with pytest.warns(UserWarning) as by_find:
+        find_images(tmp_path)
+    with pytest.warns(UserWarning) as by_source:
+        read_examples(Source(instance_dir=str(tmp_path)), default_caption="sks dog")
+    assert [str(w.message) for w in by_find] == [str(w.message) for w in by_source]
+    assert by_find[0].filename == __file__ and by_source[0].filename.endswith("sources.py")  # the caller's line
+    (tmp_path / "a.png").unlink()
+    for reader in (lambda: find_images(tmp_path), lambda: read_examples(Source(instance_dir=str(tmp_path)))):
+        with pytest.warns(UserWarning), pytest.raises(SdtuneError, match="holds no images .*found only 1 other file"):
+            reader()
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (40, 56), (64, 32), (20, 90)])
+def test_load_pixels_is_a_square_bucket_fit(tmp_path, h, w):
+    from sdtune.training.buckets import fit
+    from sdtune.training.data import to_tensor
+
+    path = save(tmp_path / "x.png", rgb(h, w))
+    img = Image.open(path).convert("RGB")
+    assert torch.equal(load_pixels(path, R), to_tensor(fit(img, (R, R))))
+    for seed in range(3):
+        a = load_pixels(path, R, center_crop=False, generator=torch.Generator().manual_seed(seed))
+        b = to_tensor(fit(img, (R, R), False, torch.Generator().manual_seed(seed)))
+        assert torch.equal(a, b)
+    assert torch.equal(load_pixels(path, R, flip=True), load_pixels(path, R).flip(-1))

@@ -146,13 +146,7 @@ def check_metadata(folder: Path, what: str = "instance_dir") -> list[dict]:
     if len(found) > 1:
         raise SdtuneError(f"{what} {folder} has both {found[0].name} and {found[1].name}; keep one")
     path = found[0]
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise SdtuneError(f"{path} line {line} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise SdtuneError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    text = read_text(path, str(path))
     rows = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
     if not rows:
         raise SdtuneError(f"{path} holds no rows; write one per image, e.g. "
@@ -265,20 +259,24 @@ def _folder_rows(folder: Path, what: str):
     return datasets.Dataset.from_dict({"image": [str(p) for p in images], "caption": captions})
 
 
-def _caption_file(path: Path) -> str | None:
-    if not path.is_file():
-        return None
+def read_text(path: Path, label: str) -> str:
+    """A UTF-8 text file (a BOM allowed); one line naming ``label`` and the line for bytes that are not UTF-8 text
+    (NUL bytes included: a binary file), or for a file that cannot be read."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = exc.object[:exc.start].count(b"\n") + 1
-        raise SdtuneError(f"caption file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+        raise SdtuneError(f"{label} is not UTF-8 text (line {line}); save it as UTF-8") from None
     except OSError as exc:
-        raise SdtuneError(f"caption file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+        raise SdtuneError(f"{label} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if "\x00" in text:
-        raise SdtuneError(f"caption file {path} holds NUL bytes, so it is not a text caption; write the caption as "
-                          "plain text")
-    return text.strip()
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise SdtuneError(f"{label} holds NUL bytes (line {line}), so it is not text; save it as plain UTF-8 text")
+    return text
+
+
+def _caption_file(path: Path) -> str | None:
+    return read_text(path, f"caption file {path}").strip() if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------- examples

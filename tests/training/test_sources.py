@@ -196,7 +196,7 @@ def test_bad_metadata_jsonl_is_one_line_naming_the_line(folder, text, match):
 
 def test_metadata_jsonl_that_is_not_utf8(folder):
     (folder / "metadata.jsonl").write_bytes(b'{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": "caf\xe9"}\n')
-    one_line_error(folder, r"metadata\.jsonl line 2 is not UTF-8 text")
+    one_line_error(folder, r"metadata\.jsonl is not UTF-8 text \(line 2\)")
 
 
 @pytest.mark.parametrize("text, match", [
@@ -224,7 +224,7 @@ def test_caption_file_siblings(folder):
     (folder / "0.txt").write_bytes(b"sks dog\nline two caf\xe9")
     one_line_error(folder, r"caption file .*0\.txt is not UTF-8 text \(line 2\)")
     (folder / "0.txt").write_bytes(b"sks\x00dog")
-    one_line_error(folder, r"caption file .*0\.txt holds NUL bytes")
+    one_line_error(folder, r"caption file .*0\.txt holds NUL bytes \(line 1\)")
     (folder / "0.txt").write_text("")  # an empty caption file is refused, not trained on as ""
     one_line_error(folder, r"the caption of .*0\.png is empty")
 

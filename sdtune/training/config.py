@@ -1,13 +1,21 @@
 """The DreamBooth training configuration: one YAML file plus ``key=value`` overrides, validated up front.
 
-Every key is a field of ``TrainConfig``. ``load_config`` reads the YAML (``yaml.safe_load``), applies the
-overrides (each value is parsed as YAML too, so ``max_steps=10``, ``validation_prompts=[a, b]`` and
-``resume=latest`` mean what they look like), checks every key, type, choice and range, and only then
-returns - so a typo costs a second, not an hour of class-image generation.
+Every key is declared once, as a field of ``TrainConfig``: its type and default, and in the field's metadata
+(as peft's ``LoraConfig``) its help, group, range or choices (see ``_key``). ``validate`` reads those declarations
+(types, finite numbers, choices, ranges); only the rules between keys are written out there. ``format_keys_help``
+prints them all (``sdtune train --help-keys``). The keys marked ``concept`` make up a ``Concept``, one subject of a
+several-subject run (``concepts``): a key a concept leaves out is the run's.
+
+``load_config`` reads the YAML (a safe loader that also refuses a key written twice), applies the overrides
+(``sdtune.overrides.parse_override``, the parser of every command: each value is parsed as YAML too, so
+``max_steps=10``, ``validation_prompts=[a, b]`` and ``resume=latest`` mean what they look like, while prompts and
+paths stay the text written), checks everything, and only then returns - so a typo costs a second, not an hour of
+class-image generation. Every problem is one ``SdtuneError`` line.
 
 Relative paths (``instance_dir``, ``class_dir``, ``output_dir``, ``model``, ``resume``) are relative to the
 current working directory, as in diffusers' and kohya's scripts - not to the config file's folder.
-``model: null`` means the embedded base model shipped with sdtune (see ``resolve_model``).
+``model: null`` means the embedded base model shipped with sdtune (see ``resolve_model``); ``resolution: null`` the
+model's native size, which the recipe fills in from the model's config before training.
 """
 from __future__ import annotations
 

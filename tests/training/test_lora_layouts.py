@@ -380,3 +380,71 @@ def test_recipe_trained_lora_loads_completely_in_comfyui(tiny_models, tmp_path, 
     assert any(d.abs().max() > 0 for d in deltas.values())
     for name in (adapters.LORA_FILE, adapters.KOHYA_FILE):
         comfy_check(out / name, "sd1", request, deltas)
+
+
+# ---- full-size architectures (meta device: shapes only, no memory) -------------------------------------------------
+
+def _full_size(family):
+    """(UNet, text encoders by pipeline name) of SD 1.5 or SDXL base 1.0 at their real sizes, on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            max_position_embeddings=77, vocab_size=49408)
+    with torch.device("meta"):
+        if family == "sd1":
+            unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD 1.x's UNet
+            return unet, {"text_encoder": CLIPTextModel(clip_l)}
+        unet = UNet2DConditionModel(
+            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                max_position_embeddings=77, vocab_size=49408, projection_dim=1280)
+        return unet, {"text_encoder": CLIPTextModel(clip_l), "text_encoder_2": CLIPTextModelWithProjection(clip_g)}
+
+
+def _peft_state_dict(model, targets) -> dict[str, torch.Tensor]:
+    """peft-format LoRA tensors (meta) for every layer of ``model`` whose name ends in one of ``targets``."""
+    out = {}
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets) and hasattr(module, "weight"):
+            w = module.weight
+            out[f"{name}.lora_A.weight"] = torch.empty(RANK, *w.shape[1:], device="meta")
+            out[f"{name}.lora_B.weight"] = torch.empty(w.shape[0], RANK, *([1] * (w.ndim - 2)), device="meta")
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_full_size_files_load_completely_in_comfyui(family):
+    """SD 1.5 and SDXL at their real layouts (every lora_targets: all layer, every text-encoder layer): both files'
+    keys all land in ComfyUI's maps. The mirror reproduces the loss ComfyUI itself showed for the earlier layout
+    (peft UNet names, transformers 5's flattened CLIP names): on SD 1.5, 352 of its 576 keys not loaded."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    unet, encoders = _full_size(family)
+    unet_sd = _peft_state_dict(unet, adapters.UNET_TARGETS_ALL)
+    te_sds = {name: _peft_state_dict(te, adapters.TEXT_ENCODER_TARGETS) for name, te in encoders.items()}
+    scale = ALPHA / RANK
+    diffusers_file = {"unet." + k: v for k, v in adapters.diffusers_layout_unet(unet_sd, scale).items()}
+    for name, sd in te_sds.items():
+        diffusers_file.update({f"{name}.{k}": v for k, v in adapters.diffusers_layout_text_encoder(sd, scale).items()})
+    kohya_file = adapters.kohya_state_dict(unet_sd, te_sds["text_encoder"], ALPHA, te2_sd=te_sds.get("text_encoder_2"),
+                                           unet_config=unet.config if family == "sdxl" else None)
+    models = {"unet": unet, **encoders}
+    key_map = {**comfy_unet_key_map(unet), **comfy_clip_key_map(encoders["text_encoder"],
+                                                                encoders.get("text_encoder_2"))}
+    modules = len(unet_sd) // 2 + sum(len(sd) for sd in te_sds.values()) // 2
+    for lora, per_module in ((diffusers_file, 2), (kohya_file, 3)):
+        got, not_loaded = comfy_load(lora, key_map, models)
+        assert len(lora) == per_module * modules and not not_loaded, (len(lora), not_loaded[:3])
+        assert len(got) == modules
+    if family == "sd1":
+        assert modules == 288  # 864 kohya keys, 576 diffusers keys: the full-size check's counts
+        earlier = {"unet." + k: v for k, v in unet_sd.items()}
+        earlier.update({"text_encoder." + k: v
+                        for k, v in convert_state_dict_to_diffusers(te_sds["text_encoder"]).items()})
+        _, not_loaded = comfy_load(earlier, key_map, models)
+        assert (len(earlier), len(not_loaded)) == (576, 352)

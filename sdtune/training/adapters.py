@@ -11,7 +11,7 @@ Saving writes two files, each under a temporary name and renamed:
 
 * ``pytorch_lora_weights.safetensors``, written with diffusers' own writer (adapter metadata, the training config
   added to the file's metadata) in the one key layout that stock diffusers (``pipe.load_lora_weights(folder)``, SD
-  and SDXL pipelines) and ComfyUI's LoRA loader both read completely (``diffusers_layout``): UNet attention
+  and SDXL pipelines) and ComfyUI's LoRA loader both read completely (``diffusers_layout_*``): UNet attention
   projections under their attention-processor names (``unet.<block>.attn1.processor.to_q_lora.down.weight``,
   ``...processor.to_out_lora.up.weight``), the UNet's other targets as ``unet.<module>.lora.down.weight``, text
   encoders rooted at ``text_model.`` (``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from sdtune import overrides
 from sdtune.errors import SdtuneError
+from sdtune.yamlfile import read_yaml  # noqa: F401 - config files are read here
 
 METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -190,9 +191,9 @@ class TrainConfig:
                                                "tuning; LoRA, SD 1.x/2.x); without train_text_encoder no other "
                                                "word's meaning moves")
     # --- data ---
-    resolution: int | None = IMAGES(512, range="> 0", multiple_of=8, note="e.g. 512; null: the model's native size",
-                                    help="the training size in pixels; null: the model's native size (its UNet's "
-                                    "sample size x the VAE's scale factor), filled in before training")
+    resolution: int | None = IMAGES(None, range="> 0", multiple_of=8, note="e.g. 512; null: the model's native size",
+                                    help="the training size in pixels; null (the default): the model's native size "
+                                    "(its UNet's sample size x the VAE's scale factor), read before training")
     center_crop: bool = IMAGES(True, help="center crops; false: random crops")
     buckets: Any = IMAGES(None, coerce=_coerce_buckets, kind="null, auto or a list of [width, height]",
                           help="null: square crops at resolution; auto, or [[w, h], ...]: aspect-ratio buckets")
@@ -298,7 +299,7 @@ def _tuple_or_none(prompts) -> tuple[str, ...] | None:
 # ----------------------------------------------------------------------------------------------- checking keys
 
 
-def _type_name(name: str) -> str:
+def type_name(name: str) -> str:
     kind = FIELDS[name].metadata["kind"]
     if kind:
         return kind
@@ -306,11 +307,11 @@ def _type_name(name: str) -> str:
     args = typing.get_args(tp)
     if type(None) in args:
         inner = [a for a in args if a is not type(None)][0]
-        return f"{_plain_type_name(inner)} or null"
-    return _plain_type_name(tp)
+        return f"{plain_type_name(inner)} or null"
+    return plain_type_name(tp)
 
 
-def _plain_type_name(tp) -> str:
+def plain_type_name(tp) -> str:
     if typing.get_origin(tp) is list:
         return "a list of strings"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
@@ -329,7 +330,7 @@ def _coerce(key: str, value: Any, where: str | None = None) -> Any:
         if value is None:
             return None
         tp = [a for a in args if a is not type(None)][0]
-    bad = SdtuneError(f"{where} must be {_type_name(key)}, got {value!r}")
+    bad = SdtuneError(f"{where} must be {type_name(key)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -512,47 +513,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _yaml_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value == "":
-        return "''"
-    return str(value)
-
-
-def key_summary(name: str) -> str:
-    """One key in a line: ``max_steps = 400  (an integer, >= 1)``, ``[concept]`` when a concept may set it."""
-    f, meta = FIELDS[name], FIELDS[name].metadata
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if meta["choices"]:
-        kind = f"one of {', '.join(meta['choices'])}"
-    else:
-        kind = _type_name(name)
-        if meta["range"] is not None:
-            kind += f", {meta['range'].requirement()}"
-    return f"{name} = {_yaml_value(default)}  ({kind}){'  [concept]' if meta['concept'] else ''}"
-
-
-def format_keys_help(width: int = 100) -> str:
-    """Every training key with its type, default, range or choices and help, grouped (data source, prior
-    preservation, adapter, images, loss, optimisation, validation and checkpoints): ``sdtune train --help-keys``."""
-    import textwrap
-
-    lines = ["Training keys: set them in the YAML config (key: value) or on the command line (key=value, YAML "
-             "syntax).", "Each line: key = default  (type, range or choices); [concept]: a concept of a several-"
-             "subject run may set it too."]
-    for group in GROUPS:
-        lines += ["", f"{group}:"]
-        for name, f in FIELDS.items():
-            if f.metadata["group"] == group:
-                lines.append(f"  {key_summary(name)}")
-                lines += textwrap.wrap(f.metadata["help"], width, initial_indent="      ",
-                                       subsequent_indent="      ")
-    return "\n".join(lines)
-
-
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build and validate a config from a mapping of YAML keys."""
     for key in data:
@@ -569,56 +529,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if value is None and _TYPES[key] is str:  # `instance_prompt=` means an empty string, caught by validate
         value = ""
     return key, _coerce(key, value)
-
-
-def _unique_key_loader():
-    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML itself keeps the last silently)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                seen: dict = {}
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        first = seen.setdefault(key, key_node.start_mark.line + 1)
-                    except TypeError:  # an unhashable key: SafeLoader's own error says so
-                        continue
-                    if first != key_node.start_mark.line + 1:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice (first on line {first}); keep one",
-                            key_node.start_mark)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a config file as a mapping, with a clear error for a missing file or bad YAML."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise SdtuneError(f"config file not found: {p}" if not p.exists() else f"config {p} is not a file")
-    try:
-        data = yaml.load(p.read_text(), Loader=_unique_key_loader())
-    except OSError as exc:
-        raise SdtuneError(f"config {p} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise SdtuneError(f"config {p} is not valid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise SdtuneError(f"config {p} is not a text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SdtuneError(f"config {p} must be a mapping of key: value lines, got a {type(data).__name__}")
-    return data
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:

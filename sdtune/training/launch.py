@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.help_keys:
-        from sdtune.training.config import format_keys_help
+        from sdtune.training.keys_help import format_keys_help
 
         print(format_keys_help())
         return 0

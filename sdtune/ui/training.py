@@ -42,7 +42,8 @@ _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,40}$")
 def advanced_help() -> str:
     """Markdown for the Train tab's "advanced" box: every config key a line may set, grouped, with its default, type,
     range and help (``sdtune.training.config``'s declarations, as ``sdtune train --help-keys`` prints them)."""
-    from sdtune.training.config import FIELDS, GROUPS, key_summary
+    from sdtune.training.config import FIELDS, GROUPS
+    from sdtune.training.keys_help import key_summary
 
     lines = ["One `key=value` per line (YAML values); the form's fields are keys too, and a line wins over them."]
     for group in GROUPS:

@@ -54,7 +54,7 @@ def test_defaults():
     assert cfg.with_prior_preservation is False and cfg.prior_loss_weight == 1.0
     assert 0 < cfg.caption_dropout < 1
     assert cfg.lora_rank == 4 and cfg.lora_alpha is None
-    assert cfg.resolution == 512 and cfg.center_crop is True and cfg.random_flip is False
+    assert cfg.resolution is None and cfg.center_crop is True and cfg.random_flip is False
     assert cfg.validation_prompts == [] and cfg.resume is None
     assert cfg == TrainConfig(instance_dir="subject", instance_prompt="a photo of sks dog")
 
@@ -418,7 +418,7 @@ def test_yaml_file_siblings(tmp_path):
 
 
 def test_format_keys_help_lists_every_key_by_group():
-    from sdtune.training.config import format_keys_help
+    from sdtune.training.keys_help import format_keys_help
 
     text = format_keys_help()
     for name in config_mod.FIELD_NAMES:
@@ -427,5 +427,5 @@ def test_format_keys_help_lists_every_key_by_group():
     assert heads == sorted(heads)
     assert "  learning_rate = 0.0001  (a number, > 0)\n" in text
     assert "  method = lora  (one of lora, full)\n" in text
-    assert "  resolution = 512  (an integer or null, a positive multiple of 8)\n" in text
+    assert "  resolution = null  (an integer or null, a positive multiple of 8)\n" in text
     assert "  num_class_images = 100  (an integer, >= 1)  [concept]\n" in text

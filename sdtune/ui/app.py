@@ -14,7 +14,7 @@ from sdtune.errors import SdtuneError
 from sdtune.ui.generate import Generator, mask_from_editor, restore_from_png
 from sdtune.ui.runs import find_run, list_runs, lora_choices, model_choices
 from sdtune.ui.safety import MAX_UPLOAD_BYTES, Sandbox
-from sdtune.ui.training import Trainer, losses
+from sdtune.ui.training import Trainer, advanced_help, losses
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -333,6 +333,8 @@ def build(state: State):
                         with gr.Accordion("advanced: any config key, one key=value per line", open=False):
                             advanced = gr.Textbox("", lines=4, label="key=value lines (e.g. learning_rate=1e-4)",
                                                   elem_id="train-advanced")
+                            with gr.Accordion("every key, with its default and help", open=False):
+                                gr.Markdown(advanced_help(), elem_id="train-keys-help")
                         with gr.Row():
                             start = gr.Button("Start", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop (checkpoint, then stop)", elem_id="train-stop")

@@ -171,3 +171,17 @@ def test_a_start_that_fails_leaves_no_run_behind(trainer, subject_images):
     with pytest.raises(SdtuneError, match="the training process could not start"):
         trainer.start(images=subject_images, **form())
     assert not (trainer.sandbox.outputs / "run1").exists()
+
+
+def test_the_advanced_box_shows_every_key_with_its_help(tmp_path):
+    """The Train tab's advanced box lists every config key the form does not set, with the help it is declared with."""
+    pytest.importorskip("gradio")
+    from sdtune.training.config import FIELDS
+    from sdtune.ui.app import build, make_state
+    from sdtune.ui.training import FORM_KEYS
+
+    demo = build(make_state(tmp_path / "outputs"))
+    (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-keys-help"]
+    for name in set(FIELDS) - set(FORM_KEYS):
+        assert f"`{name} = " in box.value, name
+    assert FIELDS["learning_rate"].metadata["help"] in box.value

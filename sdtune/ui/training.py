@@ -21,12 +21,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtune import ROOT
+from sdtune import CONFIGS_DIR
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.ui.safety import Sandbox, check_upload
 
-BASE_CONFIG = ROOT / "configs" / "dreambooth_lora.yaml"
+BASE_CONFIG = CONFIGS_DIR / "dreambooth_lora.yaml"
 CONFIG_NAME = "ui_config.yaml"
 LOG_NAME = "ui_train.log"
 MAX_IMAGES = 20
@@ -261,7 +261,7 @@ class Trainer:
                 env = dict(os.environ, PYTHONUNBUFFERED="1")
                 try:
                     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT),
+                                               stdin=subprocess.DEVNULL, env=env,
                                                start_new_session=True)
                 except OSError as exc:
                     raise SdtuneError(f"the training process could not start ({self.python}: {exc.strerror})") \

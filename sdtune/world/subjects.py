@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdtune import DATA_DIR, ROOT
+from sdtune import DATA_DIR
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.training.sources import MASK_FOLDER
@@ -64,11 +64,11 @@ def load_subject(folder: str | os.PathLike) -> Subject:
     p = Path(folder).expanduser()
     if not p.is_dir():
         raise SdtuneError(f"--subject {p} is not a folder; pass a subject folder with images and subject.json "
-                          f"(e.g. {DEFAULT_SUBJECT.relative_to(ROOT)})")
+                          f"(e.g. {DEFAULT_SUBJECT})")
     meta_path = p / "subject.json"
     if not meta_path.is_file():
         raise SdtuneError(f"--subject {p} has no subject.json (class_noun, identifier, prompts); "
-                          f"see {DEFAULT_SUBJECT.relative_to(ROOT)}/subject.json")
+                          f"see {DEFAULT_SUBJECT}/subject.json")
     meta = read_subject_json(meta_path)
     noun = meta.get("class_noun")
     if noun not in scenes.KINDS:

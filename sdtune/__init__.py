@@ -33,5 +33,3 @@ def _shipped(name: str) -> Path:
 # model family, subjects, the judge).
 CONFIGS_DIR = _shipped("configs")
 DATA_DIR = _shipped("data")
-# The source checkout, where there is one (the train/ and bench/ scripts sit there); not part of an install.
-ROOT = Path(__file__).resolve().parent.parent

@@ -70,21 +70,14 @@ SUPERSAMPLE = 2  # anti-aliasing: render at 2x, average down; mask = coverage >=
 # Subjects: class noun, identifier (a rare CLIP token, one per subject so several can train together),
 # look and colours. The checker colours are deliberately outside COLOURS; the crescent and the two-tone
 # ball use the world's own colours, so only their shape (crescent) or pairing (two-tone) is new.
-# "captions": whether the shipped folder captions each render with its context (sdtune/world/subjects.py). Measured
-# per subject (README): captions in context put each subject where the prompt says. The colour pairing is lost with
-# captions alone (the captions explain everything but the colour) and kept with captions and output preservation.
-# "training": training keys the shipped folder recommends (subject.json's "training"; the demo applies them, the
-# command line wins). The two-tone ball differs from its class only in colour, and its class drifted in every training
-# seed (prior preservation 0.69 / 0.44 / 0.19); output preservation held it (0.94 / 0.88 / 0.94), and with captions
-# as well its stated contexts hold too (prompt fidelity 1.00 / 1.00 / 0.69 in seeds 0-2; README, "Training seeds").
-# The crescent is a silhouette, which the attention layers reach alone: on family v2.1 (seed 0, 2026-12-03) its
-# LoRA on attention only drew it 1.00 / 0.88 / 1.00 / 1.00 (txt2img / img2img / inpaint / depth2img), prior 1.00,
-# where `all` drew small crescents as blobs (txt2img 0.78); the checker box on attention only fell to 0.84 / 0.38 /
-# 0.88 / 0.62 (a texture needs the convolutions), so the default stays `all` (configs/demo.yaml).
-# On v2.1 the ball's class drifted again with output preservation (prior 0.47, its base 0.88 on the same prompts;
-# seed 0, 2026-12-04). Its masked loss averaged over the pixel count (kohya's mean) held it (0.84), every other
-# target still met (1.00 / 0.88 / 1.00 / 1.00, prompt fidelity 0.91); on v2 it did so in all three seeds. Divided by
-# its mask's weights, a small subject's pixels count several times an unmasked class image's (README, "Ablations").
+# "captions": whether the shipped folder captions each render with its context (sdtune/world/subjects.py), so each
+# subject is drawn where the prompt says. "training": training keys the shipped folder recommends (subject.json's
+# "training"; the demo applies them, the command line wins): output preservation for the two-tone ball, whose class
+# differs from it only in colour and drifted without it; attention-only LoRA targets for the crescent, a silhouette
+# that the attention layers reach alone (a texture like the checker box's needs the convolutions, so the default
+# stays `all`); a masked loss averaged over pixels for the ball, so a small subject's pixels do not count several
+# times an unmasked class image's. The measurements behind each choice: docs/embedded-world.md and
+# docs/experiments.md.
 SUBJECTS = {
     "checker_box": {"class_noun": "box", "identifier": "sks", "look": "checker",
                     "colours": ((20, 160, 150), (245, 235, 210)), "checks": 3, "captions": True,

@@ -148,9 +148,33 @@ class _Progress:
 
 
 def run(args) -> int:
+    """``sdtune infer``; the library's errors name its parameters (``lora_scale``), worded here as flags."""
     from sdtune.errors import SdtuneError
-    from sdtune.generation.engine import Engine, check_params, check_request, engine_for_params, regenerate
+    from sdtune.generation.requests import ParameterError, cli_flag
+
+    try:
+        return _run(args)
+    except ParameterError as exc:
+        raise SdtuneError(exc.worded(cli_flag)) from None
+
+
+def engine_spec(args):
+    """The ``EngineSpec`` the flags ask for."""
+    from sdtune.generation.components import EngineSpec
+
+    return EngineSpec(**_default_models(args), base=args.base, lora=args.lora, lora_scale=args.lora_scale,
+                      device=args.device, dtype=args.dtype, config=args.config, inpaint_config=args.inpaint_config,
+                      depth_config=args.depth_config, base_config=args.base_config, allow_pickle=args.allow_pickle,
+                      fuse_lora=False if args.no_fuse_lora else "auto", vae_tiling=args.vae_tiling,
+                      compile=args.compile, **_controlnet_args(args))
+
+
+def _run(args) -> int:
+    from sdtune.errors import SdtuneError
+    from sdtune.generation.engine import Engine
     from sdtune.generation.metadata import read_params, save_results
+    from sdtune.generation.regenerate import check_params, engine_for_params, regenerate
+    from sdtune.generation.requests import check_request
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -180,13 +204,7 @@ def run(args) -> int:
         if args.paste_back and args.mode != "inpaint":
             raise SdtuneError("--paste-back is only used by inpaint")
         gen["paste_back"] = args.paste_back
-        engine = Engine.load(**_default_models(args), base=args.base, lora=args.lora, lora_scale=args.lora_scale,
-                             device=args.device, dtype=args.dtype, config=args.config,
-                             inpaint_config=args.inpaint_config, depth_config=args.depth_config,
-                             base_config=args.base_config,
-                             allow_pickle=args.allow_pickle, fuse_lora=False if args.no_fuse_lora else "auto",
-                             vae_tiling=args.vae_tiling, compile=args.compile,
-                             **_controlnet_args(args))
+        engine = Engine.load(engine_spec(args))
         with _Progress(args.num_images, args.quiet) as bar:
             results = engine.generate(args.mode, on_step=bar.step, **gen)
     for path in save_results(results, args.out):

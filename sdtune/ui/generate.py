@@ -121,7 +121,7 @@ class Generator:
 
     def _set_lora(self, lora: str | None, scale: float) -> None:
         """Take the held engine's LoRA off (weights restored exactly) and put ``lora`` at ``scale`` on."""
-        from sdtune.generation.engine import _source_name
+        from sdtune.generation.components import source_name as _source_name
         from sdtune.models import lora as lora_mod
 
         e = self.engine
@@ -184,7 +184,7 @@ class Generator:
                  depth_model=None, lora=None, lora_scale: float = 1.0, save: bool = True, on_step=None,
                  guidance_interval=None):
         """Generate and save; returns [(png path or None, image, params)]. Every input is checked before work."""
-        from sdtune.generation.engine import check_request
+        from sdtune.generation.requests import check_request_as_flags as check_request  # the CLI's flags
         from sdtune.generation.metadata import save_results
 
         if mode not in MODES:

@@ -146,6 +146,13 @@ ERRORS = {
     "image for txt2img": (["txt2img", "--image", "{image}"], "only used by"),
     "guidance interval reversed": (["txt2img", "--guidance-interval", "0.8,0.3"], "--guidance-interval"),
     "guidance interval not numbers": (["txt2img", "--guidance-interval", "mid"], "LO,HI"),
+    # The library names its parameters (seed, num_images, inpaint_model ...); the command line words them as flags.
+    "seed below 0": (["txt2img", "--seed", "-1"], "error: --seed must be between 0 and"),
+    "no images": (["txt2img", "--num-images", "0"], "error: --num-images must be at least 1"),
+    "missing inpaint model": (["inpaint", "--inpaint-model", "./no/such/model", "--image", "{image}", "--mask",
+                               "{mask}"], "error: --inpaint-model: "),
+    "depth estimator without controlnet": (["depth2img", "--image", "{image}", "--depth-estimator", "{image}"],
+                                           "error: --depth-estimator is used by .* pass --controlnet too"),
 }
 
 

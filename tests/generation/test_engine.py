@@ -146,7 +146,7 @@ def test_inpaint_paste_back_keeps_the_input_outside_the_mask_exactly(engine, inp
     assert not np.array_equal(pixels(plain)[outside], src[outside])  # without it the VAE round trip changes them
     assert np.array_equal(pixels(kept)[~outside], pixels(plain)[~outside])  # the repainted region is the same
     assert kept.params["paste_back"] is True and plain.params["paste_back"] is False
-    with pytest.raises(SdtuneError, match="--paste-back is only used by inpaint"):
+    with pytest.raises(SdtuneError, match="^paste_back is only used by inpaint"):
         engine.generate("img2img", prompt="a hat", steps=STEPS, image=inputs["image"], paste_back=True)
 
 
@@ -434,7 +434,7 @@ def test_add_difference_refuses_a_base_of_another_architecture():
     from sdtune.generation.engine import add_difference
 
     a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    with pytest.raises(SdtuneError, match="--base does not match"):
+    with pytest.raises(SdtuneError, match="^base does not match"):
         add_difference(torch.nn.Linear(4, 4), a, torch.nn.Linear(5, 5))
     d = torch.nn.Linear(4, 4)
     expected = d.weight.detach() + a.weight.detach() - b.weight.detach()
@@ -450,7 +450,7 @@ def test_add_difference_refuses_a_base_of_another_architecture():
     (dict(steps=0), "at least 1"),
     (dict(num_images=0), "at least 1"),
     (dict(guidance=float("nan")), "finite"),
-    (dict(seed=-1), "--seed"),
+    (dict(seed=-1), "seed must be between"),
 ])
 def test_bad_parameters_raise_one_clear_error(engine, kwargs, message):
     with pytest.raises(SdtuneError, match=message):
@@ -577,3 +577,31 @@ def test_replace_dedicated_loads_only_that_model_and_matches_a_fresh_load(tiny_m
     with pytest.raises(SdtuneError, match="is not a 9-channel inpainting model"):
         held.replace_dedicated("inpaint", tiny_models["depth"])
     assert "inpaint" not in held.unets  # a refused swap changes nothing
+
+
+def test_parameter_errors_name_parameters_and_word_flags_on_request():
+    """A library error names the parameter as Python spells it; the command line words it as its flag."""
+    from sdtune.generation.requests import ParameterError, check_request, cli_flag
+
+    with pytest.raises(ParameterError) as err:
+        check_request("txt2img", steps=4, guidance=7.5, seed=0, width=None, height=None, scheduler=None, image=None,
+                      mask=None, strength=None, depth_map=None, num_images=0)
+    assert str(err.value) == "num_images must be at least 1, got 0" and err.value.params == ("num_images",)
+    assert err.value.worded(cli_flag) == "--num-images must be at least 1, got 0"
+    # A value is never read as a parameter, even one spelled like a placeholder.
+    odd = ParameterError("{scheduler} must be a name, got {got!r}", got="{steps}")
+    assert odd.worded(cli_flag) == "--scheduler must be a name, got '{steps}'"
+
+
+def test_engine_spec_is_what_load_takes(tiny_models):
+    """Engine.load takes an EngineSpec (or its fields as keywords); regeneration rebuilds the spec from metadata."""
+    from pathlib import Path
+
+    from sdtune.generation.components import EngineSpec
+
+    spec = EngineSpec(tiny_models["sd1"], lora_scale=0.5)
+    assert spec.sources()["lora_scale"] is None  # no LoRA: no scale recorded
+    again = EngineSpec.from_params({**spec.sources(), "lora_scale": None, "dtype": "fp32"})
+    assert again.model == str(Path(tiny_models["sd1"]).resolve()) and again.lora_scale == 1.0 and again.dtype == "fp32"
+    with pytest.raises(SdtuneError, match="^lora_scale must be a finite number"):
+        EngineSpec(tiny_models["sd1"], lora_scale=float("nan")).check()

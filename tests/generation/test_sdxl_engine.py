@@ -260,11 +260,11 @@ def test_sdxl_errors_are_one_clear_line(tiny_sdxl, tiny_models, engine, inputs, 
         (lambda: Engine.load(tiny_sdxl["sdxl"], depth_model=tiny_models["depth"]), "depth ControlNet"),
         (lambda: Engine.load(tiny_sdxl["sdxl"], inpaint_model=tiny_models["inpaint"]), "use one family"),
         (lambda: Engine.load(tiny_sdxl["sdxl"], controlnet=tiny_sdxl["sd1_controlnet"]), "does not fit"),
-        (lambda: Engine.load(tiny_sdxl["sdxl"], depth_estimator=tiny_sdxl["depth_estimator"]), "--controlnet too"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"], depth_estimator=tiny_sdxl["depth_estimator"]), "pass controlnet too"),
         (lambda: Engine.load(tiny_models["sd1"], lora=sdxl_lora), "SDXL LoRA"),
-        (lambda: Engine.load(tiny_sdxl["sdxl"]).generate("depth2img", image=inputs["image"]), "pass --controlnet"),
+        (lambda: Engine.load(tiny_sdxl["sdxl"]).generate("depth2img", image=inputs["image"]), "pass controlnet"),
         (lambda: Engine.load(tiny_sdxl["sdxl"], controlnet=tiny_sdxl["sdxl_controlnet"]).generate(
-            "depth2img", image=inputs["image"], steps=STEPS), "--depth-estimator"),
+            "depth2img", image=inputs["image"], steps=STEPS), "depth_estimator"),
     ]
     for call, message in cases:
         with pytest.raises(SdtuneError, match=message) as err:

@@ -229,6 +229,7 @@ def inspect_grid_handler(state: State, tool, prompt, items, steps, seed):
 # ---------------------------------------------------------------- the page
 
 def build(state: State):
+    """The page: one Blocks with the Generate, Train, Runs and Inspect tabs (``_generate_tab`` ...), queued one at a time."""
     import gradio as gr
 
     from sdtune.models.schedulers import scheduler_names
@@ -237,172 +238,195 @@ def build(state: State):
     schedulers = ["default", *scheduler_names()]
     models = model_choices(sb)
     base = models[0][1] if models else None
-    none = [("none", "")]
 
     # gradio's own copies of uploads and outputs (its cache) are deleted after a day
     with gr.Blocks(title="sdtune", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## sdtune · DreamBooth and generation, offline\nOutputs: `{sb.outputs}`")
         with gr.Tabs():
-            # ------------------------------------------------ Generate
-            with gr.Tab("Generate", id="generate") as gen_tab:
-                gallery_state = gr.State([])
-                with gr.Row():
-                    model = gr.Dropdown(models, value=base, label="model", elem_id="model", allow_custom_value=True)
-                    inpaint_model = gr.Dropdown(none + [m for m in models if "inpaint" in m[0]], value="",
-                                                label="inpaint model (default: the embedded one)", elem_id="inpaint-model")
-                    depth_model = gr.Dropdown(none + [m for m in models if "depth" in m[0]], value="",
-                                              label="depth model (default: the embedded one)", elem_id="depth-model")
-                    lora = gr.Dropdown(none + lora_choices(sb), value="", label="LoRA", elem_id="lora",
-                                       allow_custom_value=True)
-                    lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
-                    refresh = gr.Button("refresh pickers", size="sm", elem_id="refresh")
-                mode = gr.Radio(list(MODES), value="txt2img", label="mode", elem_id="mode")
-                prompt = gr.Textbox("a photo of a red ball on grass", label="prompt", elem_id="prompt")
-                negative = gr.Textbox("", label="negative prompt", elem_id="negative")
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance")
-                    guidance_interval = gr.Textbox("", label="guidance interval LO,HI (noise levels; empty = every "
-                                                   "step)", elem_id="guidance-interval")
-                    seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
-                    width = gr.Number(0, precision=0, label="width (0 = the model's)")
-                    height = gr.Number(0, precision=0, label="height (0 = the model's)")
-                    scheduler = gr.Dropdown(schedulers, value="default", label="scheduler")
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="images")
-                    strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (img2img/inpaint/depth)")
-                with gr.Row():
-                    editor = gr.ImageEditor(type="pil", label="input image (inpaint: paint the area to repaint)",
-                                            elem_id="editor", sources=["upload", "clipboard"], height=360,
-                                            brush=gr.Brush(colors=["#ffffff"], default_size=12, color_mode="fixed"),
-                                            layers=False, transforms=())
-                    with gr.Column():
-                        depth_upload = gr.Image(type="filepath", label="depth map (optional; white = near)",
-                                                sources=["upload"], height=160)
-                        depth_view = gr.Image(label="estimated depth (depth2img)", interactive=False, height=160,
-                                              elem_id="depth-view")
-                        restore = gr.File(label="drop an sdtune PNG to restore its settings", file_types=[".png"],
-                                          elem_id="restore")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-                gen_status = gr.Textbox(label="status", interactive=False, elem_id="gen-status", elem_classes="gen-status")
-                with gr.Row():
-                    gallery = gr.Gallery(label="images", columns=4, height=320, elem_id="gallery", format="png")
-                    params_box = gr.Code(label="parameters", language="json", elem_id="params")
-                go.click(lambda *a: generate_handler(state, *a),
-                         [mode, model, inpaint_model, depth_model, lora, lora_scale, prompt, negative, steps, guidance,
-                          seed, width, height, scheduler, num_images, strength, editor, depth_upload, gallery_state,
-                          guidance_interval],
-                         [gallery, params_box, gen_status, depth_view, gallery_state], concurrency_limit=1,
-                         api_name="generate")
-
-                def _select(gs, evt: gr.SelectData):
-                    return select_handler(gs, evt.index)
-
-                gallery.select(_select, [gallery_state], [params_box])
-                restore.upload(lambda f: restore_handler(state, f), [restore],
-                               [mode, prompt, negative, steps, guidance, seed, width, height, scheduler, strength,
-                                model, lora, lora_scale, guidance_interval, gen_status])
-
-                def _refresh():
-                    ms = model_choices(sb)
-                    return gr.update(choices=ms), gr.update(choices=none + lora_choices(sb))
-
-                refresh.click(_refresh, None, [model, lora])
-                gen_tab.select(_refresh, None, [model, lora])
-
-            # ------------------------------------------------ Train
-            with gr.Tab("Train", id="train"):
-                with gr.Row():
-                    with gr.Column():
-                        run_name = gr.Textbox("my_subject", label="run name (a folder under the outputs folder)",
-                                              elem_id="train-name")
-                        images = gr.File(file_count="multiple", file_types=["image"], label="3-5 images of the subject",
-                                         elem_id="train-images")
-                        folder = gr.Textbox("", label="...or a folder of images (inside the allowed folders)",
-                                            elem_id="train-folder")
-                        with gr.Row():
-                            identifier = gr.Textbox("sks", label="identifier", elem_id="train-identifier")
-                            class_noun = gr.Textbox("box", label="class noun", elem_id="train-class")
-                        with gr.Row():
-                            method = gr.Radio(["lora", "full"], value="lora", label="method")
-                            train_steps = gr.Number(400, precision=0, label="steps", elem_id="train-steps")
-                        with gr.Row():
-                            prior = gr.Checkbox(False, label="prior preservation", elem_id="train-prior")
-                            num_class = gr.Number(16, precision=0, label="class images")
-                        train_model = gr.Dropdown([m for m in models if "inpaint" not in m[0] and "depth" not in m[0]],
-                                                  value=base, label="base model")
-                        with gr.Accordion("advanced: any config key, one key=value per line", open=False):
-                            advanced = gr.Textbox("", lines=4, label="key=value lines (e.g. learning_rate=1e-4)",
-                                                  elem_id="train-advanced")
-                            with gr.Accordion("every key, with its default and help", open=False):
-                                gr.Markdown(advanced_help(), elem_id="train-keys-help")
-                        with gr.Row():
-                            start = gr.Button("Start", variant="primary", elem_id="train-start")
-                            stop = gr.Button("Stop (checkpoint, then stop)", elem_id="train-stop")
-                            resume = gr.Button("Resume", elem_id="train-resume")
-                        train_status = gr.Textbox(label="status", interactive=False, elem_id="train-status",
-                                                  elem_classes="train-status")
-                    with gr.Column():
-                        progress = gr.Textbox(label="progress", interactive=False, elem_id="train-progress")
-                        import pandas as pd
-                        loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
-                                                label="loss", height=220, elem_id="train-loss")
-                        samples = gr.Gallery(label="validation samples", columns=4, height=160, elem_id="train-samples")
-                        log_box = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
-                form = [run_name, images, folder, identifier, class_noun, method, train_steps, prior, num_class,
-                        train_model, advanced]
-                start.click(lambda *a: train_start_handler(state, *a), form, [train_status])
-                stop.click(lambda n: train_stop_handler(state, n), [run_name], [train_status])
-                resume.click(lambda n: train_resume_handler(state, n), [run_name], [train_status])
-                timer = gr.Timer(1.0)
-                timer.tick(lambda n: train_poll(state, n), [run_name], [progress, loss_plot, samples, log_box],
-                           show_progress="hidden", queue=False)
-
-            # ------------------------------------------------ Runs
-            with gr.Tab("Runs", id="runs") as runs_tab:
-                def _run_labels():
-                    return [str(r.path.relative_to(sb.outputs)) for r in list_runs(sb)]
-
-                with gr.Row():
-                    run_pick = gr.Dropdown(_run_labels(), label="run", elem_id="run-pick")
-                    runs_refresh = gr.Button("refresh", size="sm")
-                run_info = gr.Markdown("")
-                with gr.Row():
-                    card = gr.Markdown("(pick a run)", elem_id="run-card")
-                    with gr.Column():
-                        run_samples = gr.Gallery(label="samples", columns=4, height=200)
-                        run_metrics = gr.JSON(label="metrics")
-                run_pick.change(lambda lb: runs_handler(state, lb), [run_pick], [card, run_samples, run_metrics, run_info])
-                runs_refresh.click(lambda: gr.update(choices=_run_labels()), None, [run_pick])
-                runs_tab.select(lambda: gr.update(choices=_run_labels()), None, [run_pick])
-
-            # ------------------------------------------------ Inspect
-            with gr.Tab("Inspect", id="inspect"):
-                with gr.Row():
-                    with gr.Column():
-                        tok_text = gr.Textbox("A painting of a flooble", label="tokens: text", elem_id="tok-text")
-                        tok_go = gr.Button("tokenize", elem_id="tok-go")
-                        tok_out = gr.Textbox(label="tokens", lines=8, elem_id="tok-out")
-                        sched_pick = gr.Dropdown(schedulers, value="default", label="noise schedule of")
-                        sched_go = gr.Button("plot schedule", elem_id="sched-go")
-                        sched_img = gr.Image(label="alphas_cumprod", interactive=False, height=220, elem_id="sched-img")
-                        sched_txt = gr.Textbox(label="scheduler", lines=3)
-                    with gr.Column():
-                        grid_tool = gr.Radio(["guidance", "schedulers"], value="guidance", label="grid")
-                        grid_prompt = gr.Textbox("a photo of a red ball", label="prompt")
-                        grid_items = gr.Textbox("1.1,8,12", label="guidance scales, or scheduler names (pndm,lms,euler)")
-                        with gr.Row():
-                            grid_steps = gr.Number(20, precision=0, label="steps")
-                            grid_seed = gr.Number(42, precision=0, label="seed")
-                        grid_go = gr.Button("make grid", elem_id="grid-go")
-                        grid_img = gr.Image(label="grid", interactive=False, height=220, elem_id="grid-img")
-                        grid_status = gr.Textbox(label="status", interactive=False)
-                tok_go.click(lambda t: inspect_tokens_handler(state, t), [tok_text], [tok_out])
-                sched_go.click(lambda s: inspect_schedule_handler(state, s), [sched_pick], [sched_img, sched_txt])
-                grid_go.click(lambda *a: inspect_grid_handler(state, *a),
-                              [grid_tool, grid_prompt, grid_items, grid_steps, grid_seed], [grid_img, grid_status],
-                              concurrency_limit=1)
+            _generate_tab(state, models, base, schedulers)
+            _train_tab(state, models, base)
+            _runs_tab(state)
+            _inspect_tab(state, schedulers)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _generate_tab(state: State, models: list, base, schedulers: list[str]) -> None:
+    """The Generate tab: pickers, prompt and settings, the input image (and mask) editor, the gallery."""
+    import gradio as gr
+
+    sb = state.sandbox
+    none = [("none", "")]
+    with gr.Tab("Generate", id="generate") as gen_tab:
+        gallery_state = gr.State([])
+        with gr.Row():
+            model = gr.Dropdown(models, value=base, label="model", elem_id="model", allow_custom_value=True)
+            inpaint_model = gr.Dropdown(none + [m for m in models if "inpaint" in m[0]], value="",
+                                        label="inpaint model (default: the embedded one)", elem_id="inpaint-model")
+            depth_model = gr.Dropdown(none + [m for m in models if "depth" in m[0]], value="",
+                                      label="depth model (default: the embedded one)", elem_id="depth-model")
+            lora = gr.Dropdown(none + lora_choices(sb), value="", label="LoRA", elem_id="lora",
+                               allow_custom_value=True)
+            lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
+            refresh = gr.Button("refresh pickers", size="sm", elem_id="refresh")
+        mode = gr.Radio(list(MODES), value="txt2img", label="mode", elem_id="mode")
+        prompt = gr.Textbox("a photo of a red ball on grass", label="prompt", elem_id="prompt")
+        negative = gr.Textbox("", label="negative prompt", elem_id="negative")
+        with gr.Row():
+            steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
+            guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance")
+            guidance_interval = gr.Textbox("", label="guidance interval LO,HI (noise levels; empty = every "
+                                           "step)", elem_id="guidance-interval")
+            seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+            width = gr.Number(0, precision=0, label="width (0 = the model's)")
+            height = gr.Number(0, precision=0, label="height (0 = the model's)")
+            scheduler = gr.Dropdown(schedulers, value="default", label="scheduler")
+            num_images = gr.Slider(1, 8, value=1, step=1, label="images")
+            strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (img2img/inpaint/depth)")
+        with gr.Row():
+            editor = gr.ImageEditor(type="pil", label="input image (inpaint: paint the area to repaint)",
+                                    elem_id="editor", sources=["upload", "clipboard"], height=360,
+                                    brush=gr.Brush(colors=["#ffffff"], default_size=12, color_mode="fixed"),
+                                    layers=False, transforms=())
+            with gr.Column():
+                depth_upload = gr.Image(type="filepath", label="depth map (optional; white = near)",
+                                        sources=["upload"], height=160)
+                depth_view = gr.Image(label="estimated depth (depth2img)", interactive=False, height=160,
+                                      elem_id="depth-view")
+                restore = gr.File(label="drop an sdtune PNG to restore its settings", file_types=[".png"],
+                                  elem_id="restore")
+        go = gr.Button("Generate", variant="primary", elem_id="generate")
+        gen_status = gr.Textbox(label="status", interactive=False, elem_id="gen-status", elem_classes="gen-status")
+        with gr.Row():
+            gallery = gr.Gallery(label="images", columns=4, height=320, elem_id="gallery", format="png")
+            params_box = gr.Code(label="parameters", language="json", elem_id="params")
+        go.click(lambda *a: generate_handler(state, *a),
+                 [mode, model, inpaint_model, depth_model, lora, lora_scale, prompt, negative, steps, guidance,
+                  seed, width, height, scheduler, num_images, strength, editor, depth_upload, gallery_state,
+                  guidance_interval],
+                 [gallery, params_box, gen_status, depth_view, gallery_state], concurrency_limit=1,
+                 api_name="generate")
+
+        def _select(gs, evt: gr.SelectData):
+            return select_handler(gs, evt.index)
+
+        gallery.select(_select, [gallery_state], [params_box])
+        restore.upload(lambda f: restore_handler(state, f), [restore],
+                       [mode, prompt, negative, steps, guidance, seed, width, height, scheduler, strength,
+                        model, lora, lora_scale, guidance_interval, gen_status])
+
+        def _refresh():
+            ms = model_choices(sb)
+            return gr.update(choices=ms), gr.update(choices=none + lora_choices(sb))
+
+        refresh.click(_refresh, None, [model, lora])
+        gen_tab.select(_refresh, None, [model, lora])
+
+
+def _train_tab(state: State, models: list, base) -> None:
+    """The Train tab: the DreamBooth form, Start/Stop/Resume, and the run's progress, loss, samples and log (polled)."""
+    import gradio as gr
+
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            with gr.Column():
+                run_name = gr.Textbox("my_subject", label="run name (a folder under the outputs folder)",
+                                      elem_id="train-name")
+                images = gr.File(file_count="multiple", file_types=["image"], label="3-5 images of the subject",
+                                 elem_id="train-images")
+                folder = gr.Textbox("", label="...or a folder of images (inside the allowed folders)",
+                                    elem_id="train-folder")
+                with gr.Row():
+                    identifier = gr.Textbox("sks", label="identifier", elem_id="train-identifier")
+                    class_noun = gr.Textbox("box", label="class noun", elem_id="train-class")
+                with gr.Row():
+                    method = gr.Radio(["lora", "full"], value="lora", label="method")
+                    train_steps = gr.Number(400, precision=0, label="steps", elem_id="train-steps")
+                with gr.Row():
+                    prior = gr.Checkbox(False, label="prior preservation", elem_id="train-prior")
+                    num_class = gr.Number(16, precision=0, label="class images")
+                train_model = gr.Dropdown([m for m in models if "inpaint" not in m[0] and "depth" not in m[0]],
+                                          value=base, label="base model")
+                with gr.Accordion("advanced: any config key, one key=value per line", open=False):
+                    advanced = gr.Textbox("", lines=4, label="key=value lines (e.g. learning_rate=1e-4)",
+                                          elem_id="train-advanced")
+                    with gr.Accordion("every key, with its default and help", open=False):
+                        gr.Markdown(advanced_help(), elem_id="train-keys-help")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="train-start")
+                    stop = gr.Button("Stop (checkpoint, then stop)", elem_id="train-stop")
+                    resume = gr.Button("Resume", elem_id="train-resume")
+                train_status = gr.Textbox(label="status", interactive=False, elem_id="train-status",
+                                          elem_classes="train-status")
+            with gr.Column():
+                progress = gr.Textbox(label="progress", interactive=False, elem_id="train-progress")
+                import pandas as pd
+                loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
+                                        label="loss", height=220, elem_id="train-loss")
+                samples = gr.Gallery(label="validation samples", columns=4, height=160, elem_id="train-samples")
+                log_box = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
+        form = [run_name, images, folder, identifier, class_noun, method, train_steps, prior, num_class,
+                train_model, advanced]
+        start.click(lambda *a: train_start_handler(state, *a), form, [train_status])
+        stop.click(lambda n: train_stop_handler(state, n), [run_name], [train_status])
+        resume.click(lambda n: train_resume_handler(state, n), [run_name], [train_status])
+        timer = gr.Timer(1.0)
+        timer.tick(lambda n: train_poll(state, n), [run_name], [progress, loss_plot, samples, log_box],
+                   show_progress="hidden", queue=False)
+
+
+def _runs_tab(state: State) -> None:
+    """The Runs tab: pick a run under the outputs folder, see its card, samples and metrics."""
+    import gradio as gr
+
+    sb = state.sandbox
+    with gr.Tab("Runs", id="runs") as runs_tab:
+        def _run_labels():
+            return [str(r.path.relative_to(sb.outputs)) for r in list_runs(sb)]
+
+        with gr.Row():
+            run_pick = gr.Dropdown(_run_labels(), label="run", elem_id="run-pick")
+            runs_refresh = gr.Button("refresh", size="sm")
+        run_info = gr.Markdown("")
+        with gr.Row():
+            card = gr.Markdown("(pick a run)", elem_id="run-card")
+            with gr.Column():
+                run_samples = gr.Gallery(label="samples", columns=4, height=200)
+                run_metrics = gr.JSON(label="metrics")
+        run_pick.change(lambda lb: runs_handler(state, lb), [run_pick], [card, run_samples, run_metrics, run_info])
+        runs_refresh.click(lambda: gr.update(choices=_run_labels()), None, [run_pick])
+        runs_tab.select(lambda: gr.update(choices=_run_labels()), None, [run_pick])
+
+
+def _inspect_tab(state: State, schedulers: list[str]) -> None:
+    """The Inspect tab: tokens of a text, a scheduler's noise schedule, guidance and scheduler grids."""
+    import gradio as gr
+
+    with gr.Tab("Inspect", id="inspect"):
+        with gr.Row():
+            with gr.Column():
+                tok_text = gr.Textbox("A painting of a flooble", label="tokens: text", elem_id="tok-text")
+                tok_go = gr.Button("tokenize", elem_id="tok-go")
+                tok_out = gr.Textbox(label="tokens", lines=8, elem_id="tok-out")
+                sched_pick = gr.Dropdown(schedulers, value="default", label="noise schedule of")
+                sched_go = gr.Button("plot schedule", elem_id="sched-go")
+                sched_img = gr.Image(label="alphas_cumprod", interactive=False, height=220, elem_id="sched-img")
+                sched_txt = gr.Textbox(label="scheduler", lines=3)
+            with gr.Column():
+                grid_tool = gr.Radio(["guidance", "schedulers"], value="guidance", label="grid")
+                grid_prompt = gr.Textbox("a photo of a red ball", label="prompt")
+                grid_items = gr.Textbox("1.1,8,12", label="guidance scales, or scheduler names (pndm,lms,euler)")
+                with gr.Row():
+                    grid_steps = gr.Number(20, precision=0, label="steps")
+                    grid_seed = gr.Number(42, precision=0, label="seed")
+                grid_go = gr.Button("make grid", elem_id="grid-go")
+                grid_img = gr.Image(label="grid", interactive=False, height=220, elem_id="grid-img")
+                grid_status = gr.Textbox(label="status", interactive=False)
+        tok_go.click(lambda t: inspect_tokens_handler(state, t), [tok_text], [tok_out])
+        sched_go.click(lambda s: inspect_schedule_handler(state, s), [sched_pick], [sched_img, sched_txt])
+        grid_go.click(lambda *a: inspect_grid_handler(state, *a),
+                      [grid_tool, grid_prompt, grid_items, grid_steps, grid_seed], [grid_img, grid_status],
+                      concurrency_limit=1)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,9 +92,6 @@ class EngineSpec:
         """What the engine was loaded from, as its images' metadata records it."""
         return {**{k: source_name(getattr(self, k)) for k in SOURCES},
                 "lora_scale": float(self.lora_scale) if self.lora is not None else None}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def source_name(source) -> str | None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from sdtune import overrides
 from sdtune.errors import SdtuneError
-from sdtune.yamlfile import read_yaml  # noqa: F401 - config files are read here
+from sdtune.yamlfile import read_yaml
 
 METHODS = ("lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")

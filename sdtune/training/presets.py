@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from sdtune import CONFIGS_DIR, DATA_DIR
 from sdtune.errors import SdtuneError
-from sdtune.training.config import TrainConfig, config_from_dict, config_to_dict, parse_override, read_yaml
+from sdtune.training.config import TrainConfig, config_from_dict, config_to_dict, parse_override
+from sdtune.yamlfile import read_yaml
 
 log = logging.getLogger("sdtune.train")
 # The shipped config each family starts from (configs/NAME.yaml).

@@ -161,7 +161,8 @@ class Trainer:
                      prior_preservation: bool = False, num_class_images: int = 16, model: str | None = None,
                      advanced: str = "") -> tuple[dict, Path]:
         """The run's config mapping (validated) and its folder. Nothing is written."""
-        from sdtune.training.config import config_from_dict, parse_override, read_yaml
+        from sdtune.training.config import config_from_dict, parse_override
+        from sdtune.yamlfile import read_yaml
 
         run_dir = self.sandbox.run_dir(name)
         identifier, class_noun = (identifier or "").strip(), (class_noun or "").strip()

@@ -107,7 +107,7 @@ def tiny_models(folder: Path) -> dict[str, Path]:
 
 def demo_yaml() -> dict:
     """configs/demo.yaml's training keys (its ``demo:`` generation plan left out)."""
-    from sdtune.training.config import read_yaml
+    from sdtune.yamlfile import read_yaml
 
     if not DEMO_CONFIG.is_file():
         raise SdtuneError(f"the demo config {DEMO_CONFIG} is missing; run sdtune from a source checkout")
@@ -161,29 +161,20 @@ def demo_plan(quick: bool, overrides=()) -> Plan:
     then the ``demo.KEY=VALUE`` overrides (``sdtune demo demo.subject_guidance=5``), with or without --quick."""
     from dataclasses import fields, replace
 
-    import yaml
-
-    from sdtune.training.config import read_yaml
+    from sdtune.overrides import parse_override
+    from sdtune.yamlfile import read_yaml
 
     names = {f.name for f in fields(Plan)}
     given = {}
     for text in overrides:
-        key, _, raw = text.partition("=")
-        key = key.strip()
-        if not key.startswith(PLAN_PREFIX):
-            continue
-        name = key[len(PLAN_PREFIX):]
-        if name not in names:
-            raise SdtuneError(f"{key}: the demo's plan has no such key; it takes {PLAN_PREFIX}KEY for KEY in "
-                              f"{', '.join(sorted(names))}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise SdtuneError(f"override '{text}': {raw!r} is not a value (e.g. {PLAN_PREFIX}subject_guidance=5)")
-        default = getattr(FULL, name)
+        if not text.partition("=")[0].strip().startswith(PLAN_PREFIX):
+            continue  # a training key, for demo_config
+        key, value = parse_override(text, [PLAN_PREFIX + n for n in sorted(names)], example="demo.subject_guidance=5",
+                                    what="demo plan key")
+        default = getattr(FULL, key[len(PLAN_PREFIX):])
         if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise SdtuneError(f"override '{text}': {key} takes a number (e.g. {key}={default})")
-        given[name] = value
+        given[key[len(PLAN_PREFIX):]] = value
     if quick or not DEMO_CONFIG.is_file():
         section = {}
         base = QUICK if quick else FULL

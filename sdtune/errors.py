@@ -5,6 +5,8 @@ how to fix it; the CLI prints it without a traceback and exits non-zero.
 """
 import errno
 import os
+import string
+from typing import Callable
 
 # Errors that mean "the disk cannot take this write" rather than a bug: said in one line wherever sdtune writes.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -19,6 +21,24 @@ class SdtuneError(Exception):
 class LaunchError(SdtuneError):
     """A problem with how a multi-process run was launched: every process finds the same one, so only the main
     process says it (two processes writing one line to one stderr interleave it)."""
+
+
+class ParameterError(SdtuneError):
+    """A refused parameter, in one line naming it as Python callers spell it (``lora_scale must be ...``).
+
+    ``template`` marks each parameter it names as ``{name}`` and every other value as a field given in ``values``
+    (so a value is never read as a parameter). ``params`` lists the parameters named; ``worded(word)`` is the
+    message with each one worded by ``word`` - the command line passes its flags (``--lora-scale``).
+    """
+
+    def __init__(self, template: str, **values):
+        self.template, self.values = template, values
+        fields = (name for _, name, _, _ in string.Formatter().parse(template) if name)
+        self.params = tuple(dict.fromkeys(name for name in fields if name not in values))
+        super().__init__(self.worded())
+
+    def worded(self, word: Callable[[str], str] = str) -> str:
+        return self.template.format(**{p: word(p) for p in self.params}, **self.values)
 
 
 def require(condition: bool, message: str) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import ParameterError
 
 
 def parse_interval(value) -> tuple[float, float] | None:
@@ -30,8 +30,8 @@ def parse_interval(value) -> tuple[float, float] | None:
     except (TypeError, ValueError):
         parts = []
     if len(parts) != 2 or not all(math.isfinite(p) for p in parts) or not 0.0 <= parts[0] < parts[1] <= 1.0:
-        raise SdtuneError(f"--guidance-interval must be two noise levels LO,HI with 0 <= LO < HI <= 1 (0 = clean, "
-                          f"1 = pure noise), e.g. 0.3,1; got {value!r}")
+        raise ParameterError("{guidance_interval} must be two noise levels LO,HI with 0 <= LO < HI <= 1 (0 = clean, "
+                             "1 = pure noise), e.g. 0.3,1; got {got}", got=repr(value))
     return parts[0], parts[1]
 
 

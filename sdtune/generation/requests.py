@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import string
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import ParameterError, SdtuneError  # noqa: F401 - ParameterError is this module's API
 from sdtune.generation.guidance import parse_interval
 from sdtune.imageio import open_image
 from sdtune.models.prompts import CHUNK, TRUNCATE
@@ -27,24 +25,6 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "depth2img": 0.8}
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000  # the schedulers' num_train_timesteps: more inference steps than that have no timesteps to take
 MAX_SIDE = 16384  # pixels per side: 8x SDXL's native size; beyond it tensors outgrow what torch allocates
-
-
-class ParameterError(SdtuneError):
-    """A refused parameter, in one line naming it as Python callers spell it (``lora_scale must be ...``).
-
-    ``template`` marks each parameter it names as ``{name}`` and every other value as a field given in ``values``
-    (so a value is never read as a parameter). ``params`` lists the parameters named; ``worded(word)`` is the
-    message with each one worded by ``word`` - the command line passes its flags (``--lora-scale``).
-    """
-
-    def __init__(self, template: str, **values):
-        self.template, self.values = template, values
-        fields = (name for _, name, _, _ in string.Formatter().parse(template) if name)
-        self.params = tuple(dict.fromkeys(name for name in fields if name not in values))
-        super().__init__(self.worded())
-
-    def worded(self, word: Callable[[str], str] = str) -> str:
-        return self.template.format(**{p: word(p) for p in self.params}, **self.values)
 
 
 def cli_flag(name: str) -> str:

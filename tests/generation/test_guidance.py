@@ -32,7 +32,7 @@ def test_parse_interval_accepts_text_and_pairs_and_refuses_the_rest():
     assert parse_interval("0.3,0.8") == (0.3, 0.8)
     assert parse_interval([0, 1]) == (0.0, 1.0)
     for bad in ("0.8,0.3", "0.5,0.5", "-0.1,0.5", "0.2,1.5", "mid", "0.1,0.2,0.3", "nan,1", [0.3]):
-        with pytest.raises(SdtuneError, match="--guidance-interval"):
+        with pytest.raises(SdtuneError, match="guidance_interval must be two noise levels"):
             parse_interval(bad)
 
 

@@ -46,3 +46,25 @@ def tiny_sdxl(tmp_path_factory):
     from sdtune.models.fixtures import tiny_sdxl_family
 
     return tiny_sdxl_family(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+def _write_inputs(folder, seed: int = 0, size: int = 32) -> dict:
+    """A noise image, a mask (white square in the middle = repaint) and a left-to-right depth ramp, as PNG files in
+    ``folder``; returns {stem: path} of every file there (a test may add its own files first)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")).save(folder / "image.png")
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    mask.save(folder / "mask.png")
+    ramp = np.tile(np.linspace(0, 255, size, dtype=np.float32), (size, 1))
+    Image.fromarray(ramp.astype("uint8")).save(folder / "depth_lr.png")
+    return {p.stem: str(p) for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def write_inputs():
+    """``write_inputs(folder, seed=0)``: the generation tests' input files (image, mask, depth ramp)."""
+    return _write_inputs

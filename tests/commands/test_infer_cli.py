@@ -17,19 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, write_inputs):
     d = tmp_path_factory.mktemp("cli_inputs")
-    rng = np.random.RandomState(1)
-    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(d / "image.png")
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (8, 8, 24, 24))
-    mask.save(d / "mask.png")
     Image.new("L", (16, 16), 255).save(d / "small_mask.png")
     (d / "corrupt.png").write_bytes(b"this is not a png")
-    ramp = np.tile(np.linspace(0, 255, 32), (32, 1)).astype("uint8")
-    Image.fromarray(ramp).save(d / "depth.png")
     Image.new("RGB", (8, 8)).save(d / "plain.png")
-    return {p.stem: str(p) for p in d.iterdir()}
+    found = write_inputs(d, seed=1)
+    return {**found, "depth": found["depth_lr"]}
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,13 @@ def pixels(result_or_image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, write_inputs):
     """A 32x32 input image, a mask (white square = repaint) and two different depth maps, as files."""
     d = tmp_path_factory.mktemp("inputs")
-    rng = np.random.RandomState(0)
-    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(d / "image.png")
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (8, 8, 24, 24))
-    mask.save(d / "mask.png")
     mask2 = Image.new("L", (32, 32), 0)
     mask2.paste(255, (0, 0, 16, 32))
     mask2.save(d / "mask2.png")
-    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (32, 1))
-    Image.fromarray(ramp.astype("uint8")).save(d / "depth_lr.png")
-    Image.fromarray(ramp.T.astype("uint8")).save(d / "depth_tb.png")
+    Image.open(write_inputs(d)["depth_lr"]).transpose(Image.Transpose.TRANSPOSE).save(d / "depth_tb.png")
     return {p.stem: str(p) for p in d.iterdir()}
 
 

@@ -20,16 +20,8 @@ def pixels(result_or_image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("xl_inputs")
-    rng = np.random.RandomState(0)
-    Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(d / "image.png")
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (8, 8, 24, 24))
-    mask.save(d / "mask.png")
-    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (32, 1))
-    Image.fromarray(ramp.astype("uint8")).save(d / "depth_lr.png")
-    return {p.stem: str(p) for p in d.iterdir()}
+def inputs(tmp_path_factory, write_inputs):
+    return write_inputs(tmp_path_factory.mktemp("xl_inputs"))
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,15 @@
 test_train_multiprocess.py and test_train_recipe.py): identical weights on both ranks; a resumed run matches."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from test_train_multiprocess import run_on_gloo
-from test_train_recipe import DRIVER as KILL_DRIVER
+from test_train_recipe import killed_at_checkpoint_2, DRIVER as KILL_DRIVER
 from test_sdxl_train import PROMPT, make_images
 
-from sdtune.training import adapters, checkpointing
+from sdtune.training import adapters
 from sdtune.training.config import config_from_dict
 from sdtune.training import dreambooth
 
@@ -73,15 +68,7 @@ def test_sdxl_resume_after_kill_matches_an_uninterrupted_run(tiny_sdxl, tmp_path
                   checkpoint_every=2, checkpoints_keep=1, seed=7, buckets="auto")
     whole = recipe.train(config_from_dict({**common, "output_dir": str(tmp_path / "whole")}))
 
-    out = tmp_path / "killed"
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({**common, "output_dir": str(out)}))
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER.format(kill_at=2))
-    proc = subprocess.run([sys.executable, str(driver), str(cfg_path)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert checkpointing.latest_checkpoint(out) == out / "checkpoint-2"
+    out = killed_at_checkpoint_2(tmp_path, common, KILL_DRIVER)
     assert (out / "checkpoint-2" / "model_2.safetensors").is_file()  # UNet, text_encoder, text_encoder_2
 
     resumed = recipe.train(config_from_dict({**common, "output_dir": str(out), "resume": "latest"}))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -257,9 +258,23 @@ dreambooth.train(load_config(sys.argv[1], sys.argv[2:]))
 """
 
 
+def killed_at_checkpoint_2(tmp_path, common: dict, driver: str) -> Path:
+    """Run the config ``common`` in a process (``driver``, a template with {kill_at}) that is killed at its second
+    checkpoint write; return its output folder, which holds checkpoint-2 and nothing later."""
+    out = tmp_path / "killed"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({**common, "output_dir": str(out)}))
+    driver_path = tmp_path / "driver.py"
+    driver_path.write_text(driver.format(kill_at=2))
+    proc = subprocess.run([sys.executable, str(driver_path), str(cfg_path)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert checkpointing.latest_checkpoint(out) == out / "checkpoint-2"
+    return out
+
+
 @pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_models, subject, tmp_path):
-    import yaml
 
     class_dir = make_images(tmp_path / "class", 2, seed=1)
     common = dict(model=str(tiny_models["sd1"]), instance_dir=str(subject), instance_prompt="a photo of sks dog",
@@ -269,15 +284,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_models, subject, tm
                   lr_scheduler="linear", checkpoint_every=2, checkpoints_keep=1, seed=7)
     whole = recipe.train(config_from_dict({**common, "output_dir": str(tmp_path / "whole")}))
 
-    out = tmp_path / "killed"
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump({**common, "output_dir": str(out)}))
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(kill_at=2))
-    proc = subprocess.run([sys.executable, str(driver), str(cfg_path)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert checkpointing.latest_checkpoint(out) == out / "checkpoint-2"
+    out = killed_at_checkpoint_2(tmp_path, common, DRIVER)
     assert not (out / adapters.LORA_FILE).exists()
 
     resumed = recipe.train(config_from_dict({**common, "output_dir": str(out), "resume": "latest"}))

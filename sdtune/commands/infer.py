@@ -103,7 +103,12 @@ def _default_models(args) -> dict:
     from sdtune.models.embedded import embedded_model, has_embedded
 
     models = dict(model=args.model, inpaint_model=args.inpaint_model, depth_model=args.depth_model)
-    if args.model is None:
+    trained_on = _lora_base(args) if args.model is None and args.lora else None
+    if trained_on is not None:
+        models["model"] = trained_on
+        print(f"sdtune: note: --model {trained_on} (the base the LoRA was trained on; pass --model to choose another)",
+              file=sys.stderr)
+    elif args.model is None:
         models["model"] = str(embedded_model("base"))
         if args.inpaint_model is None and args.mode == "inpaint" and has_embedded("inpaint"):
             models["inpaint_model"] = str(embedded_model("inpaint"))
@@ -115,6 +120,28 @@ def _default_models(args) -> dict:
     if args.mode != "depth2img":
         models["depth_model"] = None
     return models
+
+
+def _lora_base(args) -> str | None:
+    """The base model an sdtune LoRA records (``sdtune_base_model``), when it is not the embedded one and can be
+    loaded here: a folder or file that exists, or a hub id."""
+    from safetensors import safe_open
+
+    from sdtune.errors import SdtuneError
+    from sdtune.models.embedded import embedded_model
+    from sdtune.models.lora import find_lora_file
+    from sdtune.models.loading import resolve_source
+
+    try:
+        path = find_lora_file(args.lora, allow_pickle=False)
+        with safe_open(str(path), framework="pt") as f:
+            base = (f.metadata() or {}).get("sdtune_base_model")
+        if not base or Path(base).resolve() == embedded_model("base").resolve():
+            return None
+        resolve_source(base)  # an existing folder or file, or a hub id
+    except (SdtuneError, OSError, ValueError, RuntimeError):
+        return None  # not an sdtune LoRA, or its base is not here: the engine's own checks speak
+    return base
 
 
 def _controlnet_args(args) -> dict:

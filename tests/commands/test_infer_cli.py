@@ -218,3 +218,23 @@ def test_compile_flag_compiles_the_engines_unets(tiny_models, tmp_path, capsys, 
     code, _, err = run_cli(capsys, *base, "--compile", "--out", tmp_path / "compiled")
     assert code == 0, err
     assert calls == [["base"]]
+
+
+def test_a_lora_without_model_generates_on_the_base_it_was_trained_on(tiny_models, files, tmp_path, capsys):
+    """``sdtune infer --lora RUN`` with no --model takes the base the run recorded (here a tiny SD model, which
+    the embedded default would not fit), and says so in one line."""
+    from sdtune.training import dreambooth
+    from sdtune.training.config import config_from_dict
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.open(files["image"]).rotate(90 * i).save(photos / f"{i}.png")
+    run = tmp_path / "run"
+    dreambooth.train(config_from_dict(dict(model=str(tiny_models["sd1"]), instance_dir=str(photos), resolution=32,
+                                           instance_prompt="a photo of sks dog", max_steps=1, output_dir=str(run))))
+    code, out, err = run_cli(capsys, "txt2img", "--lora", run, "--prompt", "a photo of sks dog", "--steps", 2,
+                             "--out", tmp_path / "out")
+    assert code == 0, err
+    assert f"--model {tiny_models['sd1']} (the base the LoRA was trained on" in err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1

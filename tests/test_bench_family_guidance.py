@@ -30,7 +30,7 @@ def test_the_demo_set_is_the_demos_own_inpaint_check(tiny_models):
 
     engine = Engine.load(str(tiny_models["sd1"]), inpaint_model=str(tiny_models["inpaint"]))
     plan = demo.Plan(base_prompts=1, world_checks=3, sample_steps=1, batch_size=4)
-    groups = {g.name: g for g in demo._family_groups(engine, plan, 32, say=lambda s: None)}
+    groups = {g.name: g for g in demo.family_groups(engine, plan, 32, say=lambda s: None)}
     ours = groups["world_inpaint"]
     requests, truth = family_guidance.inpaint_checks(3, 4321, 600, 32)
     assert [r["prompt"] for r in requests] == ours.prompts and truth == ours.truth

@@ -77,7 +77,6 @@ __all__ = [
     "ParameterError", "Prepared", "Result", "add_difference", "check_params", "check_request", "engine_for_params",
     "regenerate",
 ]
-_source_name = source_name  # the name the web UI imports
 
 
 @dataclass

@@ -81,7 +81,6 @@ __all__ = [
     "resolve_subjects", "run_demo", "save_group", "subject_class_prompts", "subject_prompt", "targets_met",
     "tiny_models", "training_overrides", "world_inpaint_checks",
 ]
-_family_groups = family_groups  # the name bench/family_guidance's test knew
 
 
 def resolve_subjects(subjects) -> list[Subject]:

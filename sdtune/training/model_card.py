@@ -25,8 +25,9 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
                f"pipe = {cls}.from_pretrained({json.dumps(base_model)})\n"
                "pipe.load_lora_weights(\"path/to/this/folder\")\n"
                f"image = pipe({json.dumps(prompt)}).images[0]\n```\n\n"
-               "`lora_kohya.safetensors` holds the same weights with kohya/A1111 key names for "
-               "AUTOMATIC1111 and ComfyUI.")
+               "ComfyUI's Load LoRA node reads `pytorch_lora_weights.safetensors` too. "
+               "`lora_kohya.safetensors` holds the same weights with kohya's key names, for AUTOMATIC1111/Forge "
+               "and kohya's tools.")
     else:
         how = (f"```python\nfrom diffusers import {cls}\n"
                f"pipe = {cls}.from_pretrained(\"path/to/this/folder\")\n"

@@ -4,10 +4,12 @@ The library is organised by concern; imports run one way, from the top of this l
 
 * ``sdtune.commands``   - the ``sdtune`` command line (one module per subcommand)
 * ``sdtune.world``      - the built-in world: scenes, judge, evaluation, embedded family, main job
-* ``sdtune.training``   - the DreamBooth recipe's components (config, data, adapters, objective, ...)
+* ``sdtune.training``   - the DreamBooth recipe (``dreambooth``) and its components (config, data, adapters, step, ...)
 * ``sdtune.generation`` - the engine serving txt2img, img2img, inpainting and depth2img
 * ``sdtune.models``     - loading, LoRA files, conversion, schedulers, tiny fixtures
-* shared modules        - ``errors``, ``devices``, ``imageio``, ``console``
+* ``sdtune.ui``         - the web UI (``sdtune ui``), at the level of the commands
+* shared modules        - ``errors``, ``devices``, ``imageio``, ``console``, ``overrides`` (the one ``key=value``
+  parser), ``yamlfile`` (config files read in one-line errors)
 
 (``training`` and ``generation`` sit side by side and do not import each other.) The DreamBooth recipe is
 ``sdtune.training.dreambooth`` (``accelerate launch -m sdtune.training.dreambooth``); ``train/`` and ``infer/`` in a

@@ -87,8 +87,11 @@ def setup(verbose: bool = False) -> None:
     # diffusers turns its loading bars on at import, whatever the environment: import and quiet both now
     # (every command that calls setup loads models with them anyway).
     import diffusers
+    import huggingface_hub
     import transformers
 
     for module in (diffusers, transformers):
         module.utils.logging.set_verbosity_error()
         module.utils.logging.disable_progress_bar()
+    # huggingface_hub sets its own level when imported: its retry notices ("Retrying in 8s") stay quiet too
+    huggingface_hub.utils.logging.set_verbosity_error()

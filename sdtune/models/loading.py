@@ -380,11 +380,12 @@ def peek_model(source: str | os.PathLike) -> ModelPeek:
         vae_file = where / "vae" / "config.json"
         vae_config = json.loads(vae_file.read_text()) if vae_file.is_file() else {}
     else:
-        index, unet_config, vae_config = (_hub_config(where, name) for name in
-                                          ("model_index.json", "unet/config.json", "vae/config.json"))
-        if not index:
-            how = "it is not in the local cache and HF_HUB_OFFLINE is set" if _is_offline() else "no model_index.json"
+        index = _hub_config(where, "model_index.json")
+        if not index:  # not on the hub (or not reachable): the other files would not be either
+            how = ("it is not in the local cache and HF_HUB_OFFLINE is set" if _is_offline()
+                   else "its model_index.json could not be read (no such model, or no network)")
             raise SdtuneError(f"could not read model {where} from the hub: {how}; pass a local folder instead")
+        unet_config, vae_config = _hub_config(where, "unet/config.json"), _hub_config(where, "vae/config.json")
     size = unet_config.get("sample_size")
     blocks = vae_config.get("block_out_channels")
     native = int(size) * 2 ** (len(blocks) - 1) if isinstance(size, int) and blocks else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,12 @@ def test_a_one_pixel_instance_image_is_refused_before_any_work(tiny_models, subj
         "(the shorter side must be at least 8 px, min_image_fraction of resolution); use a larger photo, remove it, "
         "or lower min_image_fraction"]
     assert not (tmp_path / "run" / "logs").exists()  # nothing started
+
+
+def test_huggingface_hub_notices_stay_quiet_unless_verbose():
+    """huggingface_hub sets its own level when it is imported (inside console.setup, with diffusers); its retry
+    notices ("Retrying in 8s") must not reach the command line of an offline user who named a hub model."""
+    code = ("import logging; from sdtune import console; console.setup(verbose=False); "
+            "print(logging.getLogger('huggingface_hub').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert level == str(logging.ERROR)

@@ -75,16 +75,21 @@ def unet_to_ldm(state: dict, config) -> dict:
         head = key.rsplit(".", 1)[0]
         if head in UNET_TOP:
             new = UNET_TOP[head] + key[len(head):]
-        elif key.startswith("down_blocks."):
-            b, rest = _split(key, "down_blocks.")
+        elif key.startswith(("down_blocks.", "up_blocks.")):
+            down = key.startswith("down_blocks.")
+            b, rest = _split(key, "down_blocks." if down else "up_blocks.")
             kind, rest = rest.split(".", 1)
             j, rest = _split(rest, "")
+            where = "input_blocks" if down else "output_blocks"
+            entry = (1 if down else 0) + b * stride  # input_blocks.0 is conv_in
             if kind == "resnets":
-                new = f"input_blocks.{1 + b * stride + j}.0.{_rename_head(rest, UNET_RESNET)}"
+                new = f"{where}.{entry + j}.0.{_rename_head(rest, UNET_RESNET)}"
             elif kind == "attentions":
-                new = f"input_blocks.{1 + b * stride + j}.1.{rest}"
-            elif kind == "downsamplers":  # rest = 'conv.weight'
-                new = f"input_blocks.{1 + b * stride + per_block}.0.op.{rest.split('.', 1)[1]}"
+                new = f"{where}.{entry + j}.1.{rest}"
+            elif kind == "downsamplers" and down:  # an entry of its own; rest = 'conv.weight'
+                new = f"{where}.{entry + per_block}.0.op.{rest.split('.', 1)[1]}"
+            elif kind == "upsamplers" and not down:  # in the last entry, after the attention when the block has one
+                new = f"{where}.{entry + per_block}.{2 if up_has_attention[b] else 1}.{rest}"
             else:
                 raise KeyError(key)
         elif key.startswith("mid_block."):
@@ -94,19 +99,6 @@ def unet_to_ldm(state: dict, config) -> dict:
                 new = f"middle_block.{2 * j}.{_rename_head(rest, UNET_RESNET)}"
             elif kind == "attentions":
                 new = f"middle_block.1.{rest}"
-            else:
-                raise KeyError(key)
-        elif key.startswith("up_blocks."):
-            b, rest = _split(key, "up_blocks.")
-            kind, rest = rest.split(".", 1)
-            j, rest = _split(rest, "")
-            if kind == "resnets":
-                new = f"output_blocks.{b * stride + j}.0.{_rename_head(rest, UNET_RESNET)}"
-            elif kind == "attentions":
-                new = f"output_blocks.{b * stride + j}.1.{rest}"
-            elif kind == "upsamplers":  # after the attention when the block has one
-                slot = 2 if up_has_attention[b] else 1
-                new = f"output_blocks.{b * stride + per_block}.{slot}.{rest}"
             else:
                 raise KeyError(key)
         else:

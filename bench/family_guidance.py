@@ -16,7 +16,7 @@ Printed and written as JSON: all-five adherence and per-attribute accuracy for t
 checks with the prompted kind and colour inside the mask. The demo's targets are stated at SD's 7.5; this says
 where the family itself follows best (v2: about 3; v2.1, with its guidance stage: 7.5, README "What the embedded
 family can and cannot do"). ``--interval``
-guides only at those noise levels (``sdtune.generation.guidance``), the conditional prediction elsewhere.
+guides only at those noise levels (``sdtune.guidance_interval``), the conditional prediction elsewhere.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def main() -> None:
     except ValueError:
         sys.exit(f"family_guidance: --guidance must be comma-separated numbers, e.g. 1,3,7.5; got {args.guidance!r}")
     from sdtune.errors import SdtuneError
-    from sdtune.generation.guidance import parse_interval
+    from sdtune.guidance_interval import parse_interval
 
     try:
         interval = parse_interval(args.interval)

@@ -16,6 +16,7 @@ if "HF_DATASETS_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from sdtune import DATA_DIR as DATA  # noqa: E402
 
 # SDTUNE_TEST_THREADS=1 leaves the other core to a job running beside the tests.
 torch.set_num_threads(int(os.environ.get("SDTUNE_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -68,3 +69,35 @@ def _write_inputs(folder, seed: int = 0, size: int = 32) -> dict:
 def write_inputs():
     """``write_inputs(folder, seed=0)``: the generation tests' input files (image, mask, depth ramp)."""
     return _write_inputs
+
+
+# Tiny random CLIP and DINO models (local folders), for the paper's metrics and the in-loop evaluation.
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPTokenizer(str(DATA / "clip_tokenizer/vocab.json"), str(DATA / "clip_tokenizer/merges.txt")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+    folder = tmp_path_factory.mktemp("tiny_dino")
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    return folder

@@ -48,7 +48,7 @@ from sdtune.generation.components import (
     load_dedicated,
     source_name,
 )
-from sdtune.generation.guidance import limited_guidance
+from sdtune.guidance_interval import limited_guidance
 from sdtune.generation.regenerate import check_params, engine_for_params, regenerate
 from sdtune.generation.requests import (
     DEFAULT_SCHEDULER,
@@ -331,7 +331,7 @@ class Engine:
         the input's own pixels outside the mask replace the generated ones, as AUTOMATIC1111 does - the VAE
         round trip otherwise changes the kept region a little. ``guidance_interval`` (lo, hi) or "lo,hi": guide only
         at noise levels lo <= t/T < hi and sample the conditional prediction elsewhere
-        (``sdtune.generation.guidance``); None guides every step, as stock pipelines do. ``long_prompt``:
+        (``sdtune.guidance_interval``); None guides every step, as stock pipelines do. ``long_prompt``:
         "chunk" (default) or "truncate" (with a logged warning). ``on_step(n)`` is called after each step, n = the steps
         this image takes (schedulers and strength change it).
         """

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdtune.errors import ParameterError, SdtuneError  # noqa: F401 - ParameterError is this module's API
-from sdtune.generation.guidance import parse_interval
+from sdtune.guidance_interval import parse_interval
 from sdtune.imageio import open_image
 from sdtune.models.prompts import CHUNK, TRUNCATE
 from sdtune.models.schedulers import scheduler_names

@@ -326,3 +326,30 @@ def load_identifier_embedding(updates: list[tuple[list[int], torch.Tensor]], tex
             index = torch.tensor(ids, device=table.device)
             base = table[index].float()
             table[index] = (base + scale * (tensor.to(table.device).float() - base)).to(table.dtype)
+
+
+RECOMMENDED_KEY = "sdtune_recommended"  # JSON {"guidance", "lora_scale", "guidance_interval"} a trained run wrote
+
+
+def recommended_settings(path: str | os.PathLike) -> dict | None:
+    """The settings an sdtune run recommends for its LoRA (its settings sweep, ``sdtune_recommended`` in the
+    safetensors metadata): {"guidance": float, "lora_scale": float, "guidance_interval": [lo, hi] or None}; None
+    when the file (or folder) carries none, or is not a safetensors LoRA."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        file = find_lora_file(path, allow_pickle=False)
+        with safe_open(str(file), framework="pt") as f:
+            text = (f.metadata() or {}).get(RECOMMENDED_KEY)
+        value = json.loads(text) if text else None
+    except (SdtuneError, OSError, ValueError, RuntimeError):
+        return None
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), (int, float)) for k in ("guidance",
+                                                                                              "lora_scale")):
+        return None
+    interval = value.get("guidance_interval")
+    return {"guidance": float(value["guidance"]), "lora_scale": float(value["lora_scale"]),
+            "guidance_interval": [float(x) for x in interval] if isinstance(interval, list) and len(interval) == 2
+            else None}

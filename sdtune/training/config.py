@@ -46,7 +46,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # ----------------------------------------------------------------------------------------------- declaring keys
 
 GROUPS = ("data source", "prior preservation", "adapter: what trains", "images", "loss", "optimisation",
-          "validation and checkpoints")
+          "validation and checkpoints", "evaluation and selection")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,26 @@ def _group(title: str):
     return lambda *args, **kw: _key(title, *args, **kw)
 
 
-SOURCE, PRIOR, ADAPTER, IMAGES, LOSS, OPTIM, WATCH = (_group(g) for g in GROUPS)
+SOURCE, PRIOR, ADAPTER, IMAGES, LOSS, OPTIM, WATCH, EVAL = (_group(g) for g in GROUPS)
+
+
+def _coerce_numbers(where: str, value: Any) -> list[float]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                         for v in values):
+        raise SdtuneError(f"{where} must be a list of numbers >= 0, e.g. [3, 5, 7.5]; got {value!r}")
+    return [float(v) for v in values]
+
+
+def _coerce_interval(where: str, value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) and
+                                                                      not isinstance(v, bool) for v in value)
+            and 0 <= value[0] < value[1] <= 1):
+        return [float(v) for v in value]
+    raise SdtuneError(f"{where} must be null or two noise levels [lo, hi] with 0 <= lo < hi <= 1 (0 = clean, "
+                      f"1 = pure noise), e.g. [0.3, 1]; got {value!r}")
 
 
 def _coerce_buckets(where: str, value: Any) -> Any:
@@ -251,6 +270,49 @@ class TrainConfig:
     resume: str | None = WATCH(None, path=True, help="a checkpoint folder, or latest (the newest in output_dir)")
     output_dir: str = WATCH("outputs/dreambooth", path=True, required="set it to the folder the results go to",
                             help="where the LoRA or model, checkpoints, logs and samples go")
+    # --- evaluation during training, the best step kept, the settings recommended (sdtune.training.watch) ---
+    eval_every: int = EVAL(0, range=">= 0", note="0 = off", help="every this many steps (and before the first and "
+                           "after the last) generate the evaluation prompts and measure likeness, prompt following, "
+                           "class drift and bleed into eval.jsonl and TensorBoard; 0: off")
+    eval_prompts: list[str] | None = EVAL(None, concept=True, help="the subject in new contexts, with its identifier "
+                                          "('a photo of sks dog on the beach'); never the training captions; null: "
+                                          "built from the identifier and the class noun")
+    eval_class_prompts: list[str] | None = EVAL(None, concept=True, help="its class without the identifier, for class "
+                                                "drift and bleed; null: eval_prompts without the identifier")
+    eval_other_prompts: list[str] | None = EVAL(None, help="other classes' prompts, for bleed; null: a few common "
+                                                "ones (a person, a car, a house, a cat)")
+    eval_seed: int = EVAL(9000, range=">= 0", help="evaluation image i is drawn with seed eval_seed + i, at every "
+                          "evaluation")
+    eval_steps: int = EVAL(20, range=">= 1", help="sampler steps per evaluation image")
+    eval_guidance: float = EVAL(7.5, range=">= 0", help="guidance scale of the evaluation images")
+    eval_dino: str | None = EVAL(None, path=True, help="a DINO ViT to measure likeness with: a local folder or a hub "
+                                 "id in the cache (facebook/dino-vits16)")
+    eval_clip: str | None = EVAL(None, path=True, help="a CLIP model for CLIP-I likeness and CLIP-T prompt "
+                                 "following: a local folder or a cached hub id (openai/clip-vit-base-patch32)")
+    keep_best: bool = EVAL(False, help="export the best evaluated step to OUTPUT_DIR/best, in every format the run "
+                           "writes: the highest likeness whose drift, bleed and prompt following keep their bounds")
+    stop_when_learned: bool = EVAL(False, help="end the run once the best step's likeness is at least "
+                                   "learned_likeness and stop_patience evaluations have not beaten it")
+    max_drift: float = EVAL(0.25, range="[0, 2]", help="selection bound: class drift, 1 - the mean cosine between "
+                            "class images with the LoRA and the base model's on the same seeds")
+    max_bleed: float = EVAL(0.25, range="[0, 1]", help="selection bound: the share of prompts without the identifier "
+                            "(class and other classes) whose images look more like the subject than like the base "
+                            "model's")
+    min_prompt_following: float = EVAL(0.8, range=">= 0", help="selection floor: prompt following as a share of the "
+                                       "base model's on the same prompts (CLIP-T, or a judge's context match)")
+    learned_likeness: float | None = EVAL(None, range="[-1, 1]", note="or null", help="the likeness at which "
+                                          "stop_when_learned may stop; null: any step that keeps the bounds")
+    stop_patience: int = EVAL(2, range=">= 1", help="evaluations without a better step before stop_when_learned "
+                              "ends the run")
+    recommend_settings: bool = EVAL(True, help="with eval_every, after training sweep sweep_guidance x "
+                                    "sweep_lora_scale on the evaluation prompts and record the best in the model card "
+                                    "and the LoRA's metadata (infer and the UI use them)")
+    sweep_guidance: list = EVAL(factory=lambda: [3.0, 5.0, 7.5], coerce=_coerce_numbers, kind="a list of numbers",
+                                help="guidance scales the settings sweep tries")
+    sweep_lora_scale: list = EVAL(factory=lambda: [0.8, 1.0], coerce=_coerce_numbers, kind="a list of numbers",
+                                  help="LoRA scales the settings sweep tries")
+    sweep_guidance_interval: list | None = EVAL(None, coerce=_coerce_interval, kind="null or [lo, hi]",
+                                                help="also try guiding only at these noise levels (0 clean, 1 noise)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -287,7 +349,8 @@ def concepts_of(cfg: "TrainConfig") -> list[Concept]:
     for given in cfg.concepts or [{}]:
         values = {**run, **{k: v for k, v in given.items() if v is not None}}
         values["instance_dir"] = values["instance_dir"] or None
-        values["class_prompts"] = _tuple_or_none(values["class_prompts"])
+        for key in ("class_prompts", "eval_prompts", "eval_class_prompts"):
+            values[key] = _tuple_or_none(values[key])
         out.append(Concept(**values))
     return out
 
@@ -501,6 +564,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                   "(missing ones are generated into it)")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
         raise SdtuneError(f"resume checkpoint not found: {cfg.resume}; pass a checkpoint-N folder or 'latest'")
+    if (cfg.keep_best or cfg.stop_when_learned) and not cfg.eval_every:
+        raise SdtuneError(f"{'keep_best' if cfg.keep_best else 'stop_when_learned'} chooses among evaluations; set "
+                          "eval_every (e.g. eval_every=100)")
+    if cfg.eval_every and any(not (p or "").strip() for p in [*(cfg.eval_prompts or []),
+                                                               *(cfg.eval_class_prompts or []),
+                                                               *(cfg.eval_other_prompts or [])]):
+        raise SdtuneError("an evaluation prompt list holds an empty prompt; remove it")
     if cfg.optimizer == "adamw8bit":
         import torch
 

@@ -41,7 +41,7 @@ import torch
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
 from sdtune.models.loading import describe, load_pipeline
-from sdtune.training import adapters, checkpointing, identifier
+from sdtune.training import best, checkpointing, identifier
 from sdtune.training import sdxl as sdxl_parts
 from sdtune.training.caching import LatentSource
 from sdtune.training.class_images import ensure_concept_class_images
@@ -49,13 +49,14 @@ from sdtune.training.conditioning import make_conditioner
 from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, resolve_model
 from sdtune.training.data import check_output_dir, collate
 from sdtune.training.dry_run import dry_run, format_dry_run  # noqa: F401 - the recipe's API
-from sdtune.training.export import final_modules, run_validation, save_full_pipeline
+from sdtune.training.export import export_weights, final_modules, run_metadata, run_validation
 from sdtune.training.model_card import write_model_card
 from sdtune.training.presets import with_native_resolution
 from sdtune.training.run_data import read_data, read_instances
 from sdtune.training.runtime import (StopRequest, check_launch, check_resume_matches,
                                      register_trainable_only_checkpoints, tracker_config)
 from sdtune.training.step import StepModels, micro_batch_losses
+from sdtune.training.watch import Watch, check_scorers, config_scorers
 from sdtune.training.trainables import (make_optimizer, param_groups, prepare_models, text_encoder_trains,
                                         weight_dtype_of)
 
@@ -71,6 +72,9 @@ class TrainResult:
     text_encoder: torch.nn.Module | None = None
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder
     loop_s: float = 0.0  # wall seconds in the training loop of this run (no loading, caching or saving)
+    eval_s: float = 0.0  # of which in evaluations (eval_every) and, after the loop, the settings sweep
+    evaluation: dict = field(default_factory=dict)  # the kept step, its verdict and the recommended settings
+    stopped_early: bool = False  # stop_when_learned ended the run before max_steps
     latent_encodes: int = 0  # images run through the VAE encoder
     prompt_encodes: int = 0  # text-encoder calls
 
@@ -94,13 +98,15 @@ def micro_step(step: int, micro: int, rank: int, world: int, accum: int) -> int:
 
 # ----------------------------------------------------------------------------- the recipe
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train as ``cfg`` says; one run per output folder (a second one is refused), a full disk is one line."""
+def train(cfg: TrainConfig, scorers=()) -> TrainResult:
+    """Train as ``cfg`` says; one run per output folder (a second one is refused), a full disk is one line.
+
+    ``scorers``: likeness scorers for the in-loop evaluation besides the config's (``sdtune.training.watch``)."""
     output_dir = check_output_dir(cfg.output_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # launchers set RANK; one process is rank 0
     try:
         with checkpointing.output_lock(output_dir, enabled=main_process):
-            return _train(with_native_resolution(cfg))
+            return _train(with_native_resolution(cfg), scorers)
     except SdtuneError:
         raise
     except Exception as exc:  # not only OSError: safetensors and torch.save raise their own types for a full disk
@@ -122,9 +128,14 @@ class Run:
     trained: list = field(default_factory=list)  # the modules accelerate prepared: UNet (+ text encoders)
     optimizer: object = None
     lr_scheduler: object = None
+    watch: Watch | None = None  # evaluations during training (eval_every), the kept step
+
+    def final_text_encoder(self):
+        """The text encoder as it trains: the prepared one, or the pipe's own when it is frozen."""
+        return self.trained[1] if len(self.trained) > 1 else self.pipe.text_encoder
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, scorers=()) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -142,7 +153,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     if cfg.masked_loss and not any(ex.has_mask for exs in instances for ex in exs) and accelerator.is_main_process:
         warnings.warn("masked_loss is on but no instance image has a mask (an alpha channel, or masks/NAME.png in "
                       "its folder): every pixel counts, as without it", SdtuneWarning, stacklevel=2)
+    scorers = [*config_scorers(cfg), *scorers] if cfg.eval_every else []
+    check_scorers(cfg, scorers)
     resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
+    if resume_from is None and accelerator.is_main_process:
+        best.clear_previous(output_dir)
     if cfg.resume == "latest" and resume_from is None and accelerator.is_main_process:
         log.info("resume: latest found no checkpoint in %s; starting from step 0", output_dir)
     set_seed(cfg.seed)  # the initial LoRA weights; identical on every process
@@ -163,12 +178,16 @@ def _train(cfg: TrainConfig) -> TrainResult:
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth", config=tracker_config(cfg))
+    if cfg.eval_every:
+        run.watch = Watch(run, instances, scorers, global_step, lambda step: best.save_best(run, step))
+        run.watch.start(global_step)
 
     # --- 4. the loop -------------------------------------------------------------------------------
     result = TrainResult(output_dir=output_dir, global_step=global_step)
     loop_start = time.perf_counter()
     result.global_step = _loop(run, step_models, data, global_step, result.losses)
     result.loop_s = time.perf_counter() - loop_start
+    result.stopped_early = result.global_step < cfg.max_steps
 
     # --- 5. save: LoRA files or a full pipeline, plus the model card -------------------------------
     _save(run, result)
@@ -255,7 +274,7 @@ def _loop(run: Run, m: StepModels, data, global_step: int, losses: list[float]) 
     cfg, accelerator, optimizer, lr_scheduler = run.cfg, run.accelerator, run.optimizer, run.lr_scheduler
     rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.gradient_accumulation_steps
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    unet, text_encoder = run.trained[0], run.trained[1] if len(run.trained) > 1 else run.pipe.text_encoder
+    unet, text_encoder = run.trained[0], run.final_text_encoder()
     progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     with StopRequest(enabled=world == 1) as stop:  # the handlers go back however the loop ends
@@ -300,45 +319,42 @@ def _loop(run: Run, m: StepModels, data, global_step: int, losses: list[float]) 
                 print(f"sdtune: note: stopped at step {global_step}; saved checkpoint-{global_step} in "
                       f"{run.output_dir} (resume=latest continues from it)", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt
+            if run.watch is not None and run.watch.due(global_step) and run.watch.evaluate(global_step):
+                accelerator.print(f"sdtune: the subject is learned (stop_when_learned): stopping at step "
+                                  f"{global_step} of {cfg.max_steps}")
+                break
     progress.close()
     return global_step
 
 
 def _save(run: Run, result: TrainResult) -> None:
-    """LoRA files (and the identifier's embedding) or a full pipeline, then the model card; every process waits."""
+    """The last weights (LoRA files and the identifier's embedding, or a full pipeline); with evaluation, the last
+    one, the kept step's weights back in the model and the recommended settings; the model card. Every process
+    waits."""
     cfg, accelerator, pipe, output_dir = run.cfg, run.accelerator, run.pipe, run.output_dir
-    unet, text_encoder = run.trained[0], run.trained[1] if len(run.trained) > 1 else pipe.text_encoder
+    unet, text_encoder = run.trained[0], run.final_text_encoder()
     accelerator.wait_for_everyone()
     unet_final, te_final = final_modules(accelerator, unet, text_encoder, cfg)
     identifier_rows = identifier.detach(te_final) if cfg.train_identifier_embedding else {}  # back into the table
-    samples = []
+    samples, files = [], []
     if cfg.validation_prompts and accelerator.is_main_process:
         samples = run_validation(cfg, pipe, unet, text_encoder, accelerator, result.global_step, output_dir,
                                  final=True)
     if accelerator.is_main_process:
-        config, model_source = config_to_dict(cfg), str(resolve_model(cfg))
-        metadata = {**adapters.config_metadata(config), "sdtune_base_model": model_source,
-                    "sdtune_steps": str(result.global_step)}
-        te2_final = pipe.text_encoder_2 if run.sdxl and cfg.train_text_encoder else None  # trained in place
-        if cfg.method == "lora":
-            # Before the LoRA file, which the engine finds first: a LoRA file present has its embedding beside it.
-            if identifier_rows:
-                identifier.save(output_dir, identifier_rows, pipe.tokenizer, [c.identifier for c in concepts_of(cfg)],
-                                metadata)
-            else:  # an earlier run's embedding in this folder would be loaded with this run's LoRA
-                (output_dir / identifier.IDENTIFIER_FILE).unlink(missing_ok=True)
-            files = adapters.save_lora_files(output_dir, unet_final, te_final if cfg.train_text_encoder else None,
-                                             te2_final, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,
-                                             metadata=metadata, sdxl=run.sdxl)
-            files += [identifier.IDENTIFIER_FILE] if identifier_rows else []
-        else:
-            save_full_pipeline(output_dir, pipe, unet_final, te_final, metadata)
-            files = ["model_index.json", "unet/", "text_encoder/", "vae/", "tokenizer/", "scheduler/"]
-            if run.sdxl:
-                files[3:3] = ["text_encoder_2/", "tokenizer_2/"]
-        write_model_card(output_dir, config=config, base_model=model_source, method=cfg.method,
-                         steps=result.global_step, family=run.info.family, prediction_type=run.info.prediction_type,
-                         files=files, samples=samples)
+        files = export_weights(output_dir, cfg, pipe, run.sdxl, unet_final, te_final, identifier_rows,
+                               run_metadata(cfg, result.global_step))
+    if run.watch is not None:
+        result.evaluation = run.watch.finish(result.global_step, lambda step: best.load_best(run, step))
+        result.eval_s = run.watch.seconds
+        if accelerator.is_main_process:
+            best.record_settings(run, result.evaluation)
+            for line in best.summary_lines(result.evaluation, output_dir):
+                accelerator.print(f"sdtune: {line}")
+    if accelerator.is_main_process:
+        write_model_card(output_dir, config=config_to_dict(cfg), base_model=str(resolve_model(cfg)),
+                         method=cfg.method, steps=result.global_step, family=run.info.family,
+                         prediction_type=run.info.prediction_type, files=files, samples=samples,
+                         evaluation=result.evaluation)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result.unet, result.text_encoder = unet_final, te_final

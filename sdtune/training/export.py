@@ -10,20 +10,25 @@ from pathlib import Path
 import torch
 
 from sdtune.imageio import save_image_atomic
+from sdtune.training import adapters, identifier
 from sdtune.training import sdxl as sdxl_parts
-from sdtune.training.config import TrainConfig
+from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, resolve_model
+
+
+def sampling_pipeline(pipe, unet, text_encoder, text_encoder_2=None):
+    """A stock pipeline around the modules being trained (SDXL: ``text_encoder_2``, else the pipe's own)."""
+    from diffusers import StableDiffusionPipeline
+
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder is trained in place
+        return sdxl_parts.sdxl_pipeline(pipe, unet, text_encoder, text_encoder_2 or pipe.text_encoder_2)
+    return StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def validation_images(cfg: TrainConfig, pipe, unet, text_encoder, accelerator) -> list:
     """Sample every validation prompt from the current weights with a stock pipeline, fixed seed."""
-    from diffusers import StableDiffusionPipeline
-
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder is trained in place
-        sampler = sdxl_parts.sdxl_pipeline(pipe, unet, text_encoder, pipe.text_encoder_2)
-    else:
-        sampler = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
-                                          unet=unet, scheduler=pipe.scheduler, safety_checker=None,
-                                          feature_extractor=None, requires_safety_checker=False)
+    sampler = sampling_pipeline(pipe, unet, text_encoder)
     sampler.set_progress_bar_config(disable=True)
     images = []
     with torch.no_grad(), accelerator.autocast():
@@ -54,6 +59,34 @@ def run_validation(cfg, pipe, unet, text_encoder, accelerator, step, output_dir,
             tracker.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
     accelerator.wait_for_everyone()
     return names
+
+
+def run_metadata(cfg: TrainConfig, steps: int) -> dict[str, str]:
+    """What every weights file of a run carries: its config, its base model, its step."""
+    return {**adapters.config_metadata(config_to_dict(cfg)), "sdtune_base_model": str(resolve_model(cfg)),
+            "sdtune_steps": str(steps)}
+
+
+def export_weights(folder: Path, cfg: TrainConfig, pipe, sdxl: bool, unet, text_encoder,
+                   identifier_rows: dict, metadata: dict[str, str]) -> list[str]:
+    """The run's weights into ``folder`` in every format it writes: LoRA files (diffusers + kohya, and the
+    identifier's embedding) or a full diffusers pipeline. Returns the names written."""
+    te2 = pipe.text_encoder_2 if sdxl and cfg.train_text_encoder else None  # trained in place
+    if cfg.method != "lora":
+        save_full_pipeline(folder, pipe, unet, text_encoder, metadata)
+        files = ["model_index.json", "unet/", "text_encoder/", "vae/", "tokenizer/", "scheduler/"]
+        if sdxl:
+            files[3:3] = ["text_encoder_2/", "tokenizer_2/"]
+        return files
+    # Before the LoRA file, which the engine finds first: a LoRA file present has its embedding beside it.
+    if identifier_rows:
+        identifier.save(folder, identifier_rows, pipe.tokenizer, [c.identifier for c in concepts_of(cfg)], metadata)
+    else:  # an earlier run's embedding in this folder would be loaded with this run's LoRA
+        (folder / identifier.IDENTIFIER_FILE).unlink(missing_ok=True)
+    files = adapters.save_lora_files(folder, unet, text_encoder if cfg.train_text_encoder else None, te2,
+                                     rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank, metadata=metadata,
+                                     sdxl=sdxl)
+    return files + ([identifier.IDENTIFIER_FILE] if identifier_rows else [])
 
 
 def save_full_pipeline(output_dir: Path, pipe, unet, text_encoder, metadata: dict[str, str]) -> None:

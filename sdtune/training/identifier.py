@@ -59,6 +59,14 @@ def rows_of(text_encoder) -> IdentifierEmbedding | None:
     return module if isinstance(module, IdentifierEmbedding) else None
 
 
+def current_rows(text_encoder) -> dict[int, torch.Tensor]:
+    """{token id: row} as training holds them now (the table left as it is)."""
+    module = rows_of(text_encoder)
+    if module is None:
+        return {}
+    return {token: module.identifier_rows[k].detach().float().cpu() for k, token in enumerate(module.token_ids)}
+
+
 def detach(text_encoder) -> dict[int, torch.Tensor]:
     """Write the trained rows into the encoder's own table, put the table back; return {token id: row}."""
     module = rows_of(text_encoder)

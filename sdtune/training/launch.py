@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--help-keys", action="store_true", help="list every config key with its type, default and help")
 
 
-def run(args) -> int:
+def run(args, scorer_factory=None) -> int:
+    """Check the config, then train (or show the dry run). ``scorer_factory(cfg)``: extra likeness scorers for the
+    in-loop evaluation (the commands layer passes the world's judge for the embedded family)."""
     if args.help_keys:
         from sdtune.training.keys_help import format_keys_help
 
@@ -59,7 +61,7 @@ def run(args) -> int:
     if args.dry_run:
         print(dreambooth.format_dry_run(dreambooth.dry_run(cfg)))
         return 0
-    result = dreambooth.train(cfg)
+    result = dreambooth.train(cfg, scorers=scorer_factory(cfg) if scorer_factory else ())
     if os.environ.get("RANK", "0") in ("", "0"):  # one line for the run, not one per process
         print(f"done: {result.global_step} steps, outputs in {result.output_dir}")
     return 0

@@ -9,7 +9,8 @@ from sdtune.imageio import write_text_atomic
 
 
 def render_model_card(config: dict, *, base_model: str, method: str, steps: int, family: str,
-                      prediction_type: str, files: list[str], samples: list[str]) -> str:
+                      prediction_type: str, files: list[str], samples: list[str],
+                      evaluation: dict | None = None) -> str:
     """Markdown with YAML front matter: base model, prompts, how to load, the full config, samples."""
     prompt = config.get("instance_prompt", "")
     tags = ["stable-diffusion", "text-to-image", "diffusers", "dreambooth", "sdtune"]
@@ -55,8 +56,41 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
         lines += ["## Samples", ""]
         lines += [f"![{Path(s).stem}]({s})" for s in samples] + [""]
         lines += [f"Validation prompts: {', '.join(repr(p) for p in config.get('validation_prompts') or [])}", ""]
+    lines += evaluation_section(evaluation or {})
     lines += ["## Training config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def evaluation_section(evaluation: dict) -> list[str]:
+    """The in-loop evaluation: the kept step and why, the recommended settings, the curves and their table."""
+    if not evaluation.get("history"):
+        return []
+    lines = ["## When the subject was learned", "", evaluation["verdict"] + ".", ""]
+    if evaluation.get("best") is not None and evaluation.get("kept_step") != evaluation.get("last_step"):
+        lines += [f"The kept weights (step {evaluation['kept_step']}) are in `best/`, beside the last ones "
+                  f"(step {evaluation['last_step']}).", ""]
+    s = evaluation.get("settings")
+    if s:
+        interval = f", guidance interval `{s['guidance_interval']}`" if s.get("guidance_interval") else ""
+        lines += [f"**Recommended settings**: guidance {s['guidance']:g}, LoRA scale {s['lora_scale']:g}{interval} "
+                  "(the highest likeness within the bounds on the evaluation prompts; `sdtune infer` and the web UI "
+                  "use them when you give none).", "",
+                  "| guidance | LoRA scale | interval | likeness | prompt following | drift | bleed |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['guidance']:g} | {r['lora_scale']:g} | {r.get('guidance_interval') or '-'} | "
+                  + " | ".join(_cell(r.get(q)) for q in ("likeness", "prompt_following", "drift", "bleed")) + " |"
+                  for r in s.get("table", [])]
+        lines.append("")
+    lines += [f"![evaluation curves]({evaluation.get('plot', 'eval.svg')})", "",
+              "| step | likeness | prompt following | drift | bleed | within bounds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | " + " | ".join(_cell(r.get(q)) for q in ("likeness", "prompt_following", "drift",
+                                                                        "bleed"))
+              + f" | {'yes' if r.get('eligible') else 'no'} |" for r in evaluation["history"]]
+    return lines + ["", "Every metric of every evaluation: `eval.jsonl`.", ""]
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:

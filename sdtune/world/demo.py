@@ -70,6 +70,7 @@ from sdtune.world.demo_prompts import (
 )
 from sdtune.world.demo_report import metrics_table, subject_report, write_grids, write_summary
 from sdtune.world.demo_scoring import MODE_GROUPS, TARGETS, prior_before_after, score_family, score_subject, targets_met
+from sdtune.world.judge_scorer import JudgeScorer
 from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject, subject_folders
 
 # The names this module has always offered (ablations, together, bench/ and tests import them from here).
@@ -223,13 +224,15 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*non-image file")  # subject.json beside the images
-        result = dreambooth.train(cfg)
+        result = dreambooth.train(cfg, scorers=[JudgeScorer(judge)] if cfg.eval_every else ())
     timings["train_s"] = time.perf_counter() - t
+    timings["eval_s"] = result.eval_s
+    kept = kept_weights(Path(cfg.output_dir))
 
     # --- 4. generation with one engine, LoRA applied ---------------------------------------------------
     phase(4, f"{tag}generating with the LoRA: txt2img, img2img, inpaint, depth2img, class prompts")
     t = time.perf_counter()
-    engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth, lora=Path(cfg.output_dir))
+    engine = Engine.load(models.base, inpaint_model=models.inpaint, depth_model=models.depth, lora=kept)
     groups = [*subject_groups(engine, subj, plan, resolution, say), base_class]
     del engine
     timings["generate_s"] = time.perf_counter() - t + timings["family_generate_s"]
@@ -245,6 +248,9 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
         models=models.kind, model=models.base, inpaint_model=models.inpaint, depth_model=models.depth,
         subject=subj.name, instance_prompt=subj.instance_prompt, class_prompt=subj.class_prompt, quick=quick,
         resolution=resolution, steps=result.global_step, sample_steps=plan.sample_steps,
+        kept_step=result.evaluation.get("kept_step", result.global_step), stopped_early=result.stopped_early,
+        eval={k: result.evaluation.get(k) for k in ("verdict", "settings", "eval_seconds")} if result.evaluation
+        else None,
         guidance=plan.guidance, subject_guidance=plan.subject_guidance,
         guidance_interval=list(plan.guidance_interval) if plan.guidance_interval else None,
         counts={g.name: len(g.results) for g in all_groups} | {"class_images": cfg.num_class_images,
@@ -268,6 +274,12 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "report.md", subject_report(metrics, grids, subj))
     return metrics
+
+
+def kept_weights(lora_dir: Path) -> Path:
+    """The run's kept weights: OUT/lora/best when keep_best exported them, else the last ones."""
+    best = lora_dir / "best"
+    return best if (best / "pytorch_lora_weights.safetensors").is_file() else lora_dir
 
 
 def _round(x):

@@ -13,7 +13,7 @@ from typing import Callable
 
 from sdtune import CONFIGS_DIR
 from sdtune.errors import SdtuneError
-from sdtune.world.demo_prompts import subject_class_prompts
+from sdtune.world.demo_prompts import eval_prompts, subject_class_prompts
 from sdtune.world.subjects import Subject
 
 DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
@@ -36,7 +36,7 @@ class Plan:
     # at 7.5 on this family; the value is chosen on held-out seeds and contexts (README, "Guidance after training").
     subject_guidance: float = 3.0
     # The family's prompts and inpaint check are drawn a second time at `guidance`, guided only at noise levels in
-    # [lo, hi) (sdtune.generation.guidance), for a model that oversaturates where guidance acts on the first and
+    # [lo, hi) (sdtune.guidance_interval), for a model that oversaturates where guidance acts on the first and
     # last steps (family v2 at 7.5). None skips these draws: configs/demo.yaml sets None for family v2.1, which
     # meets the targets guided everywhere; --quick keeps this default so the path stays exercised.
     guidance_interval: tuple[float, float] | None = (0.3, 0.8)
@@ -47,7 +47,8 @@ FULL = Plan()
 QUICK = Plan(base_prompts=2, world_checks=1, subject_prompts=2, per_mode=1, class_prompts=2, sample_steps=3,
              batch_size=2)
 # Training settings of --quick, applied before the user's key=value overrides.
-QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1}
+QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1,
+                  "eval_every": 2, "eval_steps": 2, "sweep_guidance": [3.0], "sweep_lora_scale": [1.0]}
 
 
 # ----------------------------------------------------------------------------- models
@@ -145,6 +146,9 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     in_context = subject_class_prompts(subject, data.get("use_captions", True))
     if "class_prompts" not in given and in_context:  # an explicit class_prompts wins
         data["class_prompts"] = in_context
+    for key, prompts in eval_prompts(subject).items():  # the run's own evaluation, in the world's words
+        if data.get(key) is None:
+            data[key] = prompts
     return config_from_dict(data)
 
 
@@ -187,7 +191,7 @@ def demo_plan(quick: bool, overrides=()) -> Plan:
     if not section:
         return base
     if section.get("guidance_interval") is not None:
-        from sdtune.generation.guidance import parse_interval
+        from sdtune.guidance_interval import parse_interval
 
         section = {**section, "guidance_interval": parse_interval(section["guidance_interval"])}
     return replace(base, **section)

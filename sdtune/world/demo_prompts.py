@@ -25,6 +25,21 @@ def new_contexts(subject: Subject, n: int, seed: int = 7) -> list[scenes.Scene]:
                         seed=seed * 1000 + i) for i in range(n)]
 
 
+def eval_prompts(subject: Subject, n: int = 8, seed: int = 11) -> dict[str, list[str]]:
+    """The training run's own evaluation prompts (``eval_prompts``, ``eval_class_prompts``, ``eval_other_prompts``):
+    new contexts as the judged ones, but worded with the size ("a photo of a large sks box on the left, on snow"),
+    so no string is one the demo judges with (its seeds differ too: ``eval_seed``)."""
+    stated = {"size", "kind", "position", "background"}
+    scenes_ = new_contexts(subject, n, seed=seed)
+    others = [k for k in scenes.KINDS if k != subject.class_noun]
+    return {"eval_prompts": [scenes.caption(s, identifier=subject.identifier, stated=stated) for s in scenes_],
+            "eval_class_prompts": [scenes.caption(s, stated=stated) for s in scenes_],
+            "eval_other_prompts": [scenes.caption(scenes.Scene(kind=others[i % len(others)], colour=s.colour,
+                                                               size="large", position=s.position,
+                                                               background=s.background, seed=s.seed), stated=stated)
+                                   for i, s in enumerate(scenes_[: n // 2])]}
+
+
 def subject_prompt(subject: Subject, scene: scenes.Scene) -> str:
     """"a photo of sks box on the left, on snow": the identifier, the class noun and a context (the words the
     shipped instance captions use)."""

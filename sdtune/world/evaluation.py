@@ -8,10 +8,10 @@ Judge metrics (shares in [0, 1]) read each image back into world attributes:
 - ``prior_preservation``: a class-prompt image shows the class and NOT the subject.
 - ``subject_in_context``: a subject prompt's image is the subject and honours the stated context, both at once.
 
-Paper metrics (cosines in [-1, 1]) need local model folders, nothing is downloaded:
+Paper metrics (cosines in [-1, 1]) need CLIP / DINO models: local folders, or hub ids already in the cache:
 CLIP-T (image vs its prompt), CLIP-I (generated vs real subject images, CLIP image space),
-DINO (the same in a self-supervised ViT's CLS space). Preprocessing is done here (resize, centre
-crop, normalise), so no torchvision-backed image processor is needed.
+DINO (the same in a self-supervised ViT's CLS space), with ``sdtune.models.image_features``' scorers (which the
+training run's in-loop evaluation uses too).
 """
 from __future__ import annotations
 
@@ -23,11 +23,10 @@ import numpy as np
 from PIL import Image
 
 from sdtune.errors import SdtuneError
+from sdtune.models.image_features import ClipScorer, DinoScorer, as_scorer as _as_scorer  # noqa: F401 - API
 from sdtune.world import scenes
 
 CONTEXT = ("size", "position", "background")  # what a "new context" changes around a subject
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _attrs(items, identifier: str | None = None) -> list[dict]:
@@ -120,109 +119,7 @@ def subject_in_context(images: Sequence[Image.Image], prompts_attrs, judge=None,
 
 
 # ----------------------------------------------------------------------------------------------
-# CLIP and DINO
-
-
-def _preprocessing(folder: Path, default_size: int, mean, std) -> dict:
-    """Size/crop/mean/std from the folder's preprocessor_config.json, else the given defaults."""
-    cfg = {}
-    pp = folder / "preprocessor_config.json"
-    if pp.is_file():
-        cfg = json.loads(pp.read_text())
-
-    def side(value, key):
-        if isinstance(value, dict):
-            return int(value.get(key) or value.get("height") or default_size)
-        return int(value) if value else default_size
-
-    size = side(cfg.get("size"), "shortest_edge")
-    crop = side(cfg.get("crop_size"), "height") if cfg.get("do_center_crop", True) else size
-    return {"size": size, "crop": min(crop, size), "mean": cfg.get("image_mean", mean), "std": cfg.get("image_std", std)}
-
-
-def _pixels(images: Sequence[Image.Image], prep: dict):
-    """Resize the shorter side, centre-crop, scale to [0,1], normalise -> float tensor [N,3,H,W]."""
-    import torch
-
-    out = []
-    for img in images:
-        img = img.convert("RGB")
-        w, h = img.size
-        s = prep["size"] / min(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        c = prep["crop"]
-        left, top = (w - c) // 2, (h - c) // 2
-        img = img.crop((left, top, left + c, top + c))
-        a = (np.asarray(img, np.float32) / 255.0 - np.asarray(prep["mean"], np.float32)) / np.asarray(prep["std"], np.float32)
-        out.append(a.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(out))
-
-
-def _require_folder(path, what: str) -> Path:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise SdtuneError(f"{what} {p} is not a local model folder (no config.json); pass a folder saved with save_pretrained")
-    return p
-
-
-class ClipScorer:
-    """A local CLIP model (``CLIPModel`` + its tokenizer) for CLIP-T and CLIP-I."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer, CLIPModel
-
-        folder = _require_folder(path, "CLIP model")
-        try:
-            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
-        except (OSError, ValueError) as exc:
-            raise SdtuneError(f"could not load a CLIP model from {folder}: {exc}".splitlines()[0]) from exc
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            raise SdtuneError(f"CLIP folder {folder} has no tokenizer files (vocab.json, merges.txt)") from exc
-        self.prep = _preprocessing(folder, self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
-
-    def image_embeds(self, images):
-        import torch
-
-        with torch.no_grad():
-            pooled = self.model.vision_model(pixel_values=_pixels(images, self.prep)).pooler_output
-            return torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1)
-
-    def text_embeds(self, texts):
-        import torch
-
-        max_len = self.model.config.text_config.max_position_embeddings
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-        with torch.no_grad():
-            pooled = self.model.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
-            return torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1)
-
-
-class DinoScorer:
-    """A local self-supervised ViT (``ViTModel``, e.g. DINO ViT-S/16): its CLS token embeds images."""
-
-    def __init__(self, path):
-        from transformers import ViTModel
-
-        folder = _require_folder(path, "DINO model")
-        try:
-            self.model = ViTModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False).eval()
-        except (OSError, ValueError) as exc:
-            raise SdtuneError(f"could not load a ViT (DINO) model from {folder}: {exc}".splitlines()[0]) from exc
-        self.prep = _preprocessing(folder, self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD)
-
-    def image_embeds(self, images):
-        import torch
-
-        with torch.no_grad():
-            cls = self.model(pixel_values=_pixels(images, self.prep)).last_hidden_state[:, 0]
-            return torch.nn.functional.normalize(cls, dim=-1)
-
-
-def _as_scorer(model, cls):
-    return model if isinstance(model, cls) else cls(model)
+# CLIP and DINO (the scorers are sdtune.models.image_features')
 
 
 def _mean_pairwise(a, b) -> float:

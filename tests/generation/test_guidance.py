@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.generation.guidance import guided_at, parse_interval
+from sdtune.guidance_interval import guided_at, parse_interval
 
 STEPS = 4
 
@@ -98,7 +98,7 @@ def test_the_cli_passes_the_interval_on(tiny_models, tmp_path, capsys):
 
 def test_the_hook_leaves_a_batch_the_pipeline_did_not_stack_alone():
     """A guidance-distilled UNet (or scale <= 1) gets no unconditional half: nothing is replaced."""
-    from sdtune.generation.guidance import limited_guidance
+    from sdtune.guidance_interval import limited_guidance
 
     class Echo(torch.nn.Module):
         def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False):

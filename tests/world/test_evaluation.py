@@ -19,37 +19,6 @@ def judge():
     return Judge.load()
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(cfg).save_pretrained(folder)
-    CLIPTokenizer(str(ROOT / "data/clip_tokenizer/vocab.json"), str(ROOT / "data/clip_tokenizer/merges.txt")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory):
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
-    folder = tmp_path_factory.mktemp("tiny_dino")
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
-    return folder
-
-
 def _renders(n, seed, **kw):
     return list(scenes.dataset(n, seed, **kw))
 
@@ -130,9 +99,9 @@ def test_dino_metric_on_tiny_random_vit(tiny_dino):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SdtuneError, match="not a local model folder"):
+    with pytest.raises(SdtuneError, match="not a model folder"):
         evaluation.ClipScorer(tmp_path)
-    with pytest.raises(SdtuneError, match="not a local model folder"):
+    with pytest.raises(SdtuneError, match="neither a model folder nor a hub id"):
         evaluation.DinoScorer(tmp_path / "missing")
 
 

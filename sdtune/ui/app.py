@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.ui.generate import Generator, mask_from_editor, restore_from_png
+from sdtune.ui.generate import Generator, mask_from_editor, recommended_for, recommended_line, restore_from_png
 from sdtune.ui.runs import find_run, list_runs, lora_choices, model_choices
 from sdtune.ui.safety import MAX_UPLOAD_BYTES, Sandbox
-from sdtune.ui.training import Trainer, advanced_help, losses
+from sdtune.ui.training import Trainer, advanced_help, eval_view, losses
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -79,6 +79,19 @@ def generate_handler(state: State, mode, model, inpaint_model, depth_model, lora
             depth, gallery_state)
 
 
+def lora_settings_handler(state: State, lora):
+    """A LoRA just picked -> (guidance, LoRA scale, guidance interval, status): the settings its run recommends
+    (``sdtune_recommended``, from the run's settings sweep), or every field left as it is when it carries none.
+    Wired to the picker's ``input`` event only, so a restored PNG's settings and later edits by hand win."""
+    keep = [dict(UNCHANGED) for _ in range(4)]
+    rec = recommended_for(state.sandbox, lora)
+    if rec is None:
+        return keep
+    interval = rec["guidance_interval"]
+    text = ",".join(f"{x:g}" for x in interval) if interval else ""
+    return [rec["guidance"], rec["lora_scale"], text, recommended_line(rec)]
+
+
 def select_handler(gallery_state, evt_index):
     if evt_index is None or not gallery_state or evt_index >= len(gallery_state):
         return None
@@ -136,13 +149,22 @@ def train_stop_handler(state: State, name):
     return f"stopping {name}: finishing the step and saving a checkpoint"
 
 
+def _run_dir_or_none(state: State, name) -> Path | None:
+    try:
+        return state.sandbox.run_dir(name)
+    except SdtuneError:
+        return None  # a name being typed: nothing to show yet
+
+
 def train_poll(state: State, name):
-    """-> (progress line, loss points, samples, log tail)."""
+    """-> (progress line, loss points, samples, log tail, evaluation curves, best-step line). The curves come from
+    the run folder's eval.jsonl, so a run trained before the page was (re)started shows them too."""
     import pandas as pd
 
     job = state.trainer.job(name)
+    curves, best = eval_view(job.run_dir if job else _run_dir_or_none(state, name))
     if job is None:
-        return "", pd.DataFrame({"step": [], "loss": []}), [], ""
+        return "", pd.DataFrame({"step": [], "loss": []}), [], "", curves, best
     state_word = job.state
     if state_word == "failed":
         line = f"failed (exit {job.returncode}): {job.error_line()}"
@@ -156,7 +178,7 @@ def train_poll(state: State, name):
     frame = pd.DataFrame({"step": [s for s, _ in points], "loss": [v for _, v in points]})
     samples = [str(p) for p in sorted((job.run_dir / "samples").glob("*.png"))] if (job.run_dir / "samples").is_dir() \
         else []
-    return line, frame, samples, "\n".join(list(job.lines)[-25:])
+    return line, frame, samples, "\n".join(list(job.lines)[-25:]), curves, best
 
 
 def runs_handler(state: State, label):
@@ -320,11 +342,15 @@ def _generate_tab(state: State, models: list, base, schedulers: list[str]) -> No
             return gr.update(choices=ms), gr.update(choices=none + lora_choices(sb))
 
         refresh.click(_refresh, None, [model, lora])
+        # input, not change: fired by the user's pick only, not by a restored PNG setting the picker
+        lora.input(lambda v: lora_settings_handler(state, v), [lora], [guidance, lora_scale, guidance_interval,
+                                                                      gen_status], queue=False)
         gen_tab.select(_refresh, None, [model, lora])
 
 
 def _train_tab(state: State, models: list, base) -> None:
-    """The Train tab: the DreamBooth form, Start/Stop/Resume, and the run's progress, loss, samples and log (polled)."""
+    """The Train tab: the DreamBooth form, Start/Stop/Resume, and the run's progress, loss, evaluation curves, best
+    step, samples and log (polled)."""
     import gradio as gr
 
     with gr.Tab("Train", id="train"):
@@ -363,6 +389,10 @@ def _train_tab(state: State, models: list, base) -> None:
                 import pandas as pd
                 loss_plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss",
                                         label="loss", height=220, elem_id="train-loss")
+                eval_plot = gr.LinePlot(pd.DataFrame({"step": [], "value": [], "quantity": []}), x="step", y="value",
+                                        color="quantity", label="evaluation: likeness, prompt following, drift, bleed",
+                                        height=220, elem_id="train-eval")
+                best_box = gr.Textbox(label="best step", interactive=False, elem_id="train-best")
                 samples = gr.Gallery(label="validation samples", columns=4, height=160, elem_id="train-samples")
                 log_box = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
         form = [run_name, images, folder, identifier, class_noun, method, train_steps, prior, num_class,
@@ -371,8 +401,9 @@ def _train_tab(state: State, models: list, base) -> None:
         stop.click(lambda n: train_stop_handler(state, n), [run_name], [train_status])
         resume.click(lambda n: train_resume_handler(state, n), [run_name], [train_status])
         timer = gr.Timer(1.0)
-        timer.tick(lambda n: train_poll(state, n), [run_name], [progress, loss_plot, samples, log_box],
-                   show_progress="hidden", queue=False)
+        # one poll for everything the run shows: progress, loss, samples, log, evaluation curves and best step
+        timer.tick(lambda n: train_poll(state, n), [run_name],
+                   [progress, loss_plot, samples, log_box, eval_plot, best_box], show_progress="hidden", queue=False)
 
 
 def _runs_tab(state: State) -> None:

@@ -274,3 +274,25 @@ def restore_from_png(path, sandbox: Sandbox) -> dict:
             except SdtuneError:
                 out[key] = None
     return out
+
+
+def recommended_for(sandbox, lora) -> dict | None:
+    """The settings the LoRA's run recommends (``lora.recommended_settings``), read only inside the sandbox; None
+    for no LoRA, a path the sandbox refuses (generating reports that, in words) or a LoRA that carries none."""
+    from sdtune.models.lora import recommended_settings
+
+    if lora is None or str(lora).strip() in ("", NONE):
+        return None
+    try:
+        path = sandbox.resolve(lora, "LoRA", kind="any")
+    except SdtuneError:
+        return None
+    return recommended_settings(path)
+
+
+def recommended_line(rec: dict) -> str:
+    """The status line saying the form now holds the LoRA's recommended settings, and that they may be changed."""
+    interval = rec.get("guidance_interval")
+    extra = f", guidance interval {','.join(f'{x:g}' for x in interval)}" if interval else ""
+    return (f"using the LoRA's recommended settings: guidance {rec['guidance']:g}, LoRA scale {rec['lora_scale']:g}"
+            f"{extra} (change them to override)")

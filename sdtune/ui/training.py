@@ -4,11 +4,12 @@
 with ``sdtune.training.config`` (the CLI's checks and messages), refuses a folder another run holds (the recipe's
 own ``output_lock``), writes ``RUN/ui_config.yaml`` and starts ``python -m sdtune train RUN/ui_config.yaml``. The
 page reads the run's progress from its output (tqdm's ``N/M`` and ``loss=``) and the loss curve from its
-TensorBoard events. Stop sends SIGINT: the recipe finishes the step, saves ``checkpoint-N`` and exits; Resume
+TensorBoard events, the evaluation curves and the best step so far from its ``eval.jsonl`` (``eval_view``). Stop sends SIGINT: the recipe finishes the step, saves ``checkpoint-N`` and exits; Resume
 starts the same config again with ``resume=latest``. A crash is reported as the run's last error line.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from sdtune import CONFIGS_DIR
 from sdtune.errors import SdtuneError
@@ -37,6 +39,9 @@ FORM_KEYS = ("output_dir",)  # set by the form (the run name), not under "advanc
 _STEP = re.compile(r"steps:\s*\d+%.*?\|\s*(\d+)/(\d+)")
 _LOSS = re.compile(r"loss=([0-9.eE+-]+)")
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,40}$")
+# The selection rule's bounds (keys of TrainConfig): all that ``selection.Selection`` reads of a config.
+BOUND_KEYS = ("max_drift", "max_bleed", "min_prompt_following", "learned_likeness", "stop_patience")
+EVAL_COLUMNS = ("step", "value", "quantity")
 
 
 def advanced_help() -> str:
@@ -144,6 +149,71 @@ def losses(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
         except Exception:  # a record being written right now: read the rest next time
             continue
     return sorted(points.items())
+
+
+def selection_bounds(run_dir: str | os.PathLike) -> SimpleNamespace:
+    """The bounds the run's selection rule uses: its ``ui_config.yaml``'s, else ``TrainConfig``'s defaults (a run
+    started outside the UI with the defaults). The page then names the step the recipe itself keeps."""
+    from sdtune.training.config import FIELDS
+    from sdtune.yamlfile import read_yaml
+
+    data: dict = {}
+    try:
+        data = read_yaml(Path(run_dir) / CONFIG_NAME) or {}
+    except SdtuneError:
+        pass  # no config of the UI's: the defaults
+    bounds = {}
+    for key in BOUND_KEYS:
+        value, default = data.get(key, FIELDS[key].default), FIELDS[key].default
+        try:  # a hand-edited config may hold anything; a wrong bound must not break the page's polling
+            bounds[key] = None if value is None and default is None else type(default or 0.0)(value)
+        except (TypeError, ValueError):
+            bounds[key] = default
+    return SimpleNamespace(**bounds)
+
+
+def eval_history(run_dir: str | os.PathLike):
+    """The run's evaluations so far (``eval.jsonl``, replaced whole at each evaluation, so never torn) and the best
+    of them, by ``selection.Selection``'s own rule: eligible, highest likeness, earlier step on a tie, never step 0."""
+    from sdtune.training.selection import Selection
+
+    return Selection.resume(selection_bounds(run_dir), Path(run_dir), math.inf)
+
+
+def eval_frame(history: list[dict]):
+    """Long-form DataFrame (step, value, quantity) of likeness, prompt following, drift and bleed: one line per
+    quantity in a ``gr.LinePlot`` with ``color="quantity"``. Quantities no scorer measured are left out."""
+    import pandas as pd
+
+    from sdtune.training.selection import QUANTITIES
+
+    rows = [(r["step"], float(r[q]), q.replace("_", " ")) for r in history for q in QUANTITIES
+            if isinstance(r.get("step"), int) and isinstance(r.get(q), (int, float)) and math.isfinite(r[q])]
+    return pd.DataFrame(rows, columns=list(EVAL_COLUMNS)).astype({"step": int, "value": float, "quantity": str})
+
+
+def best_line(selection) -> str:
+    """One line naming the best step so far (and why), or why none is yet; empty before the first evaluation."""
+    from sdtune.training.selection import why_not
+
+    if not selection.history:
+        return ""
+    if selection.best is None:
+        last = selection.history[-1]
+        reason = why_not(last, selection.cfg) or ("only the base model (step 0) evaluated" if last.get("step") == 0
+                                                  else "no likeness measured")
+        return f"no best step yet: {reason}"
+    return f"best so far: {selection.verdict()}"
+
+
+def eval_view(run_dir: str | os.PathLike | None) -> tuple:
+    """-> (curves DataFrame, best-step line) of a run folder; empty ones while it has no evaluation."""
+    from sdtune.training.selection import EVAL_FILE
+
+    if run_dir is None or not (Path(run_dir) / EVAL_FILE).is_file():
+        return eval_frame([]), ""
+    selection = eval_history(run_dir)
+    return eval_frame(selection.history), best_line(selection)
 
 
 class Trainer:

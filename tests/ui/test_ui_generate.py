@@ -257,3 +257,36 @@ def test_the_page_passes_the_guidance_interval_on_and_a_png_restores_it(gen):
     gallery, params, status, depth, kept = generate_handler(
         state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, kept, "")
     assert json.loads(params)["guidance_interval"] is None  # the empty box: every step guided
+
+
+def write_lora(folder, recommended=None):
+    """A tiny safetensors named as a LoRA folder holds it, with the sdtune_recommended metadata of a run's sweep."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"sdtune_recommended": json.dumps(recommended)} if recommended is not None else None
+    save_file({"x": torch.zeros(1)}, str(folder / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    return folder
+
+
+def test_picking_a_lora_with_recommended_settings_sets_the_sliders(sandbox):
+    from sdtune.ui.app import State, lora_settings_handler
+
+    state = State(sandbox, None, None)
+    write_lora(sandbox.outputs / "dog", {"guidance": 3, "lora_scale": 1, "guidance_interval": None})
+    assert lora_settings_handler(state, "dog") == [3.0, 1.0, "", "using the LoRA's recommended settings: guidance 3, "
+                                                                  "LoRA scale 1 (change them to override)"]
+    lora = write_lora(sandbox.outputs / "cat", {"guidance": 4.5, "lora_scale": 0.75, "guidance_interval": [0.2, 0.9]})
+    guidance, scale, interval, status = lora_settings_handler(state, str(lora))
+    assert (guidance, scale, interval) == (4.5, 0.75, "0.2,0.9")
+    assert status == ("using the LoRA's recommended settings: guidance 4.5, LoRA scale 0.75, guidance interval "
+                      "0.2,0.9 (change them to override)")
+
+
+@pytest.mark.parametrize("lora", ["", "plain", "missing", "/etc"])
+def test_a_lora_without_recommended_settings_leaves_the_form_alone(sandbox, lora):
+    """No LoRA, one without the metadata, a missing one, one outside the sandbox: nothing changes, nothing fails."""
+    from sdtune.ui.app import UNCHANGED, State, lora_settings_handler
+
+    write_lora(sandbox.outputs / "plain")
+    assert lora_settings_handler(State(sandbox, None, None), lora) == [UNCHANGED] * 4

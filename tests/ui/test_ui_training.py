@@ -1,4 +1,7 @@
 """The Train tab's work: the CLI's validation, the recipe's lock, a real run in a subprocess, Stop and Resume."""
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -161,9 +164,10 @@ def test_progress_and_loss_for_the_page(trainer, subject_images):
     job = trainer.job("run1")
     job.process.wait(120)
     wait(job, lambda j: j.ended is not None, 10)
-    line, frame, samples, log = train_poll(state, "run1")
+    line, frame, samples, log, curves, best = train_poll(state, "run1")
     assert line.startswith("finished: step 20/20, loss ") and list(frame["step"]) == list(range(1, 21))
     assert samples and all(s.endswith(".png") for s in samples) and "done: 20 steps" in log
+    assert curves.empty and best == ""  # eval_every is off by default: no eval.jsonl, no curves
 
 
 def test_a_start_that_fails_leaves_no_run_behind(trainer, subject_images):
@@ -185,3 +189,105 @@ def test_the_advanced_box_shows_every_key_with_its_help(tmp_path):
     for name in set(FIELDS) - set(FORM_KEYS):
         assert f"`{name} = " in box.value, name
     assert FIELDS["learning_rate"].metadata["help"] in box.value
+
+
+# ---------------------------------------------------------------- evaluation curves and the best step (eval.jsonl)
+
+# Written by hand as the recipe writes it: step 0 (the base model, never kept) has the highest likeness; step 20 beats
+# every other step but drifts past the default max_drift (0.25) although its stale "eligible" flag says otherwise;
+# steps 30 and 40 tie (the earlier is kept); step 50 measured likeness only.
+EVALS = [
+    {"step": 0, "likeness": 0.95, "prompt_following": 1.0, "drift": 0.0, "bleed": 0.0, "dino_raw": 0.1},
+    {"step": 10, "likeness": 0.5, "prompt_following": 0.9, "drift": 0.1, "bleed": 0.05},
+    {"step": 20, "likeness": 0.8, "prompt_following": 0.9, "drift": 0.5, "bleed": 0.05, "eligible": True},
+    {"step": 30, "likeness": 0.7, "prompt_following": 0.85, "drift": 0.2, "bleed": 0.1},
+    {"step": 40, "likeness": 0.7, "prompt_following": 0.95, "drift": 0.1, "bleed": 0.0},
+    {"step": 50, "likeness": 0.6},
+]
+
+
+def write_evals(run_dir, records):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_curves_and_best_step_come_from_eval_jsonl(sandbox):
+    from sdtune.ui.app import State, train_poll
+    from sdtune.ui.training import Trainer
+
+    state = State(sandbox, None, Trainer(sandbox))
+    assert train_poll(state, "run1")[4].empty and train_poll(state, "run1")[5] == ""  # no run folder yet
+    write_evals(sandbox.outputs / "run1", EVALS)
+    line, _, _, _, curves, best = train_poll(state, "run1")  # no job: a run trained before the page started
+    assert line == "" and list(curves.columns) == ["step", "value", "quantity"]
+    likeness = curves[curves["quantity"] == "likeness"]
+    assert list(likeness["step"]) == [0, 10, 20, 30, 40, 50] and list(likeness["value"]) == [r["likeness"] for r in EVALS]
+    assert list(curves[curves["quantity"] == "drift"]["step"]) == [0, 10, 20, 30, 40]  # unmeasured: left out
+    assert set(curves["quantity"]) == {"likeness", "prompt following", "drift", "bleed"}
+    assert best.startswith("best so far: step 30 kept: likeness 0.700")
+
+
+def test_the_best_step_uses_the_runs_own_bounds(sandbox):
+    """A run whose config allows more drift keeps step 20, as its recipe does."""
+    from sdtune.ui.training import CONFIG_NAME, eval_view
+
+    run = sandbox.outputs / "run1"
+    write_evals(run, EVALS)
+    (run / CONFIG_NAME).write_text("max_drift: 0.6\nmin_prompt_following: 0.5\n")
+    assert eval_view(run)[1].startswith("best so far: step 20 kept: likeness 0.800")
+    (run / CONFIG_NAME).write_text("max_drift: not a number\n")  # a broken bound: the default, not a crash
+    assert eval_view(run)[1].startswith("best so far: step 30 kept")
+
+
+def test_no_best_step_yet_says_why(sandbox):
+    from sdtune.ui.training import eval_view
+
+    run = sandbox.outputs / "run1"
+    write_evals(run, EVALS[:1])
+    curves, best = eval_view(run)
+    assert len(curves) == 4 and best == "no best step yet: only the base model (step 0) evaluated"
+    write_evals(run, EVALS[:3:2])
+    assert eval_view(run)[1] == "no best step yet: drift 0.500 > max_drift 0.25"
+
+
+def test_a_running_jobs_poll_shows_the_curves_as_they_grow(sandbox):
+    from sdtune.ui.app import State, train_poll
+    from sdtune.ui.training import Job, Trainer
+
+    trainer = Trainer(sandbox)
+    run = sandbox.outputs / "run1"
+    write_evals(run, EVALS[:2])
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        trainer.jobs[run] = Job(run_dir=run, process=process, step=10, total=60)
+        state = State(sandbox, None, trainer)
+        line, *_, curves, best = train_poll(state, "run1")
+        assert line.startswith("running: step 10/60") and sorted(set(curves["step"])) == [0, 10]
+        assert best.startswith("best so far: step 10 kept")
+        write_evals(run, EVALS)  # the recipe replaces the file whole after each evaluation
+        *_, curves, best = train_poll(state, "run1")
+        assert sorted(set(curves["step"])) == [0, 10, 20, 30, 40, 50] and best.startswith("best so far: step 30")
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_page_polls_the_curves_and_sets_a_loras_settings_on_pick(tmp_path):
+    """The wiring: the Train tab's one timer fills the curves and best-step boxes (and gradio accepts the frame);
+    the LoRA picker's input event (not change: a restored PNG must win) sets guidance, scale and interval."""
+    pytest.importorskip("gradio")
+    from sdtune.ui.app import build, make_state
+    from sdtune.ui.training import eval_frame
+
+    demo = build(make_state(tmp_path / "outputs"))
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    plot, best = by_id["train-eval"], by_id["train-best"]
+    (tick,) = [f for f in demo.fns.values() if any(e == "tick" for _, e in f.targets)]
+    assert plot in tick.outputs and best in tick.outputs and by_id["train-progress"] in tick.outputs
+    data = plot.postprocess(eval_frame(EVALS))
+    assert data.columns == ["step", "value", "quantity"] and len(data.data) == 21
+    lora = by_id["lora"]
+    picks = [f for f in demo.fns.values() if (lora._id, "input") in f.targets]
+    assert len(picks) == 1 and by_id["guidance-interval"] in picks[0].outputs
+    assert [getattr(c, "label", None) for c in picks[0].outputs[:2]] == ["guidance", "LoRA scale"]
+    assert not [f for f in demo.fns.values() if (lora._id, "change") in f.targets]

@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--depth-estimator", help="a transformers depth model folder (DPT) computing the ControlNet's "
                                              "depth from --image (or pass --depth-map)")
     g.add_argument("--lora", help="LoRA weights (.safetensors file or the folder holding pytorch_lora_weights)")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0; 0 = off)")
+    g.add_argument("--lora-scale", type=float, default=None,
+                   help="LoRA strength (default: the LoRA's recommended one, else 1.0; 0 = off)")
     g.add_argument("--no-fuse-lora", action="store_true",
                    help="keep the LoRA as separate layers (fusing is on when exact enough in the dtype)")
     g.add_argument("--config", help="local diffusers folder giving the architecture of a single-file --model")
@@ -72,7 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--truncate-long-prompts", action="store_true",
                    help="cut prompts at 75 tokens (with a warning) instead of chunking them")
     s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the --lora's recommended one, else 7.5)")
     s.add_argument("--guidance-interval", metavar="LO,HI", default=None,
                    help="guide only at noise levels LO..HI (0 = clean, 1 = pure noise), the conditional prediction "
                         "elsewhere: keeps a high --guidance from oversaturating, e.g. 0.3,1 (default: every step)")
@@ -144,6 +146,28 @@ def _lora_base(args) -> str | None:
     return base
 
 
+def _settings_defaults(args) -> None:
+    """Guidance, LoRA scale and guidance interval the user left out: the LoRA's recommended ones (its run's settings
+    sweep), said in one line; else 7.5, 1.0 and every step."""
+    from sdtune.models.lora import recommended_settings
+
+    given = {"guidance": args.guidance, "lora_scale": args.lora_scale, "guidance_interval": args.guidance_interval}
+    rec = recommended_settings(args.lora) if args.lora and not getattr(args, "from_png", None) else None
+    used = []
+    if rec:
+        for key, flag in (("guidance", "--guidance"), ("lora_scale", "--lora-scale"),
+                          ("guidance_interval", "--guidance-interval")):
+            if given[key] is None and rec.get(key) is not None:
+                value = rec[key]
+                setattr(args, key, ",".join(f"{x:g}" for x in value) if key == "guidance_interval" else value)
+                used.append(f"{flag} {getattr(args, key) if key == 'guidance_interval' else f'{value:g}'}")
+    if used:
+        print(f"sdtune: note: using the LoRA's recommended settings: {', '.join(used)} (give the flags to override)",
+              file=sys.stderr)
+    args.guidance = 7.5 if args.guidance is None else args.guidance
+    args.lora_scale = 1.0 if args.lora_scale is None else args.lora_scale
+
+
 def _controlnet_args(args) -> dict:
     """The depth ControlNet and its estimator, loaded only for depth2img (the other modes do not use them)."""
     if args.mode != "depth2img":
@@ -206,8 +230,9 @@ def _run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SdtuneError(f"--out {out} exists and is not a folder; pass a folder for the images")
-    if args.lora is None and args.lora_scale != 1.0:
+    if args.lora is None and args.lora_scale is not None:
         raise SdtuneError("--lora-scale was given without --lora; pass the LoRA file too")
+    _settings_defaults(args)
     if args.from_png:
         if args.mode:
             raise SdtuneError("--from-png takes the mode and every setting from the PNG; do not pass a mode")

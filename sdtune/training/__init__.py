@@ -12,6 +12,10 @@
 * ``step``, ``objectives`` - one training step in named parts, and the denoising objective
 * ``runtime``, ``checkpointing`` - launches, resumable checkpoints, stop requests
 * ``export``, ``model_card`` - validation samples, final weights, the model card
+* ``watch`` - the run that knows when its subject is learned: ``evaluation`` (in-loop images and metrics, with
+  ``eval_prompts``' prompts), ``selection`` (the rule, eval.jsonl, the early stop), ``best`` (the kept step's
+  export), ``settings_sweep`` (the guidance and LoRA scale recommended)
+* ``key_types`` - config value types beyond one plain type (ranges, lists of numbers, intervals)
 * ``dry_run`` - what a run would do, without training
 
 May import ``sdtune.models`` and the shared modules; never generation, world or commands.

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from sdtune import overrides
 from sdtune.errors import SdtuneError
+from sdtune.training.key_types import Range, coerce_buckets, coerce_interval, coerce_numbers
 from sdtune.yamlfile import read_yaml
 
 METHODS = ("lora", "full")
@@ -47,40 +48,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 GROUPS = ("data source", "prior preservation", "adapter: what trains", "images", "loss", "optimisation",
           "validation and checkpoints", "evaluation and selection")
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric key takes, written as in the help: ``>= 1``, ``> 0``, ``[0, 1)``, ``[0, 1]``; and
-    optionally a multiple of ``multiple_of``."""
-
-    text: str
-    multiple_of: int | None = None
-
-    def _bounds(self) -> tuple[float | None, bool, float | None, bool]:
-        """(low, low included, high, high included)."""
-        t = self.text.replace(" ", "")
-        if t.startswith(">="):
-            return float(t[2:]), True, None, False
-        if t.startswith(">"):
-            return float(t[1:]), False, None, False
-        low, high = t[1:-1].split(",")
-        return float(low), t[0] == "[", float(high), t[-1] == "]"
-
-    def ok(self, value: float) -> bool:
-        low, low_in, high, high_in = self._bounds()
-        if low is not None and not (value >= low if low_in else value > low):
-            return False
-        if high is not None and not (value <= high if high_in else value < high):
-            return False
-        return not self.multiple_of or value % self.multiple_of == 0
-
-    def requirement(self) -> str:
-        """The range in words: ``>= 1``, ``in [0, 1)``, ``a positive multiple of 8``."""
-        if self.multiple_of and self._bounds()[0] is not None and self._bounds()[0] >= 0 and self._bounds()[2] is None:
-            return f"a positive multiple of {self.multiple_of}"
-        words = self.text if self.text[0] in "<>" else f"in {self.text}"
-        return f"{words}, a multiple of {self.multiple_of}" if self.multiple_of else words
 
 
 def _key(group: str, default: Any = dataclasses.MISSING, *, help: str, range: str | None = None,
@@ -107,31 +74,6 @@ def _group(title: str):
 
 
 SOURCE, PRIOR, ADAPTER, IMAGES, LOSS, OPTIM, WATCH, EVAL = (_group(g) for g in GROUPS)
-
-
-def _coerce_numbers(where: str, value: Any) -> list[float]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
-                         for v in values):
-        raise SdtuneError(f"{where} must be a list of numbers >= 0, e.g. [3, 5, 7.5]; got {value!r}")
-    return [float(v) for v in values]
-
-
-def _coerce_interval(where: str, value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) and
-                                                                      not isinstance(v, bool) for v in value)
-            and 0 <= value[0] < value[1] <= 1):
-        return [float(v) for v in value]
-    raise SdtuneError(f"{where} must be null or two noise levels [lo, hi] with 0 <= lo < hi <= 1 (0 = clean, "
-                      f"1 = pure noise), e.g. [0.3, 1]; got {value!r}")
-
-
-def _coerce_buckets(where: str, value: Any) -> Any:
-    if value is None or value == "auto" or isinstance(value, (list, tuple)):
-        return value
-    raise SdtuneError(f"{where} must be null, auto or a list of [width, height] pairs, got {value!r}")
 
 
 @dataclass
@@ -214,7 +156,7 @@ class TrainConfig:
                                     help="the training size in pixels; null (the default): the model's native size "
                                     "(its UNet's sample size x the VAE's scale factor), read before training")
     center_crop: bool = IMAGES(True, help="center crops; false: random crops")
-    buckets: Any = IMAGES(None, coerce=_coerce_buckets, kind="null, auto or a list of [width, height]",
+    buckets: Any = IMAGES(None, coerce=coerce_buckets, kind="null, auto or a list of [width, height]",
                           help="null: square crops at resolution; auto, or [[w, h], ...]: aspect-ratio buckets")
     bucket_step: int | None = IMAGES(None, range=">= 8", multiple_of=8, note="one that divides resolution",
                                      help="bucket sides move in this many pixels; null: resolution / 8")
@@ -307,11 +249,11 @@ class TrainConfig:
     recommend_settings: bool = EVAL(True, help="with eval_every, after training sweep sweep_guidance x "
                                     "sweep_lora_scale on the evaluation prompts and record the best in the model card "
                                     "and the LoRA's metadata (infer and the UI use them)")
-    sweep_guidance: list = EVAL(factory=lambda: [3.0, 5.0, 7.5], coerce=_coerce_numbers, kind="a list of numbers",
+    sweep_guidance: list = EVAL(factory=lambda: [3.0, 5.0, 7.5], coerce=coerce_numbers, kind="a list of numbers",
                                 help="guidance scales the settings sweep tries")
-    sweep_lora_scale: list = EVAL(factory=lambda: [0.8, 1.0], coerce=_coerce_numbers, kind="a list of numbers",
+    sweep_lora_scale: list = EVAL(factory=lambda: [0.8, 1.0], coerce=coerce_numbers, kind="a list of numbers",
                                   help="LoRA scales the settings sweep tries")
-    sweep_guidance_interval: list | None = EVAL(None, coerce=_coerce_interval, kind="null or [lo, hi]",
+    sweep_guidance_interval: list | None = EVAL(None, coerce=coerce_interval, kind="null or [lo, hi]",
                                                 help="also try guiding only at these noise levels (0 clean, 1 noise)")
 
 

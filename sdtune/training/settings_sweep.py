@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 from sdtune.models.lora import RECOMMENDED_KEY as METADATA_KEY  # noqa: F401 - one name for writer and readers
 from sdtune.training import evaluation as ev
@@ -28,7 +29,10 @@ def sweep(watch, lora: bool) -> dict:
     table = []
     for guidance in cfg.sweep_guidance:
         for interval in intervals:
-            base = watch._draw(guidance=guidance, interval=interval, sets=("subject", "klass"), base=True)
+            if guidance == cfg.eval_guidance and interval is None and all(ci.base for ci in watch.plan):
+                base = [SimpleNamespace(**ci.base) for ci in watch.plan]  # the evaluations' own base images
+            else:
+                base = watch._draw(guidance=guidance, interval=interval, sets=("subject", "klass"), base=True)
             for scale in scales:
                 drawn = watch._draw(guidance=guidance, lora_scale=scale, interval=interval, sets=("subject", "klass"))
                 heads = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -95,7 +94,7 @@ class Watch:
             else:
                 drawn = self._draw(base=True)
                 for ci, d in zip(self.plan, drawn):
-                    ci.base = {name: getattr(d, name) for name in ev.SETS}
+                    ci.base = d.base = {name: getattr(d, name) for name in ev.SETS}
                 if step == 0 and not self.selection.history:
                     self._record(0, drawn)
             self.seconds += time.perf_counter() - t
@@ -167,10 +166,12 @@ class Watch:
         kept = best["step"] if (best is not None and self.cfg.keep_best) else step
         if kept != step:
             load_best(kept)
+        sweep_s = time.perf_counter()
         if self.cfg.recommend_settings:
             from sdtune.training.settings_sweep import sweep
 
             self.settings = sweep(self, lora=self.cfg.method == "lora")
+        sweep_s = time.perf_counter() - sweep_s
         self.seconds += time.perf_counter() - t
         write = self.run.output_dir / "eval.svg"
         from sdtune.imageio import write_text_atomic
@@ -178,6 +179,7 @@ class Watch:
         write_text_atomic(write, plot_svg(self.selection.history, best["step"] if best else None))
         return {"history": self.selection.history, "best": best, "kept_step": kept, "last_step": step,
                 "verdict": self.selection.verdict(), "settings": self.settings, "eval_seconds": round(self.seconds, 1),
+                "sweep_seconds": round(sweep_s, 1),
                 "plot": "eval.svg"}
 
 

@@ -7,7 +7,8 @@ It gives two things, for any subject drawn in the embedded world:
 - ``metrics``: what the judge reads back - the share of subject images that show the subject (``likeness``, the
   headline; the subject the judge finds in the instance images, else any subject, of the class noun when it is a
   world kind), the share whose stated context (position, background) is honoured against the base model's share
-  (``prompt_following``), the share of class images that show the class and not the subject (``prior``), and the
+  (``prompt_following``), the share of class images that show the class and not the subject (``judge_prior``), the
+  share of seeds whose class image showed the class with the base model and no longer does (``drift``), and the
   share of images without the identifier that show a subject where the base model's did not (``bleed``).
 
 Its prompts must use the world's words (``sdtune.world.scenes``); a prompt it cannot read adds no context check.
@@ -64,8 +65,11 @@ class JudgeScorer:
             if out["judge_context_base"] > 0:
                 out["prompt_following"] = out["judge_context"] / out["judge_context_base"]
         if ci.klass and kind is not None:
-            out["judge_prior"] = sum(p["kind"] == kind and p["subject"] is None
-                                     for p in judge.predict(ci.klass)) / len(ci.klass)
+            klass = [p["kind"] == kind and p["subject"] is None for p in judge.predict(ci.klass)]
+            out["judge_prior"] = sum(klass) / len(klass)
+            if len(ci.base.get("klass", [])) == len(klass):  # drift: the base drew the class on a seed, now it doesn't
+                base = [p["kind"] == kind and p["subject"] is None for p in judge.predict(ci.base["klass"])]
+                out["drift"] = out["judge_drift"] = sum(b and not k for b, k in zip(base, klass)) / len(klass)
         no_id, no_id_base = ci.klass + ci.other, ci.base.get("klass", []) + ci.base.get("other", [])
         if no_id and len(no_id_base) == len(no_id):
             now, before = judge.predict(no_id), judge.predict(no_id_base)

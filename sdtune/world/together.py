@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 from sdtune.errors import SdtuneError
@@ -57,6 +58,16 @@ def agreed_training(subjects, given: set, defaults: dict, say: Callable[[str], N
     return training
 
 
+def concept_curves(history: list[dict], names: list[str]) -> dict[str, list[dict]]:
+    """Each concept's curve from the run's evaluations (``<name>/likeness``, ``<name>/crosstalk_judge``)."""
+    return {n: [{"step": r["step"], "likeness": r.get(f"{n}/likeness"), "crosstalk": r.get(f"{n}/crosstalk_judge"),
+                 "bleed": r.get(f"{n}/bleed")} for r in history] for n in names} if history else {}
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
 def run_together(out, subjects="all", model=None, quick: bool = False, overrides=(), prompts: int = 16,
                  say: Callable[[str], None] = print) -> dict:
     from sdtune.generation.engine import Engine
@@ -67,6 +78,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     from sdtune.world import demo
     from sdtune.world import evaluation as ev
     from sdtune.world.judge import Judge
+    from sdtune.world.judge_scorer import JudgeScorer
     from sdtune.world.scenes import SUBJECTS
 
     t_start = time.perf_counter()
@@ -89,12 +101,15 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     # The demo's recipe, with one concept per subject instead of the single instance_dir.
     cfg = demo.demo_config(subjs[0], models.base, out, resolution, quick, overrides, training=training)
     data = {k: v for k, v in cfg.__dict__.items()}
-    for key in ("instance_dir", "instance_prompt", "identifier", "class_prompt", "class_prompts", "class_dir"):
+    for key in ("instance_dir", "instance_prompt", "identifier", "class_prompt", "class_prompts", "class_dir",
+                "eval_prompts", "eval_class_prompts"):
         data[key] = "" if key in ("instance_dir", "instance_prompt") else None
     data["concepts"] = [dict(instance_dir=str(s.folder), instance_prompt=s.instance_prompt, identifier=s.identifier,
                              class_prompt=s.class_prompt,
                              class_prompts=demo.subject_class_prompts(s, cfg.use_captions),
-                             class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images)
+                             class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images,
+                             # each concept evaluated on its own prompts; cross-talk is measured between them
+                             **{k: v for k, v in demo.eval_prompts(s, 16).items() if k != "eval_other_prompts"})
                         for s in subjs]
     data["output_dir"] = str(out / "together_lora")
     # Each subject gets the steps it would get alone: n subjects share one LoRA, so n times the demo's steps
@@ -111,12 +126,13 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     ensure_class_images(cfg, pipeline=base.pipeline("txt2img"))
     del base
     t = time.perf_counter()
-    result = dreambooth.train(cfg)
+    judge = Judge.load()
+    result = dreambooth.train(cfg, scorers=[JudgeScorer(judge)] if cfg.eval_every else ())
     train_s = time.perf_counter() - t
+    curves = concept_curves(result.evaluation.get("history", []), [s.folder.name for s in subjs])
 
     say(f"[2/3] drawing each subject's prompts with the one LoRA (t={time.perf_counter() - t_start:.0f}s)")
-    engine = Engine.load(models.base, lora=cfg.output_dir)
-    judge = Judge.load()
+    engine = Engine.load(models.base, lora=demo.kept_weights(Path(cfg.output_dir)))
     names = [s.name for s in subjs]
     rows, cells = {}, []
     for s in subjs:
@@ -146,6 +162,8 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     say(f"[3/3] report (t={time.perf_counter() - t_start:.0f}s)")
     save_image_atomic(make_grid(cells, 8), out / "grids" / "together.png")
     summary = dict(models=models.kind, subjects=rows, steps=result.global_step, train_s=round(train_s, 1),
+                   kept_step=result.evaluation.get("kept_step", result.global_step), curves=curves,
+                   verdict=result.evaluation.get("verdict"),
                    guidance=plan.subject_guidance,
                    prompts_per_subject=prompts, quick=quick, total_s=round(time.perf_counter() - t_start, 1))
     write_text_atomic(out / "together.json", json.dumps(summary, indent=2) + "\n")
@@ -158,6 +176,18 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
     lines += [f"| {n} | {r['identifier']} | {r['subject_fidelity']:.3f} | {r['cross_talk']:.3f} | "
               f"{r['prompt_fidelity']:.3f} | {r['subject_in_context']:.3f} | {r['prior_preservation']:.3f} |"
               for n, r in rows.items()]
+    if curves:
+        lines += ["", f"Per-concept evaluation during training ({summary['verdict']}): the judge's subject share, "
+                      "and cross-talk (subject images nearer another subject's photos than their own), per step:", "",
+                  "| step | " + " | ".join(f"{n} likeness | {n} cross-talk" for n in curves) + " |",
+                  "|---|" + "---|---|" * len(curves)]
+        steps = sorted({r["step"] for c in curves.values() for r in c})
+        for step in steps:
+            cells_ = []
+            for c in curves.values():
+                r = next((r for r in c if r["step"] == step), {})
+                cells_ += [_fmt(r.get("likeness")), _fmt(r.get("crosstalk"))]
+            lines.append(f"| {step} | " + " | ".join(cells_) + " |")
     lines += ["", "![together](grids/together.png)", ""]
     write_text_atomic(out / "together.md", "\n".join(lines))
     say(f"done in {summary['total_s']:.0f}s: {out / 'together.md'}")

@@ -50,6 +50,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
     from sdtune.training.class_images import ensure_class_images
     from sdtune.training import dreambooth
     from sdtune.world import demo
+    from sdtune.world.demo_plan import FIXED_STEPS
     from sdtune.world.judge import Judge
 
     judge = Judge.load()
@@ -61,7 +62,7 @@ def measure(model: str, subject_dir, work: Path, every: int = 100, max_steps: in
     subject_prompts = [demo.subject_prompt(subj, s) for s in contexts]
     class_prompts = demo.class_prompts(subj, prompts)
     cfg = demo.demo_config(subj, model, work / "sdtune", resolution, False,
-                           (f"checkpoint_every={every}", "checkpoints_keep=1", "resume=latest"))
+                           (*FIXED_STEPS, f"checkpoint_every={every}", "checkpoints_keep=1", "resume=latest"))
     ensure_class_images(cfg, pipeline=base.pipeline("txt2img"))
     del base
 

@@ -47,6 +47,15 @@ class _CurrentStderr(logging.StreamHandler):
     def stream(self, value):  # logging.StreamHandler.__init__ assigns it; the property ignores it
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Above any progress bar, not into it (the training loop logs its evaluations while its bar runs)."""
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     if issubclass(category, SdtuneWarning):

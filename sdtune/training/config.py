@@ -227,6 +227,9 @@ class TrainConfig:
                           "evaluation")
     eval_steps: int = EVAL(20, range=">= 1", help="sampler steps per evaluation image")
     eval_guidance: float = EVAL(7.5, range=">= 0", help="guidance scale of the evaluation images")
+    eval_img2img_strength: float | None = EVAL(None, range="(0, 1]", note="or null", help="also draw the subject "
+                                               "prompts over the base model's other-class images at this strength "
+                                               "(img2img): the likeness counted is the lower of the two; null: off")
     eval_dino: str | None = EVAL(None, path=True, help="a DINO ViT to measure likeness with: a local folder or a hub "
                                  "id in the cache (facebook/dino-vits16)")
     eval_clip: str | None = EVAL(None, path=True, help="a CLIP model for CLIP-I likeness and CLIP-T prompt "

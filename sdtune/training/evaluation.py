@@ -47,6 +47,7 @@ class ConceptImages:
     subject: list = field(default_factory=list)
     klass: list = field(default_factory=list)
     other: list = field(default_factory=list)
+    img2img: list = field(default_factory=list)  # subject prompts drawn over the base model's other-class images
     base: dict = field(default_factory=dict)  # set name -> the base model's images
     others_references: list = field(default_factory=list)  # the other concepts' instance images (cross-talk)
 
@@ -101,15 +102,32 @@ class Sampler:
         return sampler
 
     @torch.no_grad()
-    def __call__(self, sampler, prompts, seed0: int, guidance: float, interval=None) -> list:
+    def __call__(self, sampler, prompts, seed0: int, guidance: float, interval=None, init_images=None,
+                 strength: float | None = None) -> list:
+        """txt2img, or img2img over ``init_images`` (one per prompt) at ``strength``."""
         images = []
+        if init_images is not None:
+            sampler = _img2img(sampler)
         with _guided_only_in(sampler.unet, interval, sampler.scheduler.config.num_train_timesteps):
             for i in range(0, len(prompts), self.batch_size):
                 chunk = list(prompts[i:i + self.batch_size])
                 gens = [torch.Generator("cpu").manual_seed(seed0 + i + j) for j in range(len(chunk))]
-                images += sampler(chunk, num_inference_steps=self.steps, guidance_scale=guidance,
-                                  height=self.resolution, width=self.resolution, generator=gens).images
+                size = {} if init_images is not None else {"height": self.resolution, "width": self.resolution}
+                extra = ({"image": list(init_images[i:i + self.batch_size]), "strength": strength}
+                         if init_images is not None else {})
+                images += sampler(chunk, num_inference_steps=self.steps, guidance_scale=guidance, generator=gens,
+                                  **size, **extra).images
         return images
+
+
+def _img2img(sampler):
+    """The img2img pipeline of the same components (SD or SDXL)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    cls = StableDiffusionXLImg2ImgPipeline if hasattr(sampler, "text_encoder_2") else StableDiffusionImg2ImgPipeline
+    out = cls(**sampler.components)
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 @contextmanager
@@ -141,9 +159,11 @@ def plan_concepts(cfg, concepts, references) -> list[ConceptImages]:
 
 
 def draw(sample: Sampler, sampler, plan: list[ConceptImages], seed: int, guidance: float, interval=None,
-         sets=SETS) -> list[ConceptImages]:
+         sets=SETS, img2img_strength: float | None = None) -> list[ConceptImages]:
     """Every concept's ``sets`` drawn from ``sampler`` (concept c's prompt i on seed ``seed + 1000 c + i``; class
-    prompt i on the same seed as subject prompt i, so each pairs with it)."""
+    prompt i on the same seed as subject prompt i, so each pairs with it). With ``img2img_strength`` (and the base
+    model's other-class images drawn), also the subject prompts over those images: can the subject take over a
+    picture of something else, as img2img asks of it."""
     out = []
     for c, ci in enumerate(plan):
         drawn = ConceptImages(**{**ci.__dict__, "base": ci.base})
@@ -151,6 +171,11 @@ def draw(sample: Sampler, sampler, plan: list[ConceptImages], seed: int, guidanc
             prompts = getattr(ci.prompts, name)
             offset = 500 if name == "other" else 0
             setattr(drawn, name, sample(sampler, prompts, seed + 1000 * c + offset, guidance, interval))
+        inits = ci.base.get("other") or []
+        if img2img_strength and inits:
+            prompts = [ci.prompts.subject[i % len(ci.prompts.subject)] for i in range(len(inits))]
+            drawn.img2img = sample(sampler, prompts, seed + 1000 * c + 700, guidance, interval, init_images=inits,
+                                   strength=img2img_strength)
         out.append(drawn)
     return out
 
@@ -169,6 +194,8 @@ def feature_metrics(scorer, ci: ConceptImages) -> dict[str, float]:
     centroid = torch.nn.functional.normalize(refs.mean(0), dim=0)
     subject = scorer.image_embeds(ci.subject)
     out = {f"likeness_{name}": _mean(subject @ refs.T)}
+    if ci.img2img:
+        out[f"likeness_img2img_{name}"] = _mean(scorer.image_embeds(ci.img2img) @ refs.T)
     if ci.base.get("subject"):
         out[f"likeness_{name}_base"] = _mean(scorer.image_embeds(ci.base["subject"]) @ refs.T)
     no_id, no_id_base = ci.klass + ci.other, ci.base.get("klass", []) + ci.base.get("other", [])

@@ -10,7 +10,8 @@ The rule (every bound a key of ``TrainConfig``):
 3. The subject is **learned** once a best exists whose likeness is at least ``learned_likeness`` (any, when null);
    ``stop_when_learned`` ends the run when, after that, ``stop_patience`` evaluations in a row have not beaten it.
 
-Which metric stands for each quantity: the one a scorer names as its headline (the world's judge: ``likeness`` is
+With ``eval_img2img_strength`` the likeness is the lower of the txt2img and the img2img probe's. Which metric stands
+for each quantity: the one a scorer names as its headline (the world's judge: ``likeness`` is
 its subject share, ``bleed`` its share of images without the identifier that show the subject), else DINO's,
 else CLIP's, else the first feature scorer's. With several concepts the run is as good as its worst concept:
 the lowest likeness and prompt following, the highest drift and bleed (cross-talk counts as bleed).
@@ -46,6 +47,13 @@ def headline(metrics: dict[str, float], scorer_names: list[str]) -> dict[str, fl
             if _finite(value):
                 out[q] = value
                 break
+    # With the img2img probe the subject is learned as far as its weaker mode: the lower likeness of the two.
+    img2img = metrics.get("likeness_img2img")
+    if not _finite(img2img):
+        img2img = next((metrics[f"likeness_img2img_{n}"] for n in order
+                        if _finite(metrics.get(f"likeness_img2img_{n}"))), None)
+    if _finite(img2img) and "likeness" in out:
+        out["likeness"] = min(out["likeness"], img2img)
     crosstalk = [metrics.get(f"crosstalk_{n}") for n in order if _finite(metrics.get(f"crosstalk_{n}"))]
     if crosstalk:
         out["bleed"] = max(out.get("bleed", 0.0), crosstalk[0])

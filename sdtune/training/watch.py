@@ -73,12 +73,14 @@ class Watch:
         for m in trainable:
             m.eval()
         try:
+            strength = None if base or sets != ev.SETS else self.cfg.eval_img2img_strength
             with torch.no_grad(), self.run.accelerator.autocast():
                 if base:
                     with ev.adapters_off(*modules):
                         return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets)
                 with ev.lora_scale(lora_scale, *modules):
-                    return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets)
+                    return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets,
+                                   img2img_strength=strength)
         finally:
             for m, flag in zip(trainable, was):
                 m.train(flag)

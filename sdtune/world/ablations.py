@@ -28,6 +28,7 @@ from typing import Callable
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.world.report import ablation_table, make_grid, short
+from sdtune.world.demo_plan import FIXED_STEPS
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def run_ablations(out, subjects=None, model=None, variants=VARIANTS, subject_pro
         name = subj.name if subj.name in SUBJECTS else None
         for v in variants:
             say(f"[{subj.name} / {v.name}] {v.what}  (t={time.perf_counter() - t_start:.0f}s)")
-            cfg = demo.demo_config(subj, models.base, where, resolution, quick, (*overrides, *v.overrides))
+            cfg = demo.demo_config(subj, models.base, where, resolution, quick,
+                                   (*FIXED_STEPS, *overrides, *v.overrides))
             cfg.output_dir = str(out / "ablations" / subj.name / v.name)
             if cfg.with_prior_preservation:  # the same class images for every variant
                 ensure_class_images(cfg, pipeline=base.pipeline("txt2img"))

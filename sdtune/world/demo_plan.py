@@ -152,6 +152,10 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     return config_from_dict(data)
 
 
+# What a run at the recipe's fixed max_steps sets (the ablations and the time-to-subject bench compare recipes step for
+# step): no evaluation, no kept step, no early stop.
+FIXED_STEPS = ("eval_every=0", "keep_best=false", "stop_when_learned=false")
+
 PLAN_PREFIX = "demo."
 
 

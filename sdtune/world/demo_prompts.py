@@ -37,7 +37,7 @@ def eval_prompts(subject: Subject, n: int = 8, seed: int = 11) -> dict[str, list
             "eval_other_prompts": [scenes.caption(scenes.Scene(kind=others[i % len(others)], colour=s.colour,
                                                                size="large", position=s.position,
                                                                background=s.background, seed=s.seed), stated=stated)
-                                   for i, s in enumerate(scenes_[: max(1, n // 4)])]}
+                                   for i, s in enumerate(scenes_[: max(1, n // 2)])]}
 
 
 def subject_prompt(subject: Subject, scene: scenes.Scene) -> str:

@@ -55,6 +55,9 @@ class JudgeScorer:
         preds = judge.predict(ci.subject)
         out = {"judge_subject": sum(map(shows, preds)) / len(preds)}
         out["likeness"] = out["judge_subject"]
+        if ci.img2img:  # the img2img probe: the subject drawn over another object's image
+            out["likeness_img2img"] = out["judge_subject_img2img"] = (sum(map(shows, judge.predict(ci.img2img)))
+                                                                      / len(ci.img2img))
         contexts = [{k: v for k, v in scenes.parse(p).items() if k in CONTEXT} for p in ci.prompts.subject]
         if any(contexts) and ci.base.get("subject"):
             base_preds = judge.predict(ci.base["subject"])

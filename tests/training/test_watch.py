@@ -64,7 +64,7 @@ class Scripted:
     def metrics(self, ci):
         value = self.likeness[min(self.calls, len(self.likeness) - 1)]
         self.calls += 1
-        return {"likeness": value}
+        return {"likeness": value, "likeness_img2img": 1.0}  # the img2img probe never the lower
 
 
 class MeanColour:
@@ -114,6 +114,12 @@ def test_clip_prompt_following_is_a_share_of_the_base_models(tiny_clip):
     m = ev.feature_metrics(clip, ci)
     assert m["prompt_following_clip"] == pytest.approx(1.0)  # the same images as the base: its share is 1
     assert m["likeness_clip"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_img2img_probe_bounds_the_likeness():
+    h = headline({"likeness_dino": 0.8, "likeness_img2img_dino": 0.6}, ["dino"])
+    assert h["likeness"] == 0.6
+    assert headline({"likeness": 1.0, "likeness_img2img": 0.5}, ["judge"])["likeness"] == 0.5
 
 
 def test_headline_prefers_a_scorers_own_then_dino_then_clip_and_several_concepts_take_the_worst():
@@ -180,10 +186,10 @@ def test_a_run_writes_eval_jsonl_keeps_the_best_step_and_its_export_loads_in_sto
     out = tmp_path / "run"
     scripted = Scripted([0.1, 0.9, 0.5])  # step 0, 2, 4: step 2 is the best
     result = dreambooth.train(config(tiny_models, subject, out, keep_best=True, eval_dino=str(tiny_dino),
-                                     eval_clip=str(tiny_clip)), scorers=[scripted])
+                                     eval_clip=str(tiny_clip), eval_img2img_strength=0.6), scorers=[scripted])
     records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]
-    for key in ("likeness_dino", "likeness_clip", "clip_t_clip", "prompt_following_clip"):
+    for key in ("likeness_dino", "likeness_clip", "clip_t_clip", "prompt_following_clip", "likeness_img2img_dino"):
         assert all(np.isfinite(r[key]) for r in records[1:]), key
     for key in ("drift_dino", "bleed_dino", "drift_clip", "bleed_clip"):
         assert key in records[1], key

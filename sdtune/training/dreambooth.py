@@ -68,7 +68,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step run here
-    unet: torch.nn.Module | None = None  # unwrapped, final weights
+    unet: torch.nn.Module | None = None  # unwrapped; the kept step's weights (keep_best), else the last
     text_encoder: torch.nn.Module | None = None
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder
     loop_s: float = 0.0  # wall seconds in the training loop of this run (no loading, caching or saving)

@@ -15,11 +15,13 @@ and/or ``metrics(concept_images)`` (the world's judge is one: ``sdtune.world.jud
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.imageio import write_text_atomic
 from sdtune.training import evaluation as ev
 from sdtune.training.config import concepts_of
 from sdtune.training.selection import Selection, combine, headline, plot_svg
@@ -126,7 +128,7 @@ class Watch:
             metrics = ev.concept_metrics(self.scorers, ci)
             per_concept.append(headline(metrics, names))
             prefix = f"{ci.name}/" if len(drawn) > 1 else ""
-            record.update({prefix + k: round(v, 4) for k, v in metrics.items()})
+            record.update({prefix + k: round(v, 4) for k, v in metrics.items() if math.isfinite(v)})
             if prefix:
                 record.update({prefix + k: round(v, 4) for k, v in per_concept[-1].items()})
         record.update({k: round(v, 4) for k, v in combine(per_concept).items()})
@@ -175,14 +177,14 @@ class Watch:
             self.settings = sweep(self, lora=self.cfg.method == "lora")
         sweep_s = time.perf_counter() - sweep_s
         self.seconds += time.perf_counter() - t
-        write = self.run.output_dir / "eval.svg"
-        from sdtune.imageio import write_text_atomic
-
-        write_text_atomic(write, plot_svg(self.selection.history, best["step"] if best else None))
+        write_text_atomic(self.run.output_dir / "eval.svg",
+                          plot_svg(self.selection.history, best["step"] if best else None))
+        verdict = self.selection.verdict()
+        if best is not None and not self.cfg.keep_best:
+            verdict = verdict.replace(" kept:", " best:") + "; keep_best is off, so the last weights are the run's"
         return {"history": self.selection.history, "best": best, "kept_step": kept, "last_step": step,
-                "verdict": self.selection.verdict(), "settings": self.settings, "eval_seconds": round(self.seconds, 1),
-                "sweep_seconds": round(sweep_s, 1),
-                "plot": "eval.svg"}
+                "verdict": verdict, "settings": self.settings, "eval_seconds": round(self.seconds, 1),
+                "sweep_seconds": round(sweep_s, 1), "plot": "eval.svg"}
 
 
 def check_scorers(cfg, scorers) -> None:

@@ -116,6 +116,10 @@ def subject_report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"{', output preservation ' + str(t['output_preservation_weight']) if t.get('output_preservation_weight') else ''}"
         f"; loss "
         f"{t['first_loss']} -> {t['last_loss']}",
+        *([f"- when the subject was learned: {m['eval']['verdict']}; "
+           f"{'stopped early (stop_when_learned) at' if m.get('stopped_early') else 'trained to'} step {m['steps']}, "
+           f"generated with step {m.get('kept_step', m['steps'])}'s weights; evaluations {m['eval']['eval_seconds']} s "
+           "(curves: lora/eval.jsonl, lora/eval.svg)"] if m.get("eval") else []),
         f"- sampling: {m['sample_steps']} steps, guidance {m.get('guidance', 7.5)} before training, "
         f"{m.get('subject_guidance', 7.5)} with the LoRA"
         + (f"; the family also at {m.get('guidance')} guided only in noise levels {m['guidance_interval']}"

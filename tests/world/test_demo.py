@@ -59,6 +59,9 @@ def test_quick_demo_runs_end_to_end_and_says_it_is_tiny_random(quick_run):
                 "prompt_fidelity", "prior_preservation"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["inpaint_outside_change"] >= 0
+    # the run evaluated itself and the demo generated with the step it kept
+    assert (out / "lora" / "eval.jsonl").is_file() and metrics["eval"]["verdict"]
+    assert metrics["kept_step"] in [json.loads(x)["step"] for x in (out / "lora" / "eval.jsonl").read_text().splitlines()]
     # the subject in its stated context: both in one image, so never above either share alone
     assert 0.0 <= metrics["subject_in_context"] <= min(metrics["subject_fidelity"], metrics["prompt_fidelity"])
     # every target is stated and checked: the whole-image ones as booleans, per attribute / per mode as dicts
@@ -401,7 +404,13 @@ def test_subjects_trained_together_in_one_lora(no_embedded, tmp_path):
     assert result["steps"] == QUICK_TRAINING["max_steps"] * len(names)
     for row in result["subjects"].values():
         assert 0 <= row["subject_fidelity"] <= 1 and 0 <= row["cross_talk"] <= 1
+    # each concept evaluated on its own during training, cross-talk included: a curve per subject
+    assert sorted(result["curves"]) == names
+    for curve in result["curves"].values():
+        assert [r["step"] for r in curve] == [0, 2, 4, 6, 8, 9]
+        assert all(r["crosstalk"] is not None for r in curve[1:])
         assert 0 <= row["subject_in_context"] <= min(row["subject_fidelity"], row["prompt_fidelity"])
+    assert "Per-concept evaluation during training" in (out / "together.md").read_text()
     # one LoRA, and its training read every subject's images under its own prompt
     from safetensors import safe_open
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sdtune.training.eval_prompts import EvalPrompts, class_noun, concept_prompts
+from sdtune.training.eval_prompts import EvalPrompts, class_noun, concept_prompts  # noqa: F401 - EvalPrompts: API
 
 log = logging.getLogger("sdtune.train")
 SETS = ("subject", "klass", "other")

@@ -20,9 +20,28 @@ from sdtune.training.selection import combine, eligible, headline
 log = logging.getLogger("sdtune.train")
 
 
+SWEEP_PROMPTS = 8  # per set and concept: a setting is compared on the first 8 subject and class prompts
+
+
+def _first(ci, n: int):
+    """A concept's plan cut to its first ``n`` subject and class prompts (and their base images), no other classes."""
+    from dataclasses import replace
+
+    prompts = ev.EvalPrompts(subject=ci.prompts.subject[:n], klass=ci.prompts.klass[:n], other=())
+    return replace(ci, prompts=prompts, base={k: v[:n] for k, v in ci.base.items() if k in ("subject", "klass")})
+
+
 def sweep(watch, lora: bool) -> dict:
     """Try every setting; return {"guidance", "lora_scale", "guidance_interval", "likeness", ..., "table"}."""
     cfg = watch.cfg
+    full_plan, watch.plan = watch.plan, [_first(ci, SWEEP_PROMPTS) for ci in watch.plan]
+    try:
+        return _sweep(watch, cfg, lora)
+    finally:
+        watch.plan = full_plan
+
+
+def _sweep(watch, cfg, lora: bool) -> dict:
     names = [s.name for s in watch.scorers]
     scales = cfg.sweep_lora_scale if lora else [1.0]
     intervals = [None] + ([cfg.sweep_guidance_interval] if cfg.sweep_guidance_interval else [])

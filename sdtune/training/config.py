@@ -230,6 +230,9 @@ class TrainConfig:
     eval_img2img_strength: float | None = EVAL(None, range="(0, 1]", note="or null", help="also draw the subject "
                                                "prompts over the base model's other-class images at this strength "
                                                "(img2img): the likeness counted is the lower of the two; null: off")
+    eval_img2img_images: str | None = EVAL(None, path=True, help="the images the img2img probe starts from (a "
+                                           "folder: pictures the subject should take over); null: the base model's "
+                                           "images of eval_other_prompts")
     eval_dino: str | None = EVAL(None, path=True, help="a DINO ViT to measure likeness with: a local folder or a hub "
                                  "id in the cache (facebook/dino-vits16)")
     eval_clip: str | None = EVAL(None, path=True, help="a CLIP model for CLIP-I likeness and CLIP-T prompt "
@@ -509,6 +512,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                   "(missing ones are generated into it)")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
         raise SdtuneError(f"resume checkpoint not found: {cfg.resume}; pass a checkpoint-N folder or 'latest'")
+    if cfg.eval_img2img_images and not Path(cfg.eval_img2img_images).expanduser().is_dir():
+        raise SdtuneError(f"eval_img2img_images {cfg.eval_img2img_images} is not a folder; give a folder of pictures "
+                          "the subject should take over in img2img, or null")
     if (cfg.keep_best or cfg.stop_when_learned) and not cfg.eval_every:
         raise SdtuneError(f"{'keep_best' if cfg.keep_best else 'stop_when_learned'} chooses among evaluations; set "
                           "eval_every (e.g. eval_every=100)")

@@ -138,6 +138,19 @@ def _guided_only_in(unet, interval, num_train_timesteps: int):
         yield
 
 
+def init_images(folder, resolution: int) -> list:
+    """The img2img probe's starting images (``eval_img2img_images``): every image of the folder, at the run's size."""
+    from sdtune.errors import SdtuneError
+    from sdtune.imageio import IMAGE_SUFFIXES, open_image
+
+    path = Path(folder).expanduser()
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if not files:
+        raise SdtuneError(f"eval_img2img_images {path} is not a folder of images; give a folder of pictures the "
+                          "subject should take over, or null")
+    return [open_image(f, what="eval_img2img_images image").resize((resolution, resolution)) for f in files]
+
+
 def concept_references(instances: list[list]) -> list[list]:
     """Each concept's instance images (PIL), from the examples the run read."""
     from sdtune.imageio import open_image_bytes
@@ -159,11 +172,11 @@ def plan_concepts(cfg, concepts, references) -> list[ConceptImages]:
 
 
 def draw(sample: Sampler, sampler, plan: list[ConceptImages], seed: int, guidance: float, interval=None,
-         sets=SETS, img2img_strength: float | None = None) -> list[ConceptImages]:
+         sets=SETS, img2img_strength: float | None = None, init_images=None) -> list[ConceptImages]:
     """Every concept's ``sets`` drawn from ``sampler`` (concept c's prompt i on seed ``seed + 1000 c + i``; class
     prompt i on the same seed as subject prompt i, so each pairs with it). With ``img2img_strength`` (and the base
-    model's other-class images drawn), also the subject prompts over those images: can the subject take over a
-    picture of something else, as img2img asks of it."""
+    model's other-class images drawn, or ``init_images`` given), also the subject prompts over those images: can the
+    subject take over a picture of something else, as img2img asks of it."""
     out = []
     for c, ci in enumerate(plan):
         drawn = ConceptImages(**{**ci.__dict__, "base": ci.base})
@@ -171,7 +184,7 @@ def draw(sample: Sampler, sampler, plan: list[ConceptImages], seed: int, guidanc
             prompts = getattr(ci.prompts, name)
             offset = 500 if name == "other" else 0
             setattr(drawn, name, sample(sampler, prompts, seed + 1000 * c + offset, guidance, interval))
-        inits = ci.base.get("other") or []
+        inits = init_images or ci.base.get("other") or []
         if img2img_strength and inits:
             prompts = [ci.prompts.subject[i % len(ci.prompts.subject)] for i in range(len(inits))]
             drawn.img2img = sample(sampler, prompts, seed + 1000 * c + 700, guidance, interval, init_images=inits,

@@ -5,10 +5,12 @@ The rule (every bound a key of ``TrainConfig``):
 
 1. An evaluation is **eligible** when its class drift is at most ``max_drift``, its bleed at most ``max_bleed`` and
    its prompt following at least ``min_prompt_following`` (a quantity no scorer measured does not bound).
-2. The **best** is the eligible evaluation with the highest likeness; a tie keeps the earlier step (fewer steps,
-   less to forget).
+2. The **best** is the eligible evaluation with the highest likeness; a tie goes to the later step (within the
+   bounds, more training holds the subject more firmly: a share such as the judge's saturates before every mode
+   is learned).
 3. The subject is **learned** once a best exists whose likeness is at least ``learned_likeness`` (any, when null);
-   ``stop_when_learned`` ends the run when, after that, ``stop_patience`` evaluations in a row have not beaten it.
+   ``stop_when_learned`` ends the run when, after that, ``stop_patience`` evaluations in a row have not raised the
+   highest likeness (a tie is no rise).
 
 With ``eval_img2img_strength`` the likeness is the lower of the txt2img and the img2img probe's. Which metric stands
 for each quantity: the one a scorer names as its headline (the world's judge: ``likeness`` is
@@ -94,6 +96,7 @@ class Selection:
     cfg: object
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
+    risen_at: int | None = None  # the step at which the highest likeness last rose (the early stop counts from it)
 
     def add(self, record: dict) -> bool:
         """Record one evaluation (with its ``step``); True when it is the new best."""
@@ -101,7 +104,9 @@ class Selection:
         self.history.append(record)
         if record.get("step", 0) == 0 or not record["eligible"] or not _finite(record.get("likeness")):
             return False  # step 0 is the base model itself: nothing learned to keep
-        if self.best is None or record["likeness"] > self.best["likeness"]:
+        if self.best is None or record["likeness"] >= self.best["likeness"]:
+            if self.best is None or record["likeness"] > self.best["likeness"]:
+                self.risen_at = record["step"]
             self.best = record
             return True
         return False
@@ -115,7 +120,7 @@ class Selection:
         """Rule 3: learned, and the last ``stop_patience`` evaluations after the best did not beat it."""
         if not self.learned:
             return False
-        after = [r for r in self.history if r["step"] > self.best["step"]]
+        after = [r for r in self.history if r["step"] > self.risen_at]
         return len(after) >= self.cfg.stop_patience
 
     # --- the history file ---------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class Watch:
         self.main = run.accelerator.is_main_process
         self.plan = ev.plan_concepts(cfg, concepts_of(cfg), ev.concept_references(instances))
         self.sample = ev.Sampler(run.pipe, run.sdxl, cfg.resolution, cfg.eval_steps)
+        self.init_images = (ev.init_images(cfg.eval_img2img_images, cfg.resolution)
+                            if cfg.eval_img2img_images and cfg.eval_img2img_strength else None)
         self.selection = Selection.resume(cfg, run.output_dir, start_step) if start_step else Selection(cfg)
         self.seconds = 0.0
         self.last_step = None
@@ -82,7 +84,7 @@ class Watch:
                         return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets)
                 with ev.lora_scale(lora_scale, *modules):
                     return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets,
-                                   img2img_strength=strength)
+                                   img2img_strength=strength, init_images=self.init_images)
         finally:
             for m, flag in zip(trainable, was):
                 m.train(flag)

@@ -113,7 +113,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", subject=None, model=None, 
     subjs = resolve_subjects(subjects if subjects is not None else subject)  # user errors first
     out = check_output_dir(out, what="--out")
     for s in subjs:  # bad key=value overrides fail now, not after loading
-        demo_config(s, "<model>", out, 64, quick, overrides)
+        demo_config(s, "<model>", out, 64, quick, overrides, check_only=True)
     single = len(subjs) == 1
 
     def phase(n: int, text: str) -> None:

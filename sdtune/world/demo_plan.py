@@ -13,7 +13,7 @@ from typing import Callable
 
 from sdtune import CONFIGS_DIR
 from sdtune.errors import SdtuneError
-from sdtune.world.demo_prompts import eval_prompts, subject_class_prompts
+from sdtune.world.demo_prompts import eval_img2img_inputs, eval_prompts, subject_class_prompts
 from sdtune.world.subjects import Subject
 
 DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
@@ -126,9 +126,10 @@ def demo_defaults() -> dict:
 
 
 def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, quick: bool,
-                overrides=(), training: dict | None = None):
+                overrides=(), training: dict | None = None, check_only: bool = False):
     """configs/demo.yaml + the subject folder's own training keys (subject.json "training", or ``training``) + what
-    this run fixes (model, subject, folders under ``out``, resolution) + --quick + overrides."""
+    this run fixes (model, subject, folders under ``out``, resolution) + --quick + overrides. ``check_only``: the
+    overrides checked before any work, nothing written (the img2img probe's inputs are written otherwise)."""
     from sdtune.training.config import config_from_dict, parse_override
 
     data = demo_yaml()
@@ -149,12 +150,24 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     for key, prompts in eval_prompts(subject, 2 if quick else 16).items():  # the run's own evaluation, in the world's words
         if data.get(key) is None:
             data[key] = prompts
+    if data.get("eval_img2img_strength") and not data.get("eval_img2img_images") and not check_only:
+        data["eval_img2img_images"] = str(write_eval_inputs(subject, out / "eval_inputs", 2 if quick else 8))
     return config_from_dict(data)
 
 
 # What a run at the recipe's fixed max_steps sets (the ablations and the time-to-subject bench compare recipes step for
 # step): no evaluation, no kept step, no early stop.
 FIXED_STEPS = ("eval_every=0", "keep_best=false", "stop_when_learned=false")
+
+def write_eval_inputs(subject: Subject, folder: Path, n: int) -> Path:
+    """The in-loop img2img probe's inputs (``eval_img2img_inputs``) as PNGs in ``folder``; kept when already there."""
+    from sdtune.imageio import save_image_atomic
+
+    for i, image in enumerate(eval_img2img_inputs(subject, n)):
+        if not (folder / f"{i:02d}.png").is_file():
+            save_image_atomic(image, folder / f"{i:02d}.png")
+    return folder
+
 
 PLAN_PREFIX = "demo."
 

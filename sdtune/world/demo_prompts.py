@@ -25,7 +25,19 @@ def new_contexts(subject: Subject, n: int, seed: int = 7) -> list[scenes.Scene]:
                         seed=seed * 1000 + i) for i in range(n)]
 
 
-def eval_prompts(subject: Subject, n: int = 8, seed: int = 11) -> dict[str, list[str]]:
+EVAL_CONTEXT_SEED = 23  # the in-loop evaluation's contexts (the demo's judged image modes draw theirs with seed 11)
+
+
+def eval_img2img_inputs(subject: Subject, n: int = 8) -> list[Image.Image]:
+    """What the in-loop img2img probe starts from: world renders of other kinds in new contexts, as the demo's
+    img2img inputs are, on seeds of their own."""
+    others = [k for k in scenes.KINDS if k != subject.class_noun]
+    contexts = new_contexts(subject, n, seed=EVAL_CONTEXT_SEED)
+    return [scenes.render(scenes.Scene(**{**sc.attrs(), "kind": others[i % len(others)]}, seed=sc.seed + 50_000)
+                          ).image for i, sc in enumerate(contexts)]
+
+
+def eval_prompts(subject: Subject, n: int = 8, seed: int = EVAL_CONTEXT_SEED) -> dict[str, list[str]]:
     """The training run's own evaluation prompts (``eval_prompts``, ``eval_class_prompts``, ``eval_other_prompts``):
     new contexts as the judged ones, but worded with the size ("a photo of a large sks box on the left, on snow"),
     so no string is one the demo judges with (its seeds differ too: ``eval_seed``)."""

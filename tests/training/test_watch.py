@@ -152,7 +152,7 @@ def _cfg(**kw):
                               "learned_likeness": None, "stop_patience": 2, **kw})
 
 
-def test_selection_takes_the_highest_likeness_within_the_bounds_and_the_earlier_of_a_tie():
+def test_selection_takes_the_highest_likeness_within_the_bounds_and_the_later_of_a_tie():
     s = Selection(_cfg())
     s.add({"step": 0, "likeness": 0.99})  # the base model itself: never kept
     s.add({"step": 100, "likeness": 0.6, "drift": 0.1, "bleed": 0.0, "prompt_following": 0.9})
@@ -160,10 +160,11 @@ def test_selection_takes_the_highest_likeness_within_the_bounds_and_the_earlier_
     s.add({"step": 300, "likeness": 0.95, "drift": 0.5, "bleed": 0.0, "prompt_following": 0.9})  # drifted
     s.add({"step": 400, "likeness": 0.97, "drift": 0.1, "bleed": 0.3, "prompt_following": 0.9})  # bleeds
     s.add({"step": 500, "likeness": 0.99, "drift": 0.1, "bleed": 0.0, "prompt_following": 0.5})  # ignores prompts
+    assert s.best["step"] == 200 and s.should_stop()  # 3 evaluations after it, none better; patience 2
     s.add({"step": 600, "likeness": 0.9, "drift": 0.1, "bleed": 0.0, "prompt_following": 0.9})  # a tie
-    assert s.best["step"] == 200
-    assert "step 200 kept" in s.verdict() and "drift <= 0.3" in s.verdict()
-    assert s.should_stop()  # 4 evaluations after it, none better; patience 2
+    assert s.best["step"] == 600  # the later of a tie: more training within the bounds
+    assert "step 600 kept" in s.verdict() and "drift <= 0.3" in s.verdict()
+    assert s.should_stop()  # a tie is no rise: the patience still counts from step 200
 
 
 def test_stop_waits_for_learned_likeness_and_patience():
@@ -174,7 +175,7 @@ def test_stop_waits_for_learned_likeness_and_patience():
     s.add({"step": 30, "likeness": 0.92})
     assert not s.should_stop()  # learned, but no evaluation after it yet
     s.add({"step": 40, "likeness": 0.92})
-    assert s.should_stop() and s.best["step"] == 30
+    assert s.should_stop() and s.best["step"] == 40  # a tie: kept the later, stopped all the same
 
 
 # ---------------------------------------------------------------- in a run

@@ -3,7 +3,9 @@
     accelerate launch -m sdtune.training.dreambooth CONFIG [key=value ...]   # or train/dreambooth.py in a checkout
     sdtune train CONFIG [key=value ...]                                     # the same, one process
 
-Read top to bottom: config -> data -> model -> adapters/optimizer -> (resume) -> loop -> save. The step itself is
+Read top to bottom: config -> data -> model -> adapters/optimizer -> (resume) -> loop -> save. With ``eval_every``
+the loop also evaluates the weights it holds and may stop once the subject is learned, and the save keeps the best
+step and recommends the settings to use it with (``sdtune.training.watch``). The step itself is
 ``sdtune.training.step`` (named parts: noise, prediction and target, losses); what trains is set up in
 ``trainables``, the run around the loop in ``runtime``, the outputs in ``export``.
 Each step: a batch of instance examples (+ as many class examples with prior preservation); caption
@@ -56,9 +58,9 @@ from sdtune.training.run_data import read_data, read_instances
 from sdtune.training.runtime import (StopRequest, check_launch, check_resume_matches,
                                      register_trainable_only_checkpoints, tracker_config)
 from sdtune.training.step import StepModels, micro_batch_losses
-from sdtune.training.watch import Watch, check_scorers, config_scorers
 from sdtune.training.trainables import (make_optimizer, param_groups, prepare_models, text_encoder_trains,
                                         weight_dtype_of)
+from sdtune.training.watch import Watch, check_scorers, config_scorers
 
 log = logging.getLogger("sdtune.train")
 

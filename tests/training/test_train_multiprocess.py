@@ -111,3 +111,54 @@ def test_two_processes_that_accelerate_runs_alone_are_refused(tiny_models, tmp_p
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sdtune: error:")]
     assert proc.stderr.count("sdtune: error:") == 1 and len(lines) == 1 and "launched as 2 processes, but accelerate runs each one alone" in lines.pop()
     assert not (out / "model_index.json").exists()
+
+
+EVAL_DRIVER = """
+import json, os, sys
+from sdtune.training import dreambooth
+from sdtune.training.config import load_config
+from accelerate import PartialState
+
+
+class Scripted:  # a likeness per evaluation, as the main process measures it (the others never evaluate)
+    name = "scripted"
+
+    def __init__(self):
+        self.values, self.calls = [0.0, 0.9, 0.5, 0.5, 0.5, 0.5], 0
+
+    def metrics(self, ci):
+        self.calls += 1
+        return {{"likeness": self.values[min(self.calls - 1, len(self.values) - 1)]}}
+
+
+result = dreambooth.train(load_config(sys.argv[1], sys.argv[2:]), scorers=[Scripted()])
+state = PartialState()
+with open(os.path.join(result.output_dir, f"rank{{state.process_index}}.json"), "w") as f:
+    json.dump({{"steps": result.global_step, "world": state.num_processes, "type": str(state.distributed_type),
+               "kept": result.evaluation.get("kept_step")}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_on_the_main_one_and_stop_together(tiny_models, tmp_path):
+    one = make_images(tmp_path / "one", 2)
+    out = tmp_path / "out"
+    cfg = dict(model=str(tiny_models["sd1"]), instance_dir=str(one), instance_prompt="a photo of sks dog",
+               class_prompt="a photo of a dog", resolution=32, max_steps=10, train_batch_size=1, output_dir=str(out),
+               seed=0, eval_every=2, eval_steps=2, eval_prompts=["a photo of sks dog on the beach"],
+               eval_other_prompts=["a photo of a car"], keep_best=True, stop_when_learned=True, stop_patience=1,
+               recommend_settings=False, max_drift=2.0, max_bleed=1.0, min_prompt_following=0.0)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "driver.py").write_text(EVAL_DRIVER.format())
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "driver.py"), str(cfg_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["world"] == 2 and i["type"] == "DistributedType.MULTI_CPU" for i in info), info
+    # step 2 is the best (0.9); step 4 does not beat it: both processes stop there, none waits for the other
+    assert [i["steps"] for i in info] == [4, 4]
+    assert info[0]["kept"] == 2 and (out / "best" / "pytorch_lora_weights.safetensors").is_file()
+    assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 2, 4]

@@ -40,6 +40,7 @@ from sdtune.imageio import write_text_atomic
 from sdtune.world.demo_groups import Group, class_group, family_groups, save_group, subject_groups
 from sdtune.world.demo_plan import (
     DEMO_CONFIG,
+    EVAL_PROMPTS,
     FULL,
     PLAN_PREFIX,
     QUICK,
@@ -75,7 +76,8 @@ from sdtune.world.subjects import DEFAULT_SUBJECT, Subject, load_subject, subjec
 
 # The names this module has always offered (ablations, together, bench/ and tests import them from here).
 __all__ = [
-    "DEFAULT_SUBJECT", "DEMO_CONFIG", "FULL", "MODE_GROUPS", "PLAN_PREFIX", "QUICK", "QUICK_TRAINING", "TARGETS",
+    "DEFAULT_SUBJECT", "DEMO_CONFIG", "EVAL_PROMPTS", "FULL", "MODE_GROUPS", "PLAN_PREFIX", "QUICK", "QUICK_TRAINING",
+    "TARGETS",
     "TINY_NOTICE", "DemoRun", "Group", "Models", "Plan", "Subject", "base_prompts", "box_mask", "captioned",
     "class_prompts", "demo_config", "demo_defaults", "demo_plan", "demo_yaml", "has_captions", "load_subject",
     "metrics_table", "new_contexts", "other_kind", "prior_before_after", "prior_prompts", "resolve_models",

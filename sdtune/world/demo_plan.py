@@ -47,6 +47,9 @@ FULL = Plan()
 QUICK = Plan(base_prompts=2, world_checks=1, subject_prompts=2, per_mode=1, class_prompts=2, sample_steps=3,
              batch_size=2)
 # Training settings of --quick, applied before the user's key=value overrides.
+# The in-loop evaluation's subject and class prompts (and img2img probes) per evaluation, with half as many other-kind
+# prompts: 8 keep its cost near 15 % of the training at eval_every 300 (16 every 150 cost 43 %: docs/embedded-world.md).
+EVAL_PROMPTS = 8
 QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1,
                   "eval_every": 2, "eval_steps": 2, "sweep_guidance": [3.0], "sweep_lora_scale": [1.0]}
 
@@ -147,7 +150,7 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     in_context = subject_class_prompts(subject, data.get("use_captions", True))
     if "class_prompts" not in given and in_context:  # an explicit class_prompts wins
         data["class_prompts"] = in_context
-    for key, prompts in eval_prompts(subject, 2 if quick else 16).items():  # the run's own evaluation, in the world's words
+    for key, prompts in eval_prompts(subject, 2 if quick else EVAL_PROMPTS).items():  # the run's own evaluation, in the world's words
         if data.get(key) is None:
             data[key] = prompts
     if data.get("eval_img2img_strength") and not data.get("eval_img2img_images") and not check_only:

@@ -110,7 +110,7 @@ def run_together(out, subjects="all", model=None, quick: bool = False, overrides
                              class_prompts=demo.subject_class_prompts(s, cfg.use_captions),
                              class_dir=str(out / "class_images" / s.class_noun), num_class_images=cfg.num_class_images,
                              # each concept evaluated on its own prompts; cross-talk is measured between them
-                             **{k: v for k, v in eval_prompts(s, 2 if quick else 16).items() if k != "eval_other_prompts"})
+                             **{k: v for k, v in eval_prompts(s, 2 if quick else demo.EVAL_PROMPTS).items() if k != "eval_other_prompts"})
                         for s in subjs]
     data["output_dir"] = str(out / "together_lora")
     # Each subject gets the steps it would get alone: n subjects share one LoRA, so n times the demo's steps

@@ -220,7 +220,8 @@ def feature_metrics(scorer, ci: ConceptImages) -> dict[str, float]:
         out[f"bleed_{name}"] = _mean(((now @ centroid) > (now * base).sum(-1)).float())
     if ci.others_references:  # cross-talk: subject images nearer another concept's instance images than their own
         others = scorer.image_embeds(ci.others_references)
-        out[f"crosstalk_{name}"] = _mean(((subject @ others.T).max(1).values > (subject @ refs.T).max(1).values).float())
+        nearest_other, nearest_own = (subject @ others.T).max(1).values, (subject @ refs.T).max(1).values
+        out[f"crosstalk_{name}"] = _mean((nearest_other > nearest_own).float())
     if getattr(scorer, "text_embeds", None) is not None:
         texts = scorer.text_embeds(list(ci.prompts.subject))
         out[f"clip_t_{name}"] = _mean((subject * texts).sum(-1))

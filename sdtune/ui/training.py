@@ -4,7 +4,8 @@
 with ``sdtune.training.config`` (the CLI's checks and messages), refuses a folder another run holds (the recipe's
 own ``output_lock``), writes ``RUN/ui_config.yaml`` and starts ``python -m sdtune train RUN/ui_config.yaml``. The
 page reads the run's progress from its output (tqdm's ``N/M`` and ``loss=``) and the loss curve from its
-TensorBoard events, the evaluation curves and the best step so far from its ``eval.jsonl`` (``eval_view``). Stop sends SIGINT: the recipe finishes the step, saves ``checkpoint-N`` and exits; Resume
+TensorBoard events, the evaluation curves and the best step so far from its ``eval.jsonl`` (``eval_view``). Stop
+sends SIGINT: the recipe finishes the step, saves ``checkpoint-N`` and exits; Resume
 starts the same config again with ``resume=latest``. A crash is reported as the run's last error line.
 """
 from __future__ import annotations

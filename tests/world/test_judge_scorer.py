@@ -49,3 +49,17 @@ def test_its_features_tell_the_subject_from_its_class(scorer):
     plain = feature_metrics(scorer, ci)
     assert own["likeness_judge"] > plain["likeness_judge"] + 0.1
     assert own["drift_judge"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_sdtune_train_measures_the_embedded_family_with_the_judge_and_nothing_else_with_it(tmp_path, tiny_models):
+    from sdtune.training.config import config_from_dict
+    from sdtune.world.judge_scorer import world_scorers
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    renders(1, 0, "checker_box")[0].save(folder / "a.png")
+    common = dict(instance_dir=str(folder), instance_prompt="a photo of sks box", output_dir=str(tmp_path / "o"))
+    embedded = config_from_dict({**common, "model": None, "eval_every": 10})
+    assert [s.name for s in world_scorers(embedded)] == ["judge"]
+    assert world_scorers(config_from_dict({**common, "model": None})) == []  # no evaluation asked for
+    assert world_scorers(config_from_dict({**common, "model": str(tiny_models["sd1"]), "eval_every": 10})) == []

@@ -48,7 +48,7 @@ QUICK = Plan(base_prompts=2, world_checks=1, subject_prompts=2, per_mode=1, clas
              batch_size=2)
 # Training settings of --quick, applied before the user's key=value overrides.
 # The in-loop evaluation's subject and class prompts (and img2img probes) per evaluation, with half as many other-kind
-# prompts: 8 keep its cost near 15 % of the training at eval_every 300 (16 every 150 cost 43 %: docs/embedded-world.md).
+# prompts: 8 every 300 steps cost 17 % of the training, the sweep included (16 every 150: 43 %; docs/embedded-world.md).
 EVAL_PROMPTS = 8
 QUICK_TRAINING = {"max_steps": 3, "num_class_images": 2, "class_generation_steps": 3, "train_batch_size": 1,
                   "eval_every": 2, "eval_steps": 2, "sweep_guidance": [3.0], "sweep_lora_scale": [1.0]}

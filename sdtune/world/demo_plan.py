@@ -150,7 +150,8 @@ def demo_config(subject: Subject, base_model: str, out: Path, resolution: int, q
     in_context = subject_class_prompts(subject, data.get("use_captions", True))
     if "class_prompts" not in given and in_context:  # an explicit class_prompts wins
         data["class_prompts"] = in_context
-    for key, prompts in eval_prompts(subject, 2 if quick else EVAL_PROMPTS).items():  # the run's own evaluation, in the world's words
+    # the run's own evaluation, in the world's words
+    for key, prompts in eval_prompts(subject, 2 if quick else EVAL_PROMPTS).items():
         if data.get(key) is None:
             data[key] = prompts
     if data.get("eval_img2img_strength") and not data.get("eval_img2img_images") and not check_only:

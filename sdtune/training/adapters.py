@@ -278,13 +278,15 @@ def config_metadata(config_dict: dict) -> dict[str, str]:
 
 @contextlib.contextmanager
 def disabled(*modules):
-    """Inside, every peft adapter of ``modules`` is switched off, so they compute the base model's outputs.
+    """Inside, every peft adapter of ``modules`` (None ones skipped) is switched off, so they compute the base model's
+    outputs; on leaving, each is back on with the ``requires_grad`` it had.
 
-    peft's switch also clears the adapters' ``requires_grad`` and sets it back on leaving; use it before the step's
-    own forward pass, not between that pass and its backward."""
+    peft's switch also clears the adapters' ``requires_grad`` (and marks them trainable when switched back on); use it
+    before the step's own forward pass, not between that pass and its backward."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    grads = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -292,6 +294,8 @@ def disabled(*modules):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
 
 
 def save_lora_files(output_dir: str | os.PathLike, unet, text_encoder=None, text_encoder_2=None, *, rank: int,

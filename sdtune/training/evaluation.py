@@ -53,24 +53,6 @@ class ConceptImages:
 
 
 @contextmanager
-def adapters_off(*modules):
-    """Every peft adapter layer in ``modules`` switched off (the base model's own output), then back as it was."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    grads = {p: p.requires_grad for layer in layers for p in layer.parameters()}
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for p, flag in grads.items():  # peft's enable_adapters marks its parameters trainable again
-            p.requires_grad_(flag)
-
-
-@contextmanager
 def lora_scale(scale: float, *modules):
     """Every LoRA layer in ``modules`` scaled by ``scale`` (diffusers' ``scale_lora_layers``), then back."""
     from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers

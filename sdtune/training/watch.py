@@ -22,6 +22,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.imageio import write_text_atomic
+from sdtune.training import adapters
 from sdtune.training import evaluation as ev
 from sdtune.training.config import concepts_of
 from sdtune.training.selection import Selection, combine, headline, plot_svg
@@ -80,7 +81,7 @@ class Watch:
             strength = None if base or sets != ev.SETS else self.cfg.eval_img2img_strength
             with torch.no_grad(), self.run.accelerator.autocast():
                 if base:
-                    with ev.adapters_off(*modules):
+                    with adapters.disabled(*modules):
                         return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets)
                 with ev.lora_scale(lora_scale, *modules):
                     return ev.draw(self.sample, sampler, self.plan, self.cfg.eval_seed, guidance, interval, sets,

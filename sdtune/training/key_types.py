@@ -48,7 +48,7 @@ def coerce_numbers(where: str, value: Any) -> list[float]:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
                          for v in values):
-        raise SdtuneError(f"{where} must be a list of numbers >= 0, e.g. [3, 5, 7.5]; got {value!r}")
+        raise SdtuneError(f"{where} must be a list of numbers >= 0, e.g. [3, 5] or [0.8, 1.0]; got {value!r}")
     return [float(v) for v in values]
 
 

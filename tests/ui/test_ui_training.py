@@ -195,7 +195,7 @@ def test_the_advanced_box_shows_every_key_with_its_help(tmp_path):
 
 # Written by hand as the recipe writes it: step 0 (the base model, never kept) has the highest likeness; step 20 beats
 # every other step but drifts past the default max_drift (0.25) although its stale "eligible" flag says otherwise;
-# steps 30 and 40 tie (the earlier is kept); step 50 measured likeness only.
+# steps 30 and 40 tie (the later is kept); step 50 measured likeness only.
 EVALS = [
     {"step": 0, "likeness": 0.95, "prompt_following": 1.0, "drift": 0.0, "bleed": 0.0, "dino_raw": 0.1},
     {"step": 10, "likeness": 0.5, "prompt_following": 0.9, "drift": 0.1, "bleed": 0.05},
@@ -224,7 +224,7 @@ def test_the_curves_and_best_step_come_from_eval_jsonl(sandbox):
     assert list(likeness["step"]) == [0, 10, 20, 30, 40, 50] and list(likeness["value"]) == [r["likeness"] for r in EVALS]
     assert list(curves[curves["quantity"] == "drift"]["step"]) == [0, 10, 20, 30, 40]  # unmeasured: left out
     assert set(curves["quantity"]) == {"likeness", "prompt following", "drift", "bleed"}
-    assert best.startswith("best so far: step 30 kept: likeness 0.700")
+    assert best.startswith("best so far: step 40 kept: likeness 0.700")
 
 
 def test_the_best_step_uses_the_runs_own_bounds(sandbox):
@@ -236,7 +236,7 @@ def test_the_best_step_uses_the_runs_own_bounds(sandbox):
     (run / CONFIG_NAME).write_text("max_drift: 0.6\nmin_prompt_following: 0.5\n")
     assert eval_view(run)[1].startswith("best so far: step 20 kept: likeness 0.800")
     (run / CONFIG_NAME).write_text("max_drift: not a number\n")  # a broken bound: the default, not a crash
-    assert eval_view(run)[1].startswith("best so far: step 30 kept")
+    assert eval_view(run)[1].startswith("best so far: step 40 kept")
 
 
 def test_no_best_step_yet_says_why(sandbox):
@@ -266,7 +266,7 @@ def test_a_running_jobs_poll_shows_the_curves_as_they_grow(sandbox):
         assert best.startswith("best so far: step 10 kept")
         write_evals(run, EVALS)  # the recipe replaces the file whole after each evaluation
         *_, curves, best = train_poll(state, "run1")
-        assert sorted(set(curves["step"])) == [0, 10, 20, 30, 40, 50] and best.startswith("best so far: step 30")
+        assert sorted(set(curves["step"])) == [0, 10, 20, 30, 40, 50] and best.startswith("best so far: step 40")
     finally:
         process.kill()
         process.wait()

@@ -182,33 +182,44 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.float().mean()) if x.numel() else float("nan")
 
 
+def _fixed_embeds(scorer, images: list):
+    """Embeddings of images that stay the same from one evaluation to the next (the instance images, the base
+    model's images): computed once per scorer and list, not at every evaluation."""
+    cache = scorer.__dict__.setdefault("_sdtune_fixed_embeds", {})
+    hit = cache.get(id(images))
+    if hit is None or hit[0] is not images:  # the id of a list that is gone may be reused
+        hit = cache[id(images)] = (images, scorer.image_embeds(images))
+    return hit[1]
+
+
 def feature_metrics(scorer, ci: ConceptImages) -> dict[str, float]:
     """Likeness, drift, bleed (and CLIP-T with prompt following when the scorer reads text) in one feature space."""
     name = scorer.name
-    refs = scorer.image_embeds(ci.references)
+    refs = _fixed_embeds(scorer, ci.references)
     centroid = torch.nn.functional.normalize(refs.mean(0), dim=0)
     subject = scorer.image_embeds(ci.subject)
     out = {f"likeness_{name}": _mean(subject @ refs.T)}
     if ci.img2img:
         out[f"likeness_img2img_{name}"] = _mean(scorer.image_embeds(ci.img2img) @ refs.T)
     if ci.base.get("subject"):
-        out[f"likeness_{name}_base"] = _mean(scorer.image_embeds(ci.base["subject"]) @ refs.T)
+        out[f"likeness_{name}_base"] = _mean(_fixed_embeds(scorer, ci.base["subject"]) @ refs.T)
     no_id, no_id_base = ci.klass + ci.other, ci.base.get("klass", []) + ci.base.get("other", [])
     if ci.klass and len(ci.base.get("klass", [])) == len(ci.klass):
-        klass, klass_base = scorer.image_embeds(ci.klass), scorer.image_embeds(ci.base["klass"])
+        klass, klass_base = scorer.image_embeds(ci.klass), _fixed_embeds(scorer, ci.base["klass"])
         out[f"drift_{name}"] = 1.0 - _mean((klass * klass_base).sum(-1))
     if no_id and len(no_id_base) == len(no_id):
-        now, base = scorer.image_embeds(no_id), scorer.image_embeds(no_id_base)
+        now = scorer.image_embeds(no_id)
+        base = torch.cat([_fixed_embeds(scorer, ci.base[k]) for k in ("klass", "other") if ci.base.get(k)])
         out[f"bleed_{name}"] = _mean(((now @ centroid) > (now * base).sum(-1)).float())
     if ci.others_references:  # cross-talk: subject images nearer another concept's instance images than their own
-        others = scorer.image_embeds(ci.others_references)
+        others = _fixed_embeds(scorer, ci.others_references)
         nearest_other, nearest_own = (subject @ others.T).max(1).values, (subject @ refs.T).max(1).values
         out[f"crosstalk_{name}"] = _mean((nearest_other > nearest_own).float())
     if getattr(scorer, "text_embeds", None) is not None:
         texts = scorer.text_embeds(list(ci.prompts.subject))
         out[f"clip_t_{name}"] = _mean((subject * texts).sum(-1))
         if ci.base.get("subject"):
-            base_t = _mean((scorer.image_embeds(ci.base["subject"]) * texts).sum(-1))
+            base_t = _mean((_fixed_embeds(scorer, ci.base["subject"]) * texts).sum(-1))
             out[f"prompt_following_{name}"] = out[f"clip_t_{name}"] / base_t if base_t > 0 else float("nan")
     return out
 

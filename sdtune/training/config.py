@@ -35,6 +35,8 @@ from sdtune.training.key_types import Range, coerce_buckets, coerce_interval, co
 from sdtune.yamlfile import read_yaml
 
 METHODS = ("lora", "full")
+# The adapters method: lora trains, all through peft (sdtune.training.adapter_kinds says how each is built and saved).
+ADAPTERS = ("lora", "loha", "lokr", "dora", "oft")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LORA_TARGETS = ("attention", "all")
 CAPTION_DROPOUT_ON = ("all", "class")
@@ -140,9 +142,25 @@ class TrainConfig:
                                    "learns the class prior and never the subject")
     # --- what to train ---
     method: str = ADAPTER("lora", choices=METHODS, help="lora: a LoRA adapter; full: fine-tune the whole UNet")
-    lora_rank: int = ADAPTER(4, range=">= 1", help="the LoRA's rank")
+    adapter: str = ADAPTER("lora", choices=ADAPTERS, help="with method: lora, which adapter trains (peft's): lora; "
+                           "loha (LyCORIS' Hadamard product); lokr (Kronecker product); dora (LoRA with a learned "
+                           "magnitude); oft (an orthogonal rotation of each weight)")
+    lora_rank: int = ADAPTER(4, range=">= 1", help="the adapter's rank (lora, dora, loha, lokr; oft: see "
+                             "oft_block_size)")
     lora_alpha: float | None = ADAPTER(None, range="> 0", note="or null for lora_rank",
-                                       help="the LoRA's alpha; null: lora_rank (scale 1)")
+                                       help="the adapter's alpha (lora, dora, loha, lokr); null: lora_rank (scale 1)")
+    lora_dropout: float = ADAPTER(0.0, range="[0, 1)", help="dropout on the adapter's input (lora, dora)")
+    rank_dropout: float = ADAPTER(0.0, range="[0, 1)", help="dropout of whole ranks while training (loha, lokr)")
+    module_dropout: float = ADAPTER(0.0, range="[0, 1)", help="the chance a whole module's adapter is skipped in a "
+                                    "training step (loha, lokr, oft)")
+    lokr_factor: int = ADAPTER(-1, range=">= -1", note="-1: as balanced as the sizes allow",
+                               help="lokr: the Kronecker factor the weight's sides are split by (LyCORIS' factor)")
+    lokr_decompose_both: bool = ADAPTER(False, help="lokr: also make the small Kronecker factor low-rank")
+    oft_block_size: int = ADAPTER(32, range=">= 1", help="oft: the side of each orthogonal block; it must divide "
+                                  "every targeted layer's input size (smaller: fewer parameters, less change)")
+    oft_coft: bool = ADAPTER(False, help="oft: constrained OFT, which keeps each rotation within oft_eps of the "
+                             "identity")
+    oft_eps: float = ADAPTER(6e-5, range="> 0", help="oft with oft_coft: how far a rotation may move")
     lora_targets: str = ADAPTER("attention", choices=LORA_TARGETS, help="attention: the q/k/v/out projections "
                                 "(diffusers' scripts); all: also feed-forward and the ResNet convolutions (kohya's "
                                 "LoCon), which reach textures attention cannot")

@@ -37,7 +37,10 @@ from sdtune.yamlfile import read_yaml
 METHODS = ("lora", "full")
 # The adapters method: lora trains, all through peft (sdtune.training.adapter_kinds says how each is built and saved).
 ADAPTERS = ("lora", "loha", "lokr", "dora", "oft")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree", "lion")
+# The optimizers of the [optimizers] extra: the module each needs (sdtune.training.optimizers builds them).
+OPTIONAL_OPTIMIZERS = {"prodigy": "prodigyopt", "schedulefree": "schedulefree", "lion": "lion_pytorch"}
+EMA_EXPORTS = ("ema", "both")
 LORA_TARGETS = ("attention", "all")
 CAPTION_DROPOUT_ON = ("all", "class")
 MASKED_LOSS_MEANS = ("weights", "pixels")
@@ -203,11 +206,48 @@ class TrainConfig:
                                                    help="the identifier's embedding's; null: learning_rate")
     lr_scheduler: str = OPTIM("constant", choices=LR_SCHEDULERS, help="the learning-rate schedule (diffusers' names)")
     lr_warmup_steps: int = OPTIM(0, range=">= 0", help="steps of linear warm-up")
-    optimizer: str = OPTIM("adamw", choices=OPTIMIZERS, help="adamw, or adamw8bit (CUDA and bitsandbytes)")
-    adam_beta1: float = OPTIM(0.9, range="[0, 1)", help="AdamW's beta1")
-    adam_beta2: float = OPTIM(0.999, range="[0, 1)", help="AdamW's beta2")
-    adam_weight_decay: float = OPTIM(1e-2, range=">= 0", help="AdamW's weight decay")
-    adam_epsilon: float = OPTIM(1e-8, range="> 0", help="AdamW's epsilon")
+    optimizer: str = OPTIM("adamw", choices=OPTIMIZERS, help="adamw; adamw8bit (CUDA and bitsandbytes); prodigy "
+                           "(finds its own step size: learning_rate 1); adafactor (transformers'; factored second "
+                           "moments, less memory); schedulefree (AdamW without a schedule: lr_scheduler constant, its "
+                           "averaged weights are validated and exported); lion (sign updates: learning_rate 3-10x "
+                           "smaller than AdamW's). prodigy, schedulefree, lion: pip install 'sdtune[optimizers]'")
+    optimizer_args: dict | None = OPTIM(None, coerce=lambda where, v: _coerce_optimizer_args(where, v),
+                                        kind="null or a mapping of argument: value",
+                                        help="more constructor arguments of the optimizer (kohya's optimizer_args), "
+                                        "e.g. {d0: 1.0e-5, growth_rate: 1.02} for prodigy; names are checked against "
+                                        "its constructor, values are numbers, true/false, strings or lists of "
+                                        "numbers; what a key below sets (lr, betas, eps, weight_decay...) is set there")
+    adam_beta1: float = OPTIM(0.9, range="[0, 1)", help="beta1 of adamw, adamw8bit, prodigy and schedulefree (its "
+                              "interpolation between the average and the last iterate)")
+    adam_beta2: float = OPTIM(0.999, range="[0, 1)", help="beta2 of adamw, adamw8bit, prodigy and schedulefree")
+    adam_weight_decay: float = OPTIM(1e-2, range=">= 0", help="the (decoupled) weight decay of every optimizer; "
+                                     "lion's is usually 3-10x AdamW's, as its learning rate is that much smaller")
+    adam_epsilon: float = OPTIM(1e-8, range="> 0", help="epsilon of adamw, adamw8bit, prodigy and schedulefree")
+    prodigy_d_coef: float = OPTIM(1.0, range="> 0", help="prodigy: scales the step size it finds (0.5: half); "
+                                  "change this, not learning_rate, to make its steps smaller or larger")
+    prodigy_use_bias_correction: bool = OPTIM(True, help="prodigy: Adam's bias correction (as diffusers' DreamBooth "
+                                              "scripts set it; prodigyopt's own default is false)")
+    prodigy_safeguard_warmup: bool = OPTIM(True, help="prodigy: leave the learning rate out of its step-size "
+                                           "estimate, which keeps the estimate sane during lr_warmup_steps "
+                                           "(diffusers' scripts set it)")
+    schedulefree_warmup_steps: int = OPTIM(0, range=">= 0", help="schedulefree: steps of linear warm-up (it takes "
+                                           "no lr_scheduler, so no lr_warmup_steps either); 5-10% of max_steps is "
+                                           "usual")
+    lion_beta1: float = OPTIM(0.9, range="[0, 1)", help="lion: the momentum the update's sign is taken of (its usual "
+                              "0.9)")
+    lion_beta2: float = OPTIM(0.99, range="[0, 1)", help="lion: the momentum kept between steps (its usual 0.99, "
+                              "not AdamW's 0.999)")
+    ema_decay: float | None = OPTIM(None, range="(0, 1)", note="0.999 is usual for long runs, 0.99 for a few hundred "
+                                    "steps; or null", help="keep an exponential moving average of the trained weights "
+                                    "(LoRA or full), with this decay: validation, the evaluation and the export use "
+                                    "it; null: off")
+    ema_warmup: bool = OPTIM(True, help="with ema_decay, the decay at the t-th averaged step is min(ema_decay, "
+                             "(1 + t) / (10 + t)) (diffusers' EMAModel's), so a short run's average is not held at "
+                             "its first weights; false: ema_decay from the first step")
+    ema_update_after_step: int = OPTIM(0, range=">= 0", help="with ema_decay, the average copies the weights up to "
+                                       "this step and averages after it")
+    ema_export: str = OPTIM("ema", choices=EMA_EXPORTS, help="with ema_decay, what the run exports: ema (the "
+                            "average, in the usual place) or both (the last raw weights also, in OUTPUT_DIR/raw)")
     max_grad_norm: float = OPTIM(1.0, range="> 0", help="gradients are clipped to this norm")
     mixed_precision: str = OPTIM("no", choices=MIXED_PRECISIONS, help="no, fp16 or bf16 autocast")
     gradient_checkpointing: bool = OPTIM(False, help="recompute activations in the backward pass: less memory, "
@@ -459,6 +499,81 @@ def _coerce_concepts(value: Any) -> list | None:
     return out
 
 
+def _coerce_optimizer_args(where: str, value: Any) -> dict | None:
+    """A mapping of constructor argument names to numbers, true/false, strings or lists of numbers (YAML 1.1 reads
+    1e-5 as a string: numbers written so are numbers). Whether the optimizer takes each name is checked later."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SdtuneError(f"{where} must be a mapping of argument: value, e.g. {{d0: 1.0e-5}}; got {value!r}")
+
+    def number_or_text(v):
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
+
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SdtuneError(f"{where}: {name!r} is not an argument name")
+        v = number_or_text(v)
+        if isinstance(v, (list, tuple)):
+            v = [number_or_text(x) for x in v]
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                raise SdtuneError(f"{where}.{name} must be a number, true/false, a string or a list of numbers; "
+                                  f"got {value[name]!r}")
+        elif not isinstance(v, (bool, int, float, str)):
+            raise SdtuneError(f"{where}.{name} must be a number, true/false, a string or a list of numbers; "
+                              f"got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SdtuneError(f"{where}.{name} must be finite; got {v!r}")
+        out[name] = v
+    return out
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """The optimizer's package, the keys it needs and refuses, its optimizer_args; EMA's rules."""
+    if cfg.optimizer == "adamw8bit":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SdtuneError("optimizer adamw8bit (bitsandbytes) needs a CUDA GPU and none is visible; "
+                              "use optimizer: adamw")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
+                              "or use optimizer: adamw")
+    module = OPTIONAL_OPTIMIZERS.get(cfg.optimizer)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise SdtuneError(f"optimizer {cfg.optimizer} needs {module.replace('_', '-')}; pip install "
+                          "'sdtune[optimizers]', or use optimizer: adamw")
+    if cfg.optimizer == "prodigy":
+        if cfg.learning_rate == 1e-4:
+            raise SdtuneError("optimizer prodigy finds its own step size and takes learning_rate 1 (this is AdamW's "
+                              "1e-4, which would make its steps 10000x smaller): set learning_rate=1, and "
+                              "prodigy_d_coef to scale its steps")
+        if any(lr not in (None, cfg.learning_rate) for lr in (cfg.text_encoder_learning_rate,
+                                                             cfg.identifier_learning_rate)):
+            raise SdtuneError("optimizer prodigy takes one learning rate for every group; set "
+                              "text_encoder_learning_rate and identifier_learning_rate to null")
+    if cfg.optimizer == "schedulefree":
+        if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps:
+            raise SdtuneError("optimizer schedulefree replaces the learning-rate schedule: set lr_scheduler: "
+                              "constant and lr_warmup_steps: 0 (schedulefree_warmup_steps warms it up)")
+        if cfg.ema_decay is not None:
+            raise SdtuneError("optimizer schedulefree already exports an average of its weights; set ema_decay: null "
+                              "(or use another optimizer with EMA)")
+    if cfg.ema_export == "both" and cfg.ema_decay is None:
+        raise SdtuneError("ema_export: both writes the raw weights beside the EMA's; set ema_decay (e.g. 0.99), or "
+                          "ema_export: ema")
+    if cfg.optimizer_args:
+        from sdtune.training.optimizers import check_optimizer_args
+
+        check_optimizer_args(cfg)
+
+
 def unknown_key_error(key: str) -> SdtuneError:
     return overrides.unknown_key_error(key, FIELD_NAMES)
 
@@ -540,15 +655,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                                                *(cfg.eval_class_prompts or []),
                                                                *(cfg.eval_other_prompts or [])]):
         raise SdtuneError("an evaluation prompt list holds an empty prompt; remove it")
-    if cfg.optimizer == "adamw8bit":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SdtuneError("optimizer adamw8bit (bitsandbytes) needs a CUDA GPU and none is visible; "
-                              "use optimizer: adamw")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
-                              "or use optimizer: adamw")
+    _check_optimizer(cfg)
     return cfg
 
 

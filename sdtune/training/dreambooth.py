@@ -29,6 +29,7 @@ full-weights folder, and SDXL's LoRA layouts (diffusers and kohya ``lora_te1_``/
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ import torch
 from sdtune.console import SdtuneWarning
 from sdtune.errors import SdtuneError
 from sdtune.models.loading import describe, load_pipeline
-from sdtune.training import best, checkpointing, identifier
+from sdtune.training import best, checkpointing, ema, identifier, optimizers
 from sdtune.training import sdxl as sdxl_parts
 from sdtune.training.caching import LatentSource
 from sdtune.training.class_images import ensure_concept_class_images
@@ -52,14 +53,14 @@ from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, res
 from sdtune.training.data import check_output_dir, collate
 from sdtune.training.dry_run import dry_run, format_dry_run  # noqa: F401 - the recipe's API
 from sdtune.training.export import export_weights, final_modules, run_metadata, run_validation
+from sdtune.training.optimizers import make_optimizer
 from sdtune.training.model_card import write_model_card
 from sdtune.training.presets import with_native_resolution
 from sdtune.training.run_data import read_data, read_instances
 from sdtune.training.runtime import (StopRequest, check_launch, check_resume_matches,
                                      register_trainable_only_checkpoints, tracker_config)
 from sdtune.training.step import StepModels, micro_batch_losses
-from sdtune.training.trainables import (make_optimizer, param_groups, prepare_models, text_encoder_trains,
-                                        weight_dtype_of)
+from sdtune.training.trainables import param_groups, prepare_models, text_encoder_trains, weight_dtype_of
 from sdtune.training.watch import Watch, check_scorers, config_scorers
 
 log = logging.getLogger("sdtune.train")
@@ -130,6 +131,7 @@ class Run:
     trained: list = field(default_factory=list)  # the modules accelerate prepared: UNet (+ text encoders)
     optimizer: object = None
     lr_scheduler: object = None
+    ema: ema.EMA | None = None  # the moving average of the trained weights (ema_decay)
     watch: Watch | None = None  # evaluations during training (eval_every), the kept step
 
     def final_text_encoder(self):
@@ -175,7 +177,9 @@ def _train(cfg: TrainConfig, scorers=()) -> TrainResult:
     global_step = 0
     if resume_from is not None:
         check_resume_matches(resume_from, run.trained)
+        ema.check_resume(resume_from, run.ema)
         accelerator.load_state(str(resume_from), strict=False)  # strict=False: checkpoints hold trainables only
+        optimizers.after_resume(run.optimizer)  # saved in schedule-free's eval mode, as the run went on after it
         global_step = checkpointing.checkpoint_step(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
     if accelerator.is_main_process:
@@ -236,6 +240,7 @@ def _load_model(run: Run) -> tuple[list, torch.dtype]:
     models = [pipe.unet] + (encoders if text_encoder_trains(cfg) else [])
     *run.trained, run.optimizer, run.lr_scheduler = accelerator.prepare(*models, optimizer, lr_scheduler)
     register_trainable_only_checkpoints(accelerator, run.trained)
+    run.ema = ema.make_ema(cfg, accelerator, [p for g in run.optimizer.param_groups for p in g["params"]])
     return class_images, vae_dtype
 
 
@@ -298,6 +303,8 @@ def _loop(run: Run, m: StepModels, data, global_step: int, losses: list[float]) 
                                      (step_losses.loss, step_losses.instance, step_losses.prior,
                                       step_losses.preservation)])
             global_step += 1
+            if run.ema is not None:
+                run.ema.update(global_step)
 
             # watch: every process's mean, logged once
             means = (accelerator.reduce(sums, reduction="mean") / accum).tolist()
@@ -312,21 +319,56 @@ def _loop(run: Run, m: StepModels, data, global_step: int, losses: list[float]) 
             progress.set_postfix(loss=f"{means[0]:.4f}")
 
             if cfg.validation_prompts and cfg.validation_every and global_step % cfg.validation_every == 0:
-                run_validation(cfg, run.pipe, unet, text_encoder, accelerator, global_step, run.output_dir)
+                with _inference_weights(run):
+                    run_validation(cfg, run.pipe, unet, text_encoder, accelerator, global_step, run.output_dir)
             if (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps
                     or stop.signum is not None):
-                checkpointing.save_checkpoint(accelerator, run.output_dir, global_step, cfg.checkpoints_keep)
+                with optimizers.eval_mode(optimizer):  # the EMA is saved beside the raw weights, not in them
+                    checkpointing.save_checkpoint(accelerator, run.output_dir, global_step, cfg.checkpoints_keep)
             if stop.signum is not None:
                 progress.close()
                 print(f"sdtune: note: stopped at step {global_step}; saved checkpoint-{global_step} in "
                       f"{run.output_dir} (resume=latest continues from it)", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt
-            if run.watch is not None and run.watch.due(global_step) and run.watch.evaluate(global_step):
+            if run.watch is not None and run.watch.due(global_step) and _evaluate(run, global_step):
                 accelerator.print(f"sdtune: the subject is learned (stop_when_learned): stopping at step "
                                   f"{global_step} of {cfg.max_steps}")
                 break
     progress.close()
     return global_step
+
+
+def _inference_weights(run: Run) -> contextlib.ExitStack:
+    """For a block, the weights validation, evaluation and export use: the EMA's (ema_decay), schedule-free's
+    evaluation weights (optimizer: schedulefree), else the trained ones as they are; the trained ones after it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(optimizers.eval_mode(run.optimizer))
+    stack.enter_context(ema.swapped_in(run.ema))
+    return stack
+
+
+def _evaluate(run: Run, step: int) -> bool:
+    """The in-loop evaluation (``Watch.evaluate``) of the inference weights; True: stop now."""
+    with _inference_weights(run):
+        return run.watch.evaluate(step)
+
+
+def _use_inference_weights(run: Run) -> None:
+    """After the last step, for good: the EMA's weights, or schedule-free's evaluation weights, in the modules; the
+    final validation, the export, the last evaluation and the settings sweep use them. With ``ema_export: both`` the
+    raw weights are written to OUTPUT_DIR/raw first."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.ema is not None and cfg.ema_export == "both" and accelerator.is_main_process:
+        unet, te = accelerator.unwrap_model(run.trained[0]), accelerator.unwrap_model(run.final_text_encoder())
+        rows = identifier.current_rows(te) if cfg.train_identifier_embedding else {}
+        raw = run.output_dir / "raw"
+        raw.mkdir(exist_ok=True)
+        export_weights(raw, cfg, run.pipe, run.sdxl, unet, te, rows, {**run_metadata(cfg, run.ema.step),
+                                                                        "sdtune_weights": "raw (not the EMA)"})
+    if run.ema is not None:
+        run.ema.copy_to_params()
+    if optimizers.schedule_free(run.optimizer):
+        run.optimizer.eval()
 
 
 def _save(run: Run, result: TrainResult) -> None:
@@ -336,6 +378,7 @@ def _save(run: Run, result: TrainResult) -> None:
     cfg, accelerator, pipe, output_dir = run.cfg, run.accelerator, run.pipe, run.output_dir
     unet, text_encoder = run.trained[0], run.final_text_encoder()
     accelerator.wait_for_everyone()
+    _use_inference_weights(run)
     unet_final, te_final = final_modules(accelerator, unet, text_encoder, cfg)
     identifier_rows = identifier.detach(te_final) if cfg.train_identifier_embedding else {}  # back into the table
     samples, files = [], []

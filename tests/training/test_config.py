@@ -131,7 +131,7 @@ def test_wrong_types(override, expected):
 
 @pytest.mark.parametrize("key, bad, choices", [
     ("method", "lorra", "lora, full"),
-    ("optimizer", "sgd", "adamw, adamw8bit"),
+    ("optimizer", "sgd", "adamw, adamw8bit, prodigy, adafactor, schedulefree, lion"),
     ("mixed_precision", "fp8", "no, fp16, bf16"),
     ("lr_scheduler", "cosin", ", ".join(LR_SCHEDULERS)),
 ])

@@ -13,7 +13,7 @@ import sys
 from sdtune import console
 from sdtune.errors import SdtuneError, disk_reason
 
-COMMANDS = ("infer", "inspect", "train", "config", "eval", "demo", "ui")
+COMMANDS = ("infer", "inspect", "train", "config", "eval", "demo", "ui", "lora")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,9 @@ log = logging.getLogger("sdtune")
 
 ADAPTER = "sdtune"
 FUSE_TOLERANCE = 0.02  # max relative error of a fused layer's delta, || fused - (W + dW) || / || dW ||
-DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
+# A run's files, in the order a folder is searched: LoRA and DoRA (diffusers' layout), LoHa / LoKr / OFT (peft's).
+DEFAULT_NAMES = ("pytorch_lora_weights.safetensors", "lora.safetensors", "adapter_model.safetensors")
+ADAPTER_METADATA_KEY = "sdtune_adapter"  # {component: peft config} in sdtune's adapter_model.safetensors
 IDENTIFIER_FILE = "identifier_embedding.safetensors"  # the identifier's own embedding rows, beside the LoRA
 
 
@@ -46,6 +48,11 @@ class LoraFile:
     text_encoder_keys: int = 0
     text_encoder_2_keys: int = 0  # SDXL's second text encoder (kohya: lora_te2_)
     notes: list[str] = field(default_factory=list)
+    # lora and dora go through diffusers' readers; loha / lokr / oft through peft (``sdtune.models.lycoris``):
+    # state_dict then holds the file's own keys, and peft_configs the configs sdtune wrote (None: a LyCORIS file,
+    # whose configs are read off its tensors once the model is known).
+    kind: str = "lora"
+    peft_configs: dict | None = None
 
 
 def find_lora_file(path: str | os.PathLike, allow_pickle: bool = False) -> Path:
@@ -76,6 +83,9 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False, unet_config=N
     from diffusers import StableDiffusionPipeline
 
     file = find_lora_file(path, allow_pickle)
+    other = _read_peft_or_lycoris(file)
+    if other is not None:
+        return other
     try:
         sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(
             str(file.parent), weight_name=file.name, local_files_only=True,
@@ -94,6 +104,134 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False, unet_config=N
         raise SdtuneError(f"LoRA {file} has no UNet or text-encoder layers for a Stable Diffusion model "
                           "(a LoRA for another model family?)")
     return lora
+
+
+def _read_peft_or_lycoris(file: Path) -> LoraFile | None:
+    """A LoHa / LoKr / OFT file (sdtune's peft-keyed one, or a LyCORIS one) as a LoraFile; None for the others."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdtune.models.lycoris import KOHYA_PREFIXES, kind_of_keys
+
+    if file.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys, meta = list(f.keys()), dict(f.metadata() or {})
+            kind = kind_of_keys(keys)
+            if kind is None:
+                return None
+            sd = {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # safetensors raises its own types for a damaged file
+        raise SdtuneError(f"LoRA {file} could not be read ({type(exc).__name__}: {_first_line(exc)})") from exc
+    configs = None
+    if ADAPTER_METADATA_KEY in meta:
+        try:
+            configs = json.loads(meta[ADAPTER_METADATA_KEY])
+        except ValueError:
+            raise SdtuneError(f"{file}: its {ADAPTER_METADATA_KEY} metadata is not JSON (a damaged file?)") from None
+        prefixes = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+    else:  # LyCORIS: kohya's module names
+        if not all(k.startswith(KOHYA_PREFIXES) for k in keys):
+            raise SdtuneError(f"{file} holds {kind} tensors under names sdtune does not know (neither sdtune's "
+                              "adapter file nor LyCORIS' lora_unet_/lora_te_ names)")
+        prefixes = {"unet": "lora_unet_", "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": "lora_te2_"}
+    lora = LoraFile(file, sd, None, meta, kind=kind, peft_configs=configs)
+    lora.unet_keys = sum(k.startswith(prefixes["unet"]) for k in sd)
+    lora.text_encoder_keys = sum(k.startswith(prefixes["text_encoder"]) for k in sd)
+    lora.text_encoder_2_keys = sum(k.startswith(prefixes["text_encoder_2"]) for k in sd)
+    if lora.unet_keys + lora.text_encoder_keys + lora.text_encoder_2_keys == 0:
+        raise SdtuneError(f"LoRA {file} has no UNet or text-encoder layers for a Stable Diffusion model "
+                          "(an adapter for another model family?)")
+    return lora
+
+
+def _peft_component(lora: LoraFile, component: str, model, sdxl: bool = False):
+    """(peft config, peft keys) of one component (unet / text_encoder / text_encoder_2) of a LoHa/LoKr/OFT file,
+    for ``model``; a LyCORIS file's kohya names are matched to ``model``'s modules and its scale folded in."""
+    from peft import LoHaConfig, LoKrConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from sdtune.models import lycoris
+
+    if lora.peft_configs is not None:
+        data = dict(lora.peft_configs.get(component) or {})
+        if not data:
+            return None, {}
+        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[str(data["peft_type"]).upper()]
+        known = set(config_cls.__dataclass_fields__)
+        config = config_cls(**{k: v for k, v in data.items() if k in known and k != "peft_type"})
+        sd = {k.removeprefix(f"{component}."): v for k, v in lora.state_dict.items() if k.startswith(f"{component}.")}
+        return config, sd
+    prefixes = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+    part = {k: v for k, v in lora.state_dict.items() if k.startswith(prefixes[component])}
+    if not part:
+        return None, {}
+    names = {}
+    for prefix in prefixes[component]:
+        names.update(lycoris.kohya_names(model, prefix, root="" if component == "unet" else "text_model.",
+                                         sgm_config=model.config if sdxl and component == "unet" else None))
+        if component != "unet":  # a text encoder named without CLIP's text_model. root
+            names.update(lycoris.kohya_names(model, prefix))
+
+    def module_of(name):
+        if name not in names:
+            raise SdtuneError(f"LoRA {lora.path} does not fit the {component.replace('_', ' ')}: it has no layer "
+                              f"{name} (an adapter for another model family?)")
+        return names[name]
+
+    sd, scales, ranks = lycoris.from_lycoris(part, lora.kind, module_of)
+    for key in list(sd):  # the reader's scale into the first factor: the config then scales by 1
+        module, suffix = lycoris.split_key(key, lora.kind)
+        if suffix in lycoris.FOLD_INTO[lora.kind]:
+            sd[key] = sd[key] * scales[module]
+    targets = sorted(ranks)
+    if lora.kind == "loha":
+        return LoHaConfig(r=max(ranks.values()), alpha=max(ranks.values()), target_modules=targets,
+                          rank_pattern=dict(ranks), alpha_pattern=dict(ranks)), sd
+    # LoKr: a module with a full second factor gets a rank beyond its sizes (peft then keeps it full)
+    full = {m: 1 << 20 for m in ranks if f"{m}.lokr_w2" in sd}
+    pattern = {**ranks, **full}
+    return LoKrConfig(r=max(pattern.values()), alpha=max(pattern.values()), target_modules=targets,
+                      rank_pattern=pattern, alpha_pattern=dict(pattern),
+                      decompose_both=any(k.endswith(".lokr_w1_a") for k in sd)), sd
+
+
+def _check_peft_fit(lora: LoraFile, model, component: str, what: str, sdxl: bool) -> None:
+    """Every module a LoHa/LoKr/OFT file names exists in ``model`` with the output size its tensors make."""
+    config, sd = _peft_component(lora, component, model, sdxl)
+    for key, tensor in sd.items():
+        module_name, _, suffix = key.rpartition(".")
+        if suffix == "weight":  # oft_R.weight
+            module_name = module_name.rpartition(".")[0]
+        try:
+            layer = model.get_submodule(module_name)
+        except AttributeError:
+            raise SdtuneError(f"LoRA {lora.path} does not fit the {what}: it has no layer {module_name} "
+                              "(an adapter for another model family?)") from None
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            raise SdtuneError(f"LoRA {lora.path} does not fit the {what}: {module_name} has no weight")
+        if suffix in ("hada_w1_a", "hada_w2_a") and tensor.shape[0] != weight.shape[0]:
+            raise SdtuneError(f"LoRA {lora.path} does not fit the {what}: layer {module_name} has {weight.shape[0]} "
+                              f"outputs but the adapter makes {tensor.shape[0]} (another model family?)")
+
+
+def _inject_peft(lora: LoraFile, model, component: str, sdxl: bool) -> None:
+    """peft's own injection and state dict for a LoHa / LoKr / OFT component."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    config, sd = _peft_component(lora, component, model, sdxl)
+    if config is None:
+        return
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    set_peft_model_state_dict(model, sd, adapter_name=ADAPTER)
+    loaded = {n for n, _ in model.named_parameters() if f".{ADAPTER}" in n}
+    if len(loaded) < len(sd):
+        raise SdtuneError(f"LoRA {lora.path} has {len(sd)} {lora.kind} tensors for the {component.replace('_', ' ')} "
+                          f"but only {len(loaded)} found a place (a damaged file?)")
+    model.to(device=next(model.parameters()).device)
 
 
 def check_family(lora: LoraFile, sdxl: bool) -> None:
@@ -153,6 +291,14 @@ def check_fit(model: torch.nn.Module, peft_sd: dict, what: str, lora_path) -> No
 
 def check_fits(lora: LoraFile, unet=None, text_encoder=None, unet_what: str = "UNet",
                prefix: str = "text_encoder") -> None:
+    if lora.kind not in ("lora", "dora"):
+        sdxl = unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if unet is not None and lora.unet_keys:
+            _check_peft_fit(lora, unet, "unet", unet_what, sdxl)
+        if text_encoder is not None:
+            what = "second text encoder" if prefix == "text_encoder_2" else "text encoder"
+            _check_peft_fit(lora, text_encoder, prefix, what, False)
+        return
     try:
         if unet is not None:
             check_fit(unet, _unet_peft_keys(lora.state_dict), unet_what, lora.path)
@@ -175,11 +321,13 @@ def fuse_error(model) -> float:
     """Worst relative error of the LoRA delta if fused into ``model``'s weights in their dtype."""
     worst = 0.0
     for m in _lora_layers(model):
-        if ADAPTER not in getattr(m, "lora_A", {}):
-            continue
         w = m.get_base_layer().weight
+        if hasattr(m, "oft_R") and w.ndim == 4:
+            return float("inf")  # peft 0.21 merges an OFT convolution inexactly (measured: 0.19 off in pixels)
         if w.dtype == torch.float32:
             continue  # fp32 addition keeps the delta to rounding: exact enough by construction
+        if ADAPTER not in getattr(m, "lora_A", {}) or m.use_dora.get(ADAPTER, False):
+            return float("inf")  # DoRA, LoHa, LoKr, OFT in low precision: not checked, so not fused
         a = m.lora_A[ADAPTER].weight.float()
         b = m.lora_B[ADAPTER].weight.float()
         if a.ndim != 2:
@@ -215,6 +363,12 @@ def load_into(lora: LoraFile, *, unets=(), text_encoder=None, prefix: str = "tex
     """Inject the LoRA (unscaled) into each UNet (diffusers' loader) and the text encoder whose keys start with
     ``prefix`` (``text_encoder_2`` for SDXL's second one)."""
     try:
+        if lora.kind not in ("lora", "dora"):
+            for unet in unets if lora.unet_keys else ():
+                _inject_peft(lora, unet, "unet", getattr(unet.config, "addition_embed_type", None) == "text_time")
+            if text_encoder is not None:
+                _inject_peft(lora, text_encoder, prefix, False)
+            return
         for unet in unets:
             if lora.unet_keys:
                 unet.load_lora_adapter(dict(lora.state_dict), prefix="unet", network_alphas=lora.network_alphas,
@@ -264,8 +418,14 @@ def scale_and_fuse(models, scale: float, fuse: bool | str = "auto") -> bool:
     Returns whether the LoRA was fused. All models are fused or none, so every mode behaves alike.
     """
     models = [m for m in models if m is not None and _lora_layers(m)]
+    if scale != 1.0 and any(hasattr(layer, "oft_R") for m in models for layer in _lora_layers(m)):
+        raise SdtuneError(f"an OFT adapter is a rotation and cannot be scaled (asked: {scale:g}); use a LoRA scale of "
+                          "1, or train another adapter kind to dose it")
     for m in models:
         _scale(m, scale)
+    if fuse is True and any(hasattr(layer, "oft_R") and layer.get_base_layer().weight.ndim == 4
+                            for m in models for layer in _lora_layers(m)):
+        fuse = "auto"  # an OFT convolution does not fuse exactly; auto keeps it unfused and says so
     if fuse == "auto":
         worst = max((fuse_error(m) for m in models), default=0.0)
         fuse = worst <= FUSE_TOLERANCE

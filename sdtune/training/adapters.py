@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from sdtune.errors import SdtuneError
 from sdtune.imageio import atomic_path
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -63,21 +64,105 @@ def lora_config(rank: int, alpha: float | None, targets: list[str]):
                       target_modules=list(targets))
 
 
+def adapter_config(cfg, targets: list[str]):
+    """The peft config of the run's ``adapter`` (``cfg``: a TrainConfig) on ``targets``; each starts as a no-op.
+
+    lora and dora are peft's ``LoraConfig`` (dora: ``use_dora``, a learned magnitude per output); loha, lokr and oft
+    peft's ports of LyCORIS' Hadamard and Kronecker products and of orthogonal fine-tuning."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+
+    kind, rank = cfg.adapter, cfg.lora_rank
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else rank
+    targets = list(targets)
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
+                          lora_dropout=cfg.lora_dropout, use_dora=kind == "dora")
+    if kind == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                          target_modules=targets)
+    if kind == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                          decompose_both=cfg.lokr_decompose_both, decompose_factor=cfg.lokr_factor,
+                          target_modules=targets)
+    if kind == "oft":
+        return OFTConfig(r=0, oft_block_size=cfg.oft_block_size, module_dropout=cfg.module_dropout, coft=cfg.oft_coft,
+                         eps=cfg.oft_eps, target_modules=targets)
+    raise SdtuneError(f"adapter must be one of lora, loha, lokr, dora, oft; got {kind!r}")
+
+
+def kind_of_config(config) -> str:
+    """lora, dora, loha, lokr or oft: which adapter a peft config builds."""
+    name = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if name == "lora":
+        return "dora" if getattr(config, "use_dora", False) else "lora"
+    return name
+
+
+def _inject(attach, config, what: str) -> None:
+    """peft's injection, its size complaints (an OFT block that does not divide a layer) as one line."""
+    try:
+        attach(config)
+    except ValueError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (oft_block_size must divide every targeted layer's input size)" if kind_of_config(config) == "oft" \
+            else ""
+        raise SdtuneError(f"the {kind_of_config(config)} adapter does not fit the {what}: {text}{hint}") from None
+
+
+def check_oft_blocks(model, targets: list[str], block: int, what: str) -> None:
+    """Each targeted layer's input size (a convolution's: channels x kernel area) is a multiple of ``block``;
+    peft would otherwise pick another block size with only a warning."""
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            size = module.in_features
+        elif isinstance(module, torch.nn.Conv2d):
+            size = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            continue
+        if size % block:
+            raise SdtuneError(f"oft_block_size {block} does not divide the {what}'s layer {name} ({size} inputs); "
+                              "oft_block_size must divide every targeted layer's input size (e.g. 4, 8 or 16)")
+
+
+def add_unet_adapter(unet, cfg) -> None:
+    """Attach the run's trainable adapter (``cfg.adapter``) to the UNet's attention projections, or with
+    ``lora_targets: all`` also to its feed-forward layers, ResNet convolutions and time projections (all other
+    weights frozen)."""
+    unet.requires_grad_(False)
+    targets = UNET_TARGETS_ALL if cfg.lora_targets == "all" else UNET_TARGETS
+    if cfg.adapter == "oft":
+        check_oft_blocks(unet, targets, cfg.oft_block_size, "UNet")
+    _inject(unet.add_adapter, adapter_config(cfg, targets), "UNet")
+
+
+def add_text_encoder_adapter(text_encoder, cfg) -> None:
+    """Attach the run's adapter to the text encoder's attention projections, in place."""
+    from peft import inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    if cfg.adapter == "oft":
+        check_oft_blocks(text_encoder, TEXT_ENCODER_TARGETS, cfg.oft_block_size, "text encoder")
+    config = adapter_config(cfg, TEXT_ENCODER_TARGETS)
+    _inject(lambda c: inject_adapter_in_model(c, text_encoder), config, "text encoder")
+    text_encoder._sdtune_lora_config = config  # read back when saving (no peft_config on the model)
+
+
 def add_unet_lora(unet, rank: int, alpha: float | None, targets: str = "attention") -> None:
-    """Attach a trainable LoRA to the UNet's attention projections, or with ``targets="all"`` also to its
-    feed-forward layers, ResNet convolutions and time projections (all other weights frozen)."""
+    """A plain LoRA on the UNet (``add_unet_adapter`` with adapter: lora), for code that builds one directly."""
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS_ALL if targets == "all" else UNET_TARGETS))
 
 
 def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None) -> None:
-    """Attach a trainable LoRA to the text encoder's attention projections, in place."""
+    """A plain LoRA on the text encoder, in place."""
     from peft import inject_adapter_in_model
 
     text_encoder.requires_grad_(False)
     config = lora_config(rank, alpha, TEXT_ENCODER_TARGETS)
     inject_adapter_in_model(config, text_encoder)
-    text_encoder._sdtune_lora_config = config  # read back when saving (no peft_config on the model)
+    text_encoder._sdtune_lora_config = config
 
 
 def trainable_parameters(module) -> list[torch.nn.Parameter]:
@@ -166,31 +251,36 @@ def _te_layers(text_encoder):
 
 def save_diffusers_lora(output_dir: str | os.PathLike, unet, text_encoder=None,
                         extra_metadata: dict[str, str] | None = None, text_encoder_2=None,
-                        sdxl: bool = False) -> Path:
+                        sdxl: bool = False, layers: dict | None = None) -> Path:
     """Write ``output_dir/pytorch_lora_weights.safetensors`` atomically, in the layout diffusers and ComfyUI both
     load (see the module docstring).
 
-    ``sdxl``: SDXL's writer, with ``text_encoder_2`` (SDXL's second encoder) when it has a LoRA."""
+    ``sdxl``: SDXL's writer, with ``text_encoder_2`` (SDXL's second encoder) when it has a LoRA. ``layers``:
+    {component: (tensors, adapter metadata)} to write instead of the modules' LoRA in that layout (a DoRA's)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    te_layers, te_meta = _te_layers(text_encoder)
+    if layers is None:
+        unet_config = unet.peft_config["default"]
+        layers = {"unet": (diffusers_layout_unet(unet_lora_state_dict(unet), _scale(unet_config)),
+                           _adapter_metadata(unet_config, folded=True)),
+                  "text_encoder": _te_layers(text_encoder), "text_encoder_2": _te_layers(text_encoder_2)}
+    none = (None, None)
+    te_layers, te_meta = layers.get("text_encoder", none)
     scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=output_dir))
     try:
         extra = {}
         if sdxl:
-            te2_layers, te2_meta = _te_layers(text_encoder_2)
+            te2_layers, te2_meta = layers.get("text_encoder_2", none)
             extra = dict(text_encoder_2_lora_layers=te2_layers, text_encoder_2_lora_adapter_metadata=te2_meta)
         writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-        unet_config = unet.peft_config["default"]
         writer.save_lora_weights(
-            scratch, unet_lora_layers=diffusers_layout_unet(unet_lora_state_dict(unet), _scale(unet_config)),
-            text_encoder_lora_layers=te_layers,
-            unet_lora_adapter_metadata=_adapter_metadata(unet_config, folded=True),
-            text_encoder_lora_adapter_metadata=te_meta, safe_serialization=True, **extra)
+            scratch, unet_lora_layers=layers["unet"][0], text_encoder_lora_layers=te_layers,
+            unet_lora_adapter_metadata=layers["unet"][1], text_encoder_lora_adapter_metadata=te_meta,
+            safe_serialization=True, **extra)
         written = scratch / LORA_FILE
         # diffusers' writer takes no extra metadata: add ours to what it wrote and write the final file.
         with safe_open(str(written), framework="pt") as f:
@@ -300,10 +390,133 @@ def disabled(*modules):
 
 def save_lora_files(output_dir: str | os.PathLike, unet, text_encoder=None, text_encoder_2=None, *, rank: int,
                     alpha: float, metadata: dict[str, str], sdxl: bool = False) -> list[str]:
-    """Every LoRA file a run writes into ``output_dir`` (each atomically); returns their names.
+    """Every adapter file a run writes into ``output_dir`` (each atomically); returns their names.
 
-    ``text_encoder`` / ``text_encoder_2``: pass them only when they carry a LoRA."""
-    save_diffusers_lora(output_dir, unet, text_encoder, metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
-    save_kohya_lora(Path(output_dir) / KOHYA_FILE, unet, text_encoder, rank=rank, alpha=alpha,
-                    extra_metadata=metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
-    return [LORA_FILE, KOHYA_FILE]
+    lora: the diffusers file and kohya's. dora: the diffusers file in peft's keys (stock ``load_lora_weights`` reads
+    the magnitude) and kohya's with ``dora_scale``. loha, lokr: peft's own keys (``ADAPTER_FILE``, which sdtune
+    loads exactly) and the LyCORIS layout (``LYCORIS_FILE``, ComfyUI / A1111 / kohya). oft: peft's keys only.
+    ``text_encoder`` / ``text_encoder_2``: pass them only when they carry an adapter."""
+    kind = kind_of_config(unet.peft_config["default"])
+    if kind == "lora":
+        save_diffusers_lora(output_dir, unet, text_encoder, metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
+        save_kohya_lora(Path(output_dir) / KOHYA_FILE, unet, text_encoder, rank=rank, alpha=alpha,
+                        extra_metadata=metadata, text_encoder_2=text_encoder_2, sdxl=sdxl)
+        return [LORA_FILE, KOHYA_FILE]
+    components = _components(unet, text_encoder, text_encoder_2)
+    if kind == "dora":
+        save_dora_files(output_dir, components, metadata, sdxl=sdxl)
+        return [LORA_FILE, KOHYA_FILE]
+    files = [save_peft_file(Path(output_dir) / ADAPTER_FILE, components, metadata).name]
+    if kind in ("loha", "lokr"):
+        files.append(save_lycoris_file(Path(output_dir) / LYCORIS_FILE, components, kind, metadata, sdxl=sdxl).name)
+    return files
+
+
+# --------------------------------------------------------------------------- adapters other than plain LoRA
+
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's own keys, prefixed unet. / text_encoder. / text_encoder_2.
+LYCORIS_FILE = "lycoris.safetensors"  # LoHa / LoKr under kohya's module names (sdtune.models.lycoris)
+ADAPTER_METADATA_KEY = "sdtune_adapter"  # JSON {component: peft config}, so a loader rebuilds the exact layers
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector", "hada_", "lokr_", "oft_R")
+
+
+def _components(unet, text_encoder, text_encoder_2) -> dict:
+    """{"unet": (module, peft config), "text_encoder": ..., "text_encoder_2": ...} of the modules with an adapter."""
+    out = {"unet": (unet, unet.peft_config["default"])}
+    for name, te in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if te is not None and getattr(te, "_sdtune_lora_config", None) is not None:
+            out[name] = (te, te._sdtune_lora_config)
+    return out
+
+
+def adapter_state_dict(module) -> dict[str, torch.Tensor]:
+    """An adapter's tensors in peft's saved form (no adapter name: ``<module>.hada_w1_a``,
+    ``<module>.lora_magnitude_vector``, ``<module>.oft_R.weight``), fp32 on the CPU, for any adapter kind; works on
+    modules injected without a ``peft_config`` (the text encoders)."""
+    out = {}
+    for name, value in module.state_dict().items():
+        if not any(f".{t}" in name for t in ADAPTER_TENSORS):
+            continue
+        name = name.replace(".default", "")
+        if name.endswith(".lora_magnitude_vector.weight"):
+            name = name.removesuffix(".weight")
+        out[name] = value.detach().float().cpu().contiguous()
+    return out
+
+
+def config_json(config) -> dict:
+    """A peft config as plain JSON (sets as sorted lists, enums as their names)."""
+    data = config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in data.items()}
+
+
+def save_peft_file(path: Path, components: dict, metadata: dict[str, str]) -> Path:
+    """peft's keys of every component in one safetensors file, with their configs in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, configs = {}, {}
+    for name, (module, config) in components.items():
+        tensors.update({f"{name}.{k}": v for k, v in adapter_state_dict(module).items()})
+        configs[name] = config_json(config)
+    meta = {ADAPTER_METADATA_KEY: json.dumps(configs, sort_keys=True), **metadata}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def _kohya_namer(name: str, module, sdxl: bool):
+    from sdtune.models.lycoris import kohya_name
+
+    prefix = "lora_te1_" if sdxl and name == "text_encoder" else KOHYA_PREFIX[name]
+    root = "" if name == "unet" else "text_model."
+    sgm = module.config if sdxl and name == "unet" else None
+    return lambda path: kohya_name(path, prefix, root, sgm)
+
+
+def save_lycoris_file(path: Path, components: dict, kind: str, metadata: dict[str, str], sdxl: bool = False) -> Path:
+    """The LoHa / LoKr in LyCORIS' layout under kohya's names, the scale folded in (``sdtune.models.lycoris``)."""
+    from safetensors.torch import save_file
+
+    from sdtune.models.lycoris import to_lycoris
+
+    tensors = {}
+    for name, (module, config) in components.items():
+        scale = float(config.alpha) / float(config.r)
+        tensors.update(to_lycoris(adapter_state_dict(module), kind, scale, _kohya_namer(name, module, sdxl)))
+    algo = {"loha": "loha", "lokr": "lokr"}[kind]
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo}), **metadata}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def save_dora_files(output_dir: str | os.PathLike, components: dict, metadata: dict[str, str],
+                    sdxl: bool = False) -> None:
+    """A DoRA: the diffusers file in peft's keys with its config (stock ``load_lora_weights`` builds DoRA layers
+    from it), and kohya's file with each module's magnitude as ``dora_scale`` (out, 1), as LyCORIS writes it."""
+    from safetensors.torch import save_file
+
+    from sdtune.models.lycoris import dora_scale
+
+    layers, kohya = {}, {}
+    for name, (module, config) in components.items():
+        sd = adapter_state_dict(module)
+        layers[name] = (sd, config_json(config))
+        namer, scale = _kohya_namer(name, module, sdxl), _scale(config)
+        for key, value in sd.items():
+            path, _, kind = key.rpartition(".")
+            if kind == "lora_magnitude_vector":
+                weight = module.get_submodule(path).get_base_layer().weight
+                kohya[f"{namer(path)}.dora_scale"] = dora_scale(value, weight)
+                continue
+            path, _, kind = key.rpartition(".lora_")
+            down = kind.startswith("A")
+            kohya[f"{namer(path)}.{'lora_down' if down else 'lora_up'}.weight"] = value if down else value * scale
+            kohya[f"{namer(path)}.alpha"] = torch.tensor(float(value.shape[0] if down else value.shape[1]))
+    save_diffusers_lora(output_dir, components["unet"][0], extra_metadata=metadata, sdxl=sdxl, layers=layers)
+    kohya_meta = {"ss_network_module": "networks.lora", "ss_network_args": json.dumps({"dora_wd": True}), **metadata}
+    with atomic_path(Path(output_dir) / KOHYA_FILE) as tmp:
+        save_file(kohya, str(tmp), metadata=kohya_meta)

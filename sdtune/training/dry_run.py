@@ -53,10 +53,10 @@ def dry_run(cfg: TrainConfig) -> dict:
     if cfg.method == "lora":
         for te in encoders:  # frozen as in training: only adapters (and the identifier's rows) count
             te.requires_grad_(False)
-        adapters.add_unet_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        adapters.add_unet_adapter(pipe.unet, cfg)
         if cfg.train_text_encoder:
             for te in encoders:
-                adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+                adapters.add_text_encoder_adapter(te, cfg)
         if cfg.train_identifier_embedding and len(encoders) == 1:  # counted with the text encoder's parameters
             identifier.attach(pipe.text_encoder, pipe.tokenizer, [c.identifier for c in concepts])
     else:

@@ -59,10 +59,10 @@ def prepare_models(cfg: TrainConfig, pipe, sdxl: bool, identifiers: list[str]) -
     if cfg.method == "lora":
         if half:
             unet.to(dtype=weight_dtype)  # frozen base in half precision; the adapters stay fp32 below
-        adapters.add_unet_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        adapters.add_unet_adapter(unet, cfg)
         if cfg.train_text_encoder:
             for te in text_encoders:
-                adapters.add_text_encoder_lora(te, cfg.lora_rank, cfg.lora_alpha)
+                adapters.add_text_encoder_adapter(te, cfg)
         if cfg.train_identifier_embedding:  # the identifier's own embedding rows (pivotal tuning)
             if sdxl:
                 raise SdtuneError("train_identifier_embedding works with SD 1.x/2.x models so far, not SDXL; "

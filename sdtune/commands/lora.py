@@ -40,12 +40,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--weights", help="comma-separated weights, one per file (default: 1 each)")
     m.add_argument("--rank", type=int, help="SVD the summed change to this rank (default: exact, the ranks added)")
     m.add_argument("--out", required=True, help="the .safetensors file to write")
+    m.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
+                   help="diffusers: sdtune's pytorch_lora_weights layout (default); kohya: lora_unet_* keys")
     _read_args(m)
 
     r = sub.add_parser("resize", help="SVD every layer to a new rank, reporting the energy kept")
     r.add_argument("lora", help="a LoRA file or a run folder holding one")
     r.add_argument("--rank", type=int, required=True, help="the new rank")
     r.add_argument("--out", required=True, help="the .safetensors file to write")
+    r.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
+                   help="diffusers: sdtune's pytorch_lora_weights layout (default); kohya: lora_unet_* keys")
     _read_args(r)
 
     e = sub.add_parser("extract", help="a LoRA from a full fine-tune: SVD of tuned - base per layer")
@@ -54,6 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--tuned", required=True, help="the fine-tuned model, of the same kind")
     e.add_argument("--rank", type=int, required=True, help="rank of every extracted layer")
     e.add_argument("--out", required=True, help="the .safetensors file to write")
+    e.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
+                   help="diffusers: sdtune's pytorch_lora_weights layout (default); kohya: lora_unet_* keys")
     e.add_argument("--config", help="local diffusers folder giving the architecture of single-file models")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weights you trust")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,9 +101,21 @@ def _unet_config(model):
         return None
     folder = Path(model).expanduser()
     for candidate in (folder / "unet" / "config.json", folder / "config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
+        if candidate.is_file():  # diffusers reads it by attribute, sdtune's converter by key: FrozenDict does both
+            from diffusers.configuration_utils import FrozenDict
+
+            return FrozenDict(json.loads(candidate.read_text()))
     raise SdtuneError(f"--model {model} is not a local diffusers folder (no unet/config.json)")
+
+
+def _recorded_unet_config(lora):
+    """The UNet config of the base an sdtune LoRA records, when that is a local folder (else None)."""
+    from sdtune.errors import SdtuneError
+
+    try:
+        return _unet_config(lora.metadata.get("sdtune_base_model"))
+    except (SdtuneError, OSError, ValueError):
+        return None
 
 
 def _read(path, args, need_names: bool = True):
@@ -124,9 +142,11 @@ def _check_out(out: str, args) -> None:
 
     if not out.endswith(".safetensors"):
         raise SdtuneError(f"--out {out} must end in .safetensors")
+    from sdtune.models.lora_formats import find_lora_file
+
     inputs = [getattr(args, "lora", None), *(getattr(args, "loras", None) or [])]
     for given in inputs:
-        if given and Path(given).expanduser().resolve() == Path(out).expanduser().resolve():
+        if given and find_lora_file(given, args.allow_pickle).resolve() == Path(out).expanduser().resolve():
             raise SdtuneError(f"--out {out} is an input; write to another file")
 
 
@@ -197,7 +217,9 @@ def _merge(args) -> int:
     outcome = lora_tools.merge(sets, weights, args.rank, quiet=args.quiet)
     meta = {**lora_tools.carried_metadata(sets),
             **lora_tools.tool_metadata("merge", inputs=[str(s.path) for s in sets], weights=weights, rank=args.rank)}
-    path = lora_tools.write_lora(outcome.modules, args.out, meta, sdxl=any(s.sdxl for s in sets))
+    recorded = next((c for c in map(_recorded_unet_config, sets) if c is not None), None)
+    path = lora_tools.write(outcome.modules, args.out, meta, fmt=args.format, sdxl=any(s.sdxl for s in sets),
+                            unet_config=_unet_config(args.model) or recorded)
     how = f"SVD to rank {args.rank}" if args.rank else "exact (ranks stacked)"
     _say(f"merged {len(sets)} LoRAs ({how}): {len(outcome.modules)} layers -> {path}", outcome.energy_line(),
          *outcome.notes)
@@ -215,7 +237,8 @@ def _resize(args) -> int:
     meta = {**{k: v for k, v in lora.metadata.items() if k.startswith(("sdtune_", "ss_"))
                and k not in ("ss_network_dim", "ss_network_alpha")},
             **lora_tools.tool_metadata("resize", input=str(lora.path), rank=args.rank)}
-    path = lora_tools.write_lora(outcome.modules, args.out, meta, sdxl=lora.sdxl)
+    path = lora_tools.write(outcome.modules, args.out, meta, fmt=args.format, sdxl=lora.sdxl,
+                            unet_config=_unet_config(args.model) or _recorded_unet_config(lora))
     _say(f"resized {lora.path} ({rank_summary(lora.modules.values())}) to "
          f"{rank_summary(outcome.modules.values())} -> {path}", outcome.energy_line(), *outcome.notes)
     return 0
@@ -226,12 +249,13 @@ def _extract(args) -> int:
 
     lora_tools.check_rank(args.rank)
     _check_out(args.out, args)
-    base, _ = lora_tools.load_parts(args.base, args.config, args.allow_pickle)
+    base, unet_config = lora_tools.load_parts(args.base, args.config, args.allow_pickle)
     tuned, _ = lora_tools.load_parts(args.tuned, args.config, args.allow_pickle)
     outcome = lora_tools.extract(base, tuned, args.rank, quiet=args.quiet)
     meta = {"sdtune_base_model": str(args.base),
             **lora_tools.tool_metadata("extract", base=str(args.base), tuned=str(args.tuned), rank=args.rank)}
-    path = lora_tools.write_lora(outcome.modules, args.out, meta, sdxl="text_encoder_2" in base)
+    path = lora_tools.write(outcome.modules, args.out, meta, fmt=args.format, sdxl="text_encoder_2" in base,
+                            unet_config=unet_config)
     _say(f"extracted rank {args.rank} from {args.tuned} - {args.base}: {len(outcome.modules)} layers -> {path}",
          outcome.energy_line(), *outcome.notes)
     return 0

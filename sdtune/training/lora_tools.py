@@ -387,6 +387,46 @@ def write_lora(modules: dict, out: str | os.PathLike, metadata: dict[str, str] |
     return out
 
 
+def write_kohya(modules: dict, out: str | os.PathLike, metadata: dict[str, str] | None = None,
+                unet_config=None, sdxl: bool = False) -> Path:
+    """Write plain-LoRA ``modules`` to ``out`` in kohya/A1111's layout (``adapters.kohya_state_dict``), atomically.
+
+    kohya's writer gives every module one alpha A; a module of rank r then applies up @ down * A / r, so each up
+    is stored times r / A and the delta stays the one computed. A = the most common rank (scale 1 for most).
+    SDXL: kohya names the UNet's blocks as the original UNet does, which needs ``unet_config``."""
+    from safetensors.torch import save_file
+
+    from sdtune.imageio import atomic_path
+    from sdtune.training.adapters import kohya_state_dict
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SdtuneError(f"--out {out} must end in .safetensors")
+    sdxl = sdxl or any(part == "text_encoder_2" for part, _ in modules)
+    if sdxl and unet_config is None:
+        raise SdtuneError("kohya's SDXL layout names UNet blocks as the original UNet does; pass --model with the "
+                          "SDXL base's diffusers folder (or write --format diffusers)")
+    alpha = float(Counter(m.rank for m in modules.values()).most_common(1)[0][0]) if modules else 1.0
+    peft: dict = {part: {} for part in ("unet", "text_encoder", "text_encoder_2")}
+    for (part, name), m in modules.items():
+        peft[part][f"{name}.lora_A.weight"] = m.down.float().contiguous()
+        peft[part][f"{name}.lora_B.weight"] = (m.up.float() * (m.scale * m.rank / alpha)).contiguous()
+    tensors = kohya_state_dict(peft["unet"], peft["text_encoder"] or None, alpha, te2_sd=peft["text_encoder_2"] or None,
+                               unet_config=unet_config if sdxl else None)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(alpha)), "ss_network_alpha": str(alpha),
+            **(metadata or {})}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return out
+
+
+def write(modules: dict, out, metadata=None, *, fmt: str = "diffusers", sdxl: bool = False, unet_config=None) -> Path:
+    """Write in sdtune's diffusers layout (``fmt`` "diffusers") or kohya's ("kohya")."""
+    if fmt == "kohya":
+        return write_kohya(modules, out, metadata, unet_config=unet_config, sdxl=sdxl)
+    return write_lora(modules, out, metadata, sdxl=sdxl)
+
+
 def tool_metadata(tool: str, **fields) -> dict[str, str]:
     return {TOOL_METADATA_KEY: json.dumps({"tool": tool, **fields}, sort_keys=True, default=str)}
 

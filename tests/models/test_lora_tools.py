@@ -397,3 +397,69 @@ def test_fuse_refuses_a_lora_of_another_model(sd1, tmp_path):
               str(tmp_path / "other.safetensors"))
     with pytest.raises(SdtuneError, match="does not fit"):
         tools.fuse_into(read_lora_set(tmp_path / "other.safetensors"), plain_pipe(sd1))
+
+
+def layer_weight(model, name):
+    """A layer's weight by its path, CLIP's ``text_model.`` root or not (transformers 5 keeps it for
+    CLIPTextModelWithProjection)."""
+    for path in (name, "text_model." + name):
+        try:
+            return model.get_submodule(path).weight.detach()
+        except AttributeError:
+            continue
+    raise AssertionError(name)
+
+
+# ---- SDXL and kohya output -----------------------------------------------------------------------------------------
+
+def test_sdxl_files_read_alike_and_both_output_formats_load_in_stock_sdxl(tmp_path):
+    """sdtune's SDXL files (diffusers layout; kohya's with original-UNet block names, mapped with the UNet's config)
+    read to the same deltas for all three parts; a resized LoRA written in either layout loads in stock SDXL."""
+    from sdtune.models.fixtures import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    adapters.add_unet_lora(pipe.unet, RANK, ALPHA, "attention")
+    for te in (pipe.text_encoder, pipe.text_encoder_2):
+        adapters.add_text_encoder_lora(te, RANK, ALPHA)
+    randomise(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    adapters.save_lora_files(tmp_path, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, rank=RANK, alpha=ALPHA,
+                             metadata={}, sdxl=True)
+    config = pipe.unet.config
+    diffusers_file = read_lora_set(tmp_path / adapters.LORA_FILE)
+    kohya = read_lora_set(tmp_path / adapters.KOHYA_FILE, unet_config=config)
+    assert {p for p, _ in kohya.modules} == {"unet", "text_encoder", "text_encoder_2"} and kohya.sdxl
+    assert set(kohya.modules) == set(diffusers_file.modules)
+    for key, m in kohya.modules.items():
+        assert close(m.delta(), diffusers_file.modules[key].delta()), key
+    assert read_lora_set(tmp_path / adapters.KOHYA_FILE).sgm_names  # without the config: said, not guessed
+    outcome = tools.resize(kohya, 2)
+    expected = {k: m.delta() for k, m in outcome.modules.items()}
+    for fmt in ("diffusers", "kohya"):
+        out = tools.write(outcome.modules, tmp_path / f"r2-{fmt}.safetensors", fmt=fmt, sdxl=True, unet_config=config)
+        back = read_lora_set(out, unet_config=config)
+        assert set(back.modules) == set(expected)
+        for key, delta in expected.items():
+            assert close(back.modules[key].delta(), delta), (fmt, key)
+        stock = tiny_sdxl_pipeline()
+        parts = {"unet": stock.unet, "text_encoder": stock.text_encoder, "text_encoder_2": stock.text_encoder_2}
+        before = {key: layer_weight(parts[key[0]], key[1]).clone() for key in expected}
+        stock.load_lora_weights(str(out.parent), weight_name=out.name)
+        stock.fuse_lora(components=list(parts))
+        stock.unload_lora_weights()
+        for key, delta in expected.items():
+            assert close(layer_weight(parts[key[0]], key[1]) - before[key], delta), (fmt, key)
+    with pytest.raises(SdtuneError, match="pass --model"):
+        tools.write(outcome.modules, tmp_path / "x.safetensors", fmt="kohya", sdxl=True)
+
+
+def test_kohya_output_of_an_exact_merge_keeps_each_modules_delta(run_dir, peft_file, sd1, tmp_path):
+    """Stacked ranks differ per module (4 or 6); kohya's one alpha is made up for in each up weight."""
+    kohya, peft = read_lora_set(run_dir / adapters.KOHYA_FILE), read_lora_set(peft_file)
+    outcome = tools.merge([kohya, peft], [1.0, 1.0])
+    out = tools.write(outcome.modules, tmp_path / "merged_kohya.safetensors", fmt="kohya")
+    back = read_lora_set(out)
+    assert back.format == "kohya" and {m.rank for m in back.modules.values()} == {4, 6}
+    expected = {k: m.delta() for k, m in outcome.modules.items()}
+    for key, delta in expected.items():
+        assert close(back.modules[key].delta(), delta), key
+    check_loads_everywhere(sd1, out, expected)

@@ -296,3 +296,23 @@ def recommended_line(rec: dict) -> str:
     extra = f", guidance interval {','.join(f'{x:g}' for x in interval)}" if interval else ""
     return (f"using the LoRA's recommended settings: guidance {rec['guidance']:g}, LoRA scale {rec['lora_scale']:g}"
             f"{extra} (change them to override)")
+
+
+def check_lora(sandbox, lora) -> Path:
+    """A LoRA picked or typed in the page, checked at once: inside the sandbox, existing, a readable safetensors
+    file (a folder holding one). Raises the one-line reason; returns the file."""
+    from safetensors import safe_open
+
+    from sdtune.models.lora import find_lora_file
+
+    path = sandbox.resolve(lora, "LoRA", kind="any")
+    if not path.exists():
+        raise SdtuneError(f"LoRA {lora}: not found (looked for {path})")
+    file = find_lora_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception:  # safetensors raises its own types for a truncated or foreign file
+        raise SdtuneError(f"LoRA {file.name}: not a readable .safetensors file (truncated, or another format)") \
+            from None
+    return file

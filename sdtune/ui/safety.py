@@ -52,9 +52,24 @@ class Sandbox:
     def describe_roots(self) -> str:
         return ", ".join(str(r) for r in self.roots)
 
+    def candidates(self, raw: str, write: bool = False) -> list[Path]:
+        """Where a relative path is looked for, in order: the outputs folder; for ``data/...`` the shipped data
+        (the README's ``data/subjects/checker_box`` works from any folder, in a checkout or a wheel); then each folder
+        named with ``--allow``. A path written to is only ever inside the outputs folder."""
+        p = Path(raw).expanduser()
+        if p.is_absolute():
+            return [p]
+        found = [self.outputs / p]
+        if not write:
+            if p.parts and p.parts[0] == "data":
+                found += [DATA_DIR.joinpath(*p.parts[1:])]
+            found += [root / p for root in self.allowed]
+        return found
+
     def resolve(self, text: str | os.PathLike, what: str, *, kind: str = "any", write: bool = False) -> Path:
         """A path typed in the browser, checked: no traversal, inside an allowed root, existing as ``kind``
-        ("file", "dir" or "any"). Relative paths are relative to the outputs folder."""
+        ("file", "dir" or "any"). A relative path is the first of ``candidates`` that exists (else the outputs
+        folder's); the message of a missing one names every place it was looked for."""
         raw = str(text).strip()
         if not raw:
             raise SdtuneError(f"{what}: empty path")
@@ -62,17 +77,21 @@ class Sandbox:
             raise SdtuneError(f"{what}: the path contains a NUL byte")
         if ".." in Path(raw).parts or ".." in re.split(r"[\\/]", raw):
             raise SdtuneError(f"{what}: '..' is not allowed in paths (got {raw})")
-        p = Path(raw).expanduser()
-        p = (p if p.is_absolute() else self.outputs / p).resolve()
+        looked = [c.resolve() for c in self.candidates(raw, write)]
+        p = next((c for c in looked if c.exists()), looked[0])
         roots = [self.outputs] if write else self.roots
         if not any(_inside(p, r) for r in roots):
             where = f"the outputs folder {self.outputs}" if write else self.describe_roots()
             raise SdtuneError(f"{what}: {raw} is outside the folders the UI may use ({where}); "
                               "start the UI with --allow DIR to name another folder")
+        if kind in ("file", "dir") and not p.exists():
+            places = " or ".join(str(c) for c in looked)
+            raise SdtuneError(f"{what}: {raw} does not exist" + (f" (looked for {places})" if len(looked) > 1 or
+                                                                  not Path(raw).is_absolute() else ""))
         if kind == "file" and not p.is_file():
-            raise SdtuneError(f"{what}: {raw} is not a file" if p.exists() else f"{what}: {raw} does not exist")
+            raise SdtuneError(f"{what}: {raw} is not a file")
         if kind == "dir" and not p.is_dir():
-            raise SdtuneError(f"{what}: {raw} is not a folder" if p.exists() else f"{what}: {raw} does not exist")
+            raise SdtuneError(f"{what}: {raw} is not a folder")
         return p
 
     def run_dir(self, name: str) -> Path:

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from sdtune import CONFIGS_DIR
 from sdtune.errors import SdtuneError
 from sdtune.imageio import save_image_atomic, write_text_atomic
 from sdtune.ui.safety import Sandbox, check_upload
+from sdtune.ui.train_form import BASE_CONFIG, BY_KEY
 
-BASE_CONFIG = CONFIGS_DIR / "dreambooth_lora.yaml"
 CONFIG_NAME = "ui_config.yaml"
 LOG_NAME = "ui_train.log"
 MAX_IMAGES = 20
@@ -37,6 +36,7 @@ MAX_IMAGES = 20
 READ_KEYS = ("instance_dir", "model", "resume", "dataset")
 WRITE_KEYS = ("class_dir", "latent_cache_dir")
 FORM_KEYS = ("output_dir",)  # set by the form (the run name), not under "advanced"
+RATE_FILE = "step_rate.json"  # OUTPUTS/ui/: the last run's measured step rate, for the next run's estimate
 _STEP = re.compile(r"steps:\s*\d+%.*?\|\s*(\d+)/(\d+)")
 _LOSS = re.compile(r"loss=([0-9.eE+-]+)")
 _WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,40}$")
@@ -73,6 +73,20 @@ class Job:
     loss: float | None = None
     stop_requested: bool = False
     ended: float | None = None
+    first_step: tuple[float, int] | None = None  # (time, step) of the first step seen: the rate is measured from it
+    last_step: tuple[float, int] | None = None
+    reported: str = ""  # the state the page's status box last said (it follows the run without hiding an error)
+
+    @property
+    def rate(self) -> float | None:
+        """Steps per second, measured over the steps seen (the first step, with the model load, not counted)."""
+        if self.first_step is None or self.last_step is None or self.last_step[1] <= self.first_step[1]:
+            return None
+        return (self.last_step[1] - self.first_step[1]) / max(self.last_step[0] - self.first_step[0], 1e-6)
+
+    def eta(self) -> float | None:
+        rate = self.rate
+        return (self.total - self.step) / rate if rate and self.total else None
 
     @property
     def returncode(self):
@@ -119,6 +133,10 @@ class Job:
         m = _STEP.search(line)
         if m:
             self.step, self.total = int(m.group(1)), int(m.group(2))
+            now = time.time()
+            if self.first_step is None or self.step < self.first_step[1]:
+                self.first_step = (now, self.step)
+            self.last_step = (now, self.step)
             loss = _LOSS.search(line)
             if loss:
                 self.loss = float(loss.group(1))
@@ -228,13 +246,20 @@ class Trainer:
     # ------------------------------------------------------------ the config
 
     def build_config(self, *, name: str, images=(), folder: str | None = None, identifier: str = "sks",
-                     class_noun: str = "", method: str = "lora", steps: int = 400,
-                     prior_preservation: bool = False, num_class_images: int = 16, model: str | None = None,
-                     advanced: str = "") -> tuple[dict, Path]:
-        """The run's config mapping (validated) and its folder. Nothing is written."""
+                     class_noun: str = "", model: str | None = None, advanced: str = "",
+                     keys: dict | None = None) -> tuple[dict, Path]:
+        """The run's config mapping (validated) and its folder. Nothing is written.
+
+        ``keys`` are the form's key fields (``train_form.FIELDS``: method, max_steps, learning_rate, ...); a key left
+        out keeps the recipe's value. A field's bad value is refused in its own words before anything else."""
         from sdtune.training.config import config_from_dict, parse_override
+        from sdtune.ui.checks import train_problems
         from sdtune.yamlfile import read_yaml
 
+        keys = dict(keys or {})
+        problems = train_problems(keys)
+        if problems:
+            raise SdtuneError(next(iter(problems.values())))
         run_dir = self.sandbox.run_dir(name)
         identifier, class_noun = (identifier or "").strip(), (class_noun or "").strip()
         if not _WORD.match(identifier) or " " in identifier:
@@ -251,23 +276,25 @@ class Trainer:
             raise SdtuneError(f"{len(images)} images uploaded; DreamBooth needs 3-5 (at most {MAX_IMAGES})")
         for p in images:
             check_upload(p, "training image")
-        try:
-            steps = int(steps)
-        except (TypeError, ValueError):
-            raise SdtuneError(f"steps must be a whole number, got {steps!r}") from None
         data = read_yaml(BASE_CONFIG)
+        recipe_photos = self.sandbox.resolve(data.get("instance_dir") or "data", "the recipe's photos")
+        instance_dir = self.sandbox.resolve(folder, "image folder", kind="dir") if folder else run_dir / "instance"
+        values = {key: BY_KEY[key].value(raw) for key, raw in keys.items()}
+        steps = values.get("max_steps", data["max_steps"])
         data.update(
-            model=str(self.sandbox.resolve(model, "model")) if model else None,
-            instance_dir=str(self.sandbox.resolve(folder, "image folder", kind="dir")) if folder
-            else str(run_dir / "instance"),
+            model=str(self.sandbox.resolve(model, "model", kind="dir")) if model else None,
+            instance_dir=str(instance_dir),
             instance_prompt=f"a photo of {identifier} {class_noun}", identifier=identifier,
-            with_prior_preservation=bool(prior_preservation), class_prompt=f"a photo of a {class_noun}",
+            class_prompt=f"a photo of a {class_noun}",
+            # the recipe's class prompts put the checker box's own caption contexts into the class images: they
+            # fit its photos only; other photos get the class prompt alone
+            class_prompts=data.get("class_prompts") if instance_dir == recipe_photos else None,
             class_dir=str(self.sandbox.outputs / "class_images" / re.sub(r"\W+", "_", class_noun)),
-            num_class_images=int(num_class_images or 1), method=method, max_steps=steps, output_dir=str(run_dir),
-            validation_prompts=[f"a photo of {identifier} {class_noun}"],
+            output_dir=str(run_dir), validation_prompts=[f"a photo of {identifier} {class_noun}"],
             validation_every=max(1, steps // 2), checkpoint_every=max(1, min(250, steps // 2)), resume=None)
-        if method == "full":
-            data.update(learning_rate=1e-4, train_text_encoder=False)
+        data.update(values)
+        if data.get("method") == "full":
+            data.update(train_text_encoder=False)  # the recipe's text-encoder LoRA has no full-weights twin here
         for line in (advanced or "").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
@@ -344,9 +371,55 @@ class Trainer:
                 raise
             job = Job(run_dir=run_dir, process=process, resumed=resume)
             job.lines.append(f"$ {' '.join(cmd)}")
-            threading.Thread(target=job._read, args=(run_dir / LOG_NAME,), daemon=True).start()
+            threading.Thread(target=self._watch, args=(job,), daemon=True).start()
             self.jobs[run_dir] = job
             return job
+
+    def _watch(self, job: Job) -> None:
+        """Read the run's output to its end, then keep its measured step rate for the next run's estimate."""
+        job._read(job.run_dir / LOG_NAME)
+        if job.rate:
+            import json
+
+            config = {}
+            try:
+                from sdtune.yamlfile import read_yaml
+
+                config = read_yaml(job.run_dir / CONFIG_NAME) or {}
+            except SdtuneError:
+                pass
+            record = {"steps_per_s": round(job.rate, 4), "run": job.run_dir.name,
+                      **{k: config.get(k) for k in ("train_batch_size", "resolution", "lora_rank", "method",
+                                                    "with_prior_preservation")}}
+            try:
+                write_text_atomic(self.sandbox.outputs / "ui" / RATE_FILE, json.dumps(record))
+            except OSError:
+                pass  # an estimate is a nicety; a full disk must not break the run's end
+
+    def measured_rate(self) -> dict | None:
+        """The last run's measured step rate and its settings (``OUTPUTS/ui/step_rate.json``), or None."""
+        import json
+
+        try:
+            record = json.loads((self.sandbox.outputs / "ui" / RATE_FILE).read_text())
+            return record if float(record.get("steps_per_s", 0)) > 0 else None
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def estimate(self, steps) -> str:
+        """"about 5 min": the time ``steps`` take at the last run's measured rate, or what is needed for one."""
+        record = self.measured_rate()
+        try:
+            steps = int(steps)
+        except (TypeError, ValueError):
+            return ""
+        if record is None or steps < 1:
+            return "time estimate: measured from the first run's step rate (none yet)"
+        seconds = steps / float(record["steps_per_s"])
+        settings = ", ".join(f"{k.replace('train_', '').replace('_', ' ')} {v}" for k, v in record.items()
+                             if k not in ("steps_per_s", "run") and v is not None)
+        return (f"estimated {duration(seconds)} for {steps} steps at {float(record['steps_per_s']):.2f} steps/s, "
+                f"measured on run {record['run']} ({settings}); class images and model loading come on top")
 
     def stop(self, name: str) -> Job:
         """SIGINT to the run: it finishes the step, saves checkpoint-N and exits."""
@@ -375,6 +448,16 @@ class Trainer:
                 job.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 job.process.kill()
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min 20 s, 1 h 05 min: how long, in words a person reads at a glance."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def clean_failed_start(run_dir: Path) -> None:

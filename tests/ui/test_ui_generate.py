@@ -1,5 +1,6 @@
 """The Generate tab's handler on the embedded family: the Engine's own pixels, one engine reused, PNG restore."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +98,15 @@ def test_the_page_handler_reports_errors_in_the_status_line(gen):
     from sdtune.ui.app import State, generate_handler
 
     state = State(gen.sandbox, gen, None)
-    gallery, params, status, depth, kept = generate_handler(
+    gallery, params, status, depth, kept, table = generate_handler(
         state, "inpaint", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, [])
     assert status == "sdtune: error: inpaint needs an input image: upload one in the image box"
-    gallery, params, status, depth, kept = generate_handler(
+    gallery, params, status, depth, kept, table = generate_handler(
         state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, [])
-    assert status.startswith("done: 1 image") and len(gallery) == 1 and json.loads(params)["steps"] == 4
+    # the status says what finished and when: a new image is visibly new
+    assert re.match(r"txt2img done at \d\d:\d\d:\d\d in [0-9.]+ s: 1 image\(s\) \(64x64, seed 0\)", status), status
+    assert len(gallery) == 1 and json.loads(params)["steps"] == 4
+    assert gallery[0][1] == "txt2img · seed 0 · no LoRA" and "| steps | 4 |" in table and "null" not in table
 
 
 def test_a_painted_mask_is_the_editors_layers():
@@ -248,13 +252,13 @@ def test_the_page_passes_the_guidance_interval_on_and_a_png_restores_it(gen):
     from sdtune.ui.app import State, generate_handler, restore_handler
 
     state = State(gen.sandbox, gen, None)
-    gallery, params, status, depth, kept = generate_handler(
+    gallery, params, status, depth, kept, _ = generate_handler(
         state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, [],
         " 0.3,0.8 ")
-    assert status.startswith("done: 1 image") and json.loads(params)["guidance_interval"] == [0.3, 0.8]
+    assert status.startswith("txt2img done at") and json.loads(params)["guidance_interval"] == [0.3, 0.8]
     *_, interval, status = restore_handler(state, kept[0][0])
     assert interval == "0.3,0.8" and status.startswith("restored")
-    gallery, params, status, depth, kept = generate_handler(
+    gallery, params, status, depth, kept, _ = generate_handler(
         state, "txt2img", None, "", "", "", 1.0, "p", "", 4, 7.5, 0, 0, 0, "default", 1, 0.8, None, None, kept, "")
     assert json.loads(params)["guidance_interval"] is None  # the empty box: every step guided
 
@@ -283,10 +287,24 @@ def test_picking_a_lora_with_recommended_settings_sets_the_sliders(sandbox):
                       "0.2,0.9 (change them to override)")
 
 
-@pytest.mark.parametrize("lora", ["", "plain", "missing", "/etc"])
+@pytest.mark.parametrize("lora", ["", "plain"])
 def test_a_lora_without_recommended_settings_leaves_the_form_alone(sandbox, lora):
-    """No LoRA, one without the metadata, a missing one, one outside the sandbox: nothing changes, nothing fails."""
+    """No LoRA, or one without the metadata: nothing changes, nothing fails."""
     from sdtune.ui.app import UNCHANGED, State, lora_settings_handler
 
     write_lora(sandbox.outputs / "plain")
     assert lora_settings_handler(State(sandbox, None, None), lora) == [UNCHANGED] * 4
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("missing", "LoRA missing: not found (looked for "), ("/etc", "outside the folders the UI may use"),
+    ("broken", "LoRA pytorch_lora_weights.safetensors: not a readable .safetensors file")])
+def test_a_bad_lora_is_said_when_it_is_picked(sandbox, lora, message):
+    """A missing LoRA, one outside the sandbox, a file that is no safetensors: said in the status line at the
+    pick, not at Generate; the sliders stay as they are."""
+    from sdtune.ui.app import UNCHANGED, State, lora_settings_handler
+
+    (sandbox.outputs / "broken").mkdir()
+    (sandbox.outputs / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors at all")
+    *fields, status = lora_settings_handler(State(sandbox, None, None), lora)
+    assert fields == [UNCHANGED] * 3 and status.startswith("sdtune: error: ") and message in status

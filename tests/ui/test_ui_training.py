@@ -22,8 +22,20 @@ def trainer(sandbox, monkeypatch):
     t.shutdown()
 
 
-def form(**kw):
-    return {"name": "run1", "identifier": "sks", "class_noun": "box", "steps": 20, **kw}
+def form(steps=20, prior=False, **kw):
+    """Trainer.start's arguments: the form's key fields at the recipe's values but for the steps and prior
+    preservation (off here: class images would cost every test their generation)."""
+    return {"name": "run1", "identifier": "sks", "class_noun": "box",
+            "keys": {"max_steps": steps, "with_prior_preservation": prior}, **kw}
+
+
+def page_form(name, images, steps=20, prior=False, num_class=4, folder=""):
+    """The Start click's values as the page sends them: the form's fields, then the key fields in their order."""
+    from sdtune.ui.train_form import FIELDS
+
+    keys = {f.key: f.default for f in FIELDS}
+    keys.update(max_steps=steps, with_prior_preservation=prior, num_class_images=num_class)
+    return [name, images, folder, "sks", "box", None, "", *(keys[f.key] for f in FIELDS)]
 
 
 def wait(job, until, timeout=120):
@@ -145,9 +157,11 @@ def test_runs_tab_lists_runs_with_card_samples_and_metrics(sandbox):
         {("dog", "lora"), ("checker_box", "metrics"), ("cat_full", "full")}
     assert lora_choices(sandbox) == [("dog", str(lora))]
     assert ("cat_full", str(full)) in model_choices(sandbox)  # a full fine-tune is offered as a model
-    card, samples, metrics, info = runs_handler(State(sandbox, None, None), "dog")
-    assert card.startswith("```yaml\nbase_model: x\n```") and samples == [str(lora / "samples" / "final-0.png")]
-    assert "checkpoint-10" in info and metrics is None
+    card, samples, metrics, about, info, files = runs_handler(State(sandbox, None, None), "dog")
+    assert card.startswith("```yaml\nbase_model: x\n```") and samples == [(str(lora / "samples" / "final-0.png"),
+                                                                           "final")]
+    assert "checkpoint-10" in info and metrics is None and "no metrics for this run" in about
+    assert files == [str(lora / "README.md"), str(lora / "pytorch_lora_weights.safetensors")]
     assert runs_handler(State(sandbox, None, None), "demo/checker_box")[2] == {"subject_fidelity": 0.4}
 
 
@@ -156,18 +170,25 @@ def test_progress_and_loss_for_the_page(trainer, subject_images):
     from sdtune.ui.app import State, train_poll, train_start_handler, train_stop_handler
 
     state = State(trainer.sandbox, None, trainer)
-    assert train_start_handler(state, "run1", [], "", "sks", "box", "lora", 20, False, 4, None, "") == \
+    assert train_start_handler(state, *page_form("run1", [])) == \
         "sdtune: error: no training images: upload 3-5 images of the subject or name a folder"
     assert train_stop_handler(state, "run1") == "sdtune: error: run run1 is not training"
-    status = train_start_handler(state, "run1", subject_images, "", "sks", "box", "lora", 20, False, 4, None, "")
+    status = train_start_handler(state, *page_form("run1", subject_images))
     assert status.startswith("started run1")
     job = trainer.job("run1")
     job.process.wait(120)
     wait(job, lambda j: j.ended is not None, 10)
-    line, frame, samples, log, curves, best = train_poll(state, "run1")
+    line, frame, samples, log, curves, best, status = train_poll(state, "run1")
     assert line.startswith("finished: step 20/20, loss ") and list(frame["step"]) == list(range(1, 21))
-    assert samples and all(s.endswith(".png") for s in samples) and "done: 20 steps" in log
+    assert status.startswith("run1 finished at ") and "20 steps" in status  # the status followed the run
+    assert train_poll(state, "run1")[-1] == {"__type__": "update"}  # said once: an error Start says stays
+    # each sample says its step and its prompt
+    assert samples and all(p.endswith(".png") for p, _ in samples) and "done: 20 steps" in log
+    assert {label for _, label in samples} == {"step 10 · a photo of sks box", "step 20 · a photo of sks box",
+                                               "final · a photo of sks box"}
     assert curves.empty and best == ""  # eval_every is off by default: no eval.jsonl, no curves
+    assert trainer.measured_rate()["steps_per_s"] > 0  # kept for the next run's estimate
+    assert trainer.estimate(1500).startswith("estimated ") and "for 1500 steps at" in trainer.estimate(1500)
 
 
 def test_a_start_that_fails_leaves_no_run_behind(trainer, subject_images):
@@ -218,7 +239,7 @@ def test_the_curves_and_best_step_come_from_eval_jsonl(sandbox):
     state = State(sandbox, None, Trainer(sandbox))
     assert train_poll(state, "run1")[4].empty and train_poll(state, "run1")[5] == ""  # no run folder yet
     write_evals(sandbox.outputs / "run1", EVALS)
-    line, _, _, _, curves, best = train_poll(state, "run1")  # no job: a run trained before the page started
+    line, _, _, _, curves, best, _ = train_poll(state, "run1")  # no job: a run trained before the page started
     assert line == "" and list(curves.columns) == ["step", "value", "quantity"]
     likeness = curves[curves["quantity"] == "likeness"]
     assert list(likeness["step"]) == [0, 10, 20, 30, 40, 50] and list(likeness["value"]) == [r["likeness"] for r in EVALS]
@@ -261,11 +282,11 @@ def test_a_running_jobs_poll_shows_the_curves_as_they_grow(sandbox):
     try:
         trainer.jobs[run] = Job(run_dir=run, process=process, step=10, total=60)
         state = State(sandbox, None, trainer)
-        line, *_, curves, best = train_poll(state, "run1")
+        line, *_, curves, best, _ = train_poll(state, "run1")
         assert line.startswith("running: step 10/60") and sorted(set(curves["step"])) == [0, 10]
         assert best.startswith("best so far: step 10 kept")
         write_evals(run, EVALS)  # the recipe replaces the file whole after each evaluation
-        *_, curves, best = train_poll(state, "run1")
+        *_, curves, best, _ = train_poll(state, "run1")
         assert sorted(set(curves["step"])) == [0, 10, 20, 30, 40, 50] and best.startswith("best so far: step 40")
     finally:
         process.kill()
@@ -289,5 +310,5 @@ def test_the_page_polls_the_curves_and_sets_a_loras_settings_on_pick(tmp_path):
     lora = by_id["lora"]
     picks = [f for f in demo.fns.values() if (lora._id, "input") in f.targets]
     assert len(picks) == 1 and by_id["guidance-interval"] in picks[0].outputs
-    assert [getattr(c, "label", None) for c in picks[0].outputs[:2]] == ["guidance", "LoRA scale"]
+    assert [getattr(c, "label", None) for c in picks[0].outputs[:2]] == ["guidance (CFG)", "LoRA scale"]
     assert not [f for f in demo.fns.values() if (lora._id, "change") in f.targets]

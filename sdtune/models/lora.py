@@ -120,6 +120,8 @@ def _read_peft_or_lycoris(file: Path) -> LoraFile | None:
         with safe_open(str(file), framework="pt") as f:
             keys, meta = list(f.keys()), dict(f.metadata() or {})
             kind = kind_of_keys(keys)
+            if kind is None and any(k.endswith(".dora_scale") for k in keys):
+                kind = "kohya_dora"  # diffusers drops dora_scale (with a warning): read here, through peft
             if kind is None:
                 return None
             sd = {k: f.get_tensor(k) for k in keys}
@@ -181,6 +183,8 @@ def _peft_component(lora: LoraFile, component: str, model, sdxl: bool = False):
                               f"{name} (an adapter for another model family?)")
         return names[name]
 
+    if lora.kind == "kohya_dora":
+        return _kohya_dora_component(lora, part, module_of, model)
     sd, scales, ranks = lycoris.from_lycoris(part, lora.kind, module_of)
     for key in list(sd):  # the reader's scale into the first factor: the config then scales by 1
         module, suffix = lycoris.split_key(key, lora.kind)
@@ -196,6 +200,37 @@ def _peft_component(lora: LoraFile, component: str, model, sdxl: bool = False):
     return LoKrConfig(r=max(pattern.values()), alpha=max(pattern.values()), target_modules=targets,
                       rank_pattern=pattern, alpha_pattern=dict(pattern),
                       decompose_both=any(k.endswith(".lokr_w1_a") for k in sd)), sd
+
+
+def _kohya_dora_component(lora: LoraFile, part: dict, module_of, model):
+    """A kohya/LyCORIS DoRA (``lora_down``, ``lora_up``, ``alpha``, ``dora_scale``) as peft's DoRA: the scale folded
+    into ``lora_B``, ``dora_scale`` (out, 1) as the magnitude. LyCORIS' other decomposition axis, (1, in), has no
+    peft form: one line."""
+    from peft import LoraConfig
+
+    sd, ranks = {}, {}
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in part}
+    for name in sorted(names):
+        module = module_of(name)
+        down, up = part.get(f"{name}.lora_down.weight"), part.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            raise SdtuneError(f"LoRA {lora.path}: {name} lacks lora_down or lora_up (a damaged file?)")
+        rank = down.shape[0]
+        alpha = float(part[f"{name}.alpha"]) if f"{name}.alpha" in part else float(rank)
+        sd[f"{module}.lora_A.weight"], sd[f"{module}.lora_B.weight"] = down, up * (alpha / rank)
+        ranks[module] = rank
+        scale = part.get(f"{name}.dora_scale")
+        if scale is not None:
+            weight = model.get_submodule(module).weight
+            out = weight.shape[0]
+            if scale.shape[0] != out:
+                raise SdtuneError(f"LoRA {lora.path}: its DoRA magnitudes are on the input axis (dora_scale "
+                                  f"{tuple(scale.shape)}), which peft's DoRA cannot represent; retrain with LyCORIS' "
+                                  "wd_on_out, or use it in ComfyUI / AUTOMATIC1111")
+            # peft keeps a convolution's magnitude as (1, out, 1, 1), a linear layer's as (out,)
+            sd[f"{module}.lora_magnitude_vector"] = scale.reshape((1, out, 1, 1) if weight.ndim == 4 else (out,))
+    return LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=sorted(ranks),
+                      rank_pattern=dict(ranks), alpha_pattern=dict(ranks), use_dora=True), sd
 
 
 def _check_peft_fit(lora: LoraFile, model, component: str, what: str, sdxl: bool) -> None:

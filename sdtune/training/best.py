@@ -111,7 +111,8 @@ def record_settings(run, evaluation: dict) -> None:
     if evaluation.get("kept_step") == evaluation.get("last_step"):
         folders.append(run.output_dir)
     for f in folders:
-        for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "adapter_model.safetensors",
+                     "lycoris.safetensors"):  # every adapter kind's files (sdtune.training.adapters)
             if (f / name).is_file():
                 add_metadata(f / name, {METADATA_KEY: metadata_value(settings)})
 

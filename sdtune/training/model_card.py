@@ -21,7 +21,14 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
         tags.append("lora")
     front = ["---", f"base_model: {json.dumps(base_model)}", f"instance_prompt: {json.dumps(prompt)}",
              "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
-    if method == "lora":
+    kind = config.get("adapter") or "lora"
+    if method == "lora" and kind in ("loha", "lokr", "oft"):
+        how = ("sdtune loads it: `sdtune infer txt2img --lora path/to/this/folder --prompt ...` "
+               "(`adapter_model.safetensors`: peft's own keys and configs). Stock diffusers' `load_lora_weights` "
+               "does not read LoHa, LoKr or OFT files."
+               + (" `lycoris.safetensors` holds the same weights in LyCORIS' layout under kohya's names, for ComfyUI, "
+                  "AUTOMATIC1111/Forge and kohya's tools." if kind != "oft" else ""))
+    elif method == "lora":
         how = (f"```python\nfrom diffusers import {cls}\n"
                f"pipe = {cls}.from_pretrained({json.dumps(base_model)})\n"
                "pipe.load_lora_weights(\"path/to/this/folder\")\n"
@@ -45,7 +52,9 @@ def render_model_card(config: dict, *, base_model: str, method: str, steps: int,
         + (f", conditional pull {config.get('conditional_pull')} (the base model's own objective)"
            if config.get("conditional_pull") else "") + ".", "",
         f"- base model: `{base_model}` ({family}, {prediction_type} prediction)",
-        f"- method: {method}" + (f" (rank {config.get('lora_rank')}, alpha {config.get('lora_alpha') or config.get('lora_rank')})"
+        f"- method: {method}" + (f" ({kind}, rank {config.get('lora_rank')}, alpha "
+                                  f"{config.get('lora_alpha') or config.get('lora_rank')})" if method == "lora" and
+                                  kind != "oft" else f" (oft, blocks of {config.get('oft_block_size')})"
                                   if method == "lora" else ""),
         f"- text encoder trained: {bool(config.get('train_text_encoder'))}",
         f"- resolution: {config.get('resolution')}, learning rate: {config.get('learning_rate')}",

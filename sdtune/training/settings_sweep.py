@@ -43,7 +43,7 @@ def sweep(watch, lora: bool) -> dict:
 
 def _sweep(watch, cfg, lora: bool) -> dict:
     names = [s.name for s in watch.scorers]
-    scales = cfg.sweep_lora_scale if lora else [1.0]
+    scales = cfg.sweep_lora_scale if lora and cfg.adapter != "oft" else [1.0]  # an OFT rotation has no scale
     intervals = [None] + ([cfg.sweep_guidance_interval] if cfg.sweep_guidance_interval else [])
     table = []
     for guidance in cfg.sweep_guidance:

@@ -281,7 +281,8 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
 def kept_weights(lora_dir: Path) -> Path:
     """The run's kept weights: OUT/lora/best when keep_best exported them, else the last ones."""
     best = lora_dir / "best"
-    return best if (best / "pytorch_lora_weights.safetensors").is_file() else lora_dir
+    return best if any((best / name).is_file() for name in ("pytorch_lora_weights.safetensors",
+                                                             "adapter_model.safetensors")) else lora_dir
 
 
 def _round(x):

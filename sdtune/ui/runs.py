@@ -19,7 +19,7 @@ FILE_ROUTE = "/gradio_api/file="  # where gradio serves a file inside the allowe
 _SAMPLE = re.compile(r"^(?:step-(\d+)|final)-(\d+)$")
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 # Folders of a run that are working state, not results: never offered for download.
-NOT_RESULTS = ("checkpoint-", "logs", "latent_cache", "instance", "samples", "ui")
+NOT_RESULTS = ("logs", "latent_cache", "instance", "samples", "ui")
 NO_METRICS = ("no metrics for this run: it has no metrics.json (written by `sdtune demo` and `sdtune eval`) and no "
               "eval.jsonl (training evaluates only with eval_every > 0: set it under Advanced on the Train tab)")
 
@@ -69,8 +69,10 @@ class Run:
         """What a person takes away: the run's files (weights in every format, card, config, metrics, curves) and
         the folders of results (best/, a full fine-tune's unet/ ...), not its working state (checkpoints, logs)."""
         out = []
+        from sdtune.training.checkpointing import LOCK_FILE
+
         for p in sorted(self.path.iterdir()):
-            if p.name.startswith((".", *NOT_RESULTS)) or p.name.endswith(".lock"):
+            if p.name.startswith((".", "checkpoint-")) or p.name == LOCK_FILE or (p.is_dir() and p.name in NOT_RESULTS):
                 continue
             out += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
         return out

@@ -206,3 +206,19 @@ def test_an_oft_adapter_refuses_a_scale(trained, tiny_models):
         pytest.skip("OFT")
     with pytest.raises(SdtuneError, match="cannot be scaled"):
         Engine.load(tiny_models["sd1"], lora=out, lora_scale=0.5)
+
+
+@pytest.mark.slow
+def test_a_lokr_trains_identically_on_two_gloo_processes_and_exports_once(tiny_models, subject, tmp_path):
+    from test_train_multiprocess import run_on_gloo
+
+    out = tmp_path / "out"
+    info, w0, w1 = run_on_gloo(tmp_path, dict(
+        model=str(tiny_models["sd1"]), instance_dir=str(subject), instance_prompt=PROMPT, resolution=32,
+        adapter="lokr", lora_rank=2, max_steps=3, learning_rate=2e-2, caption_dropout=0.0, output_dir=str(out),
+        seed=0))
+    assert w0.keys() == w1.keys() and any("lokr_w" in k for k in w0)
+    for key in w0:
+        torch.testing.assert_close(w0[key], w1[key], atol=0, rtol=0)
+    assert (out / adapters.ADAPTER_FILE).is_file() and (out / adapters.LYCORIS_FILE).is_file()
+    assert info[0]["losses"] == info[1]["losses"]

@@ -464,7 +464,10 @@ def scale_and_fuse(models, scale: float, fuse: bool | str = "auto") -> bool:
     if fuse == "auto":
         worst = max((fuse_error(m) for m in models), default=0.0)
         fuse = worst <= FUSE_TOLERANCE
-        if not fuse:
+        if not fuse and worst == float("inf"):
+            log.info("adapter kept unfused: this kind (DoRA, LoHa, LoKr or OFT in half precision, an OFT convolution "
+                     "in any) is not fused exactly")
+        elif not fuse:
             log.info("LoRA kept unfused: fusing would change its delta by %.1f%% in this dtype", 100 * worst)
     if fuse:
         for m in models:

@@ -39,6 +39,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 TUCKER_KEYS = ("hada_t1", "hada_t2", "lokr_t2")
+PEFT_CONFIG_KEY = "sdtune_adapter"  # JSON {part: peft config} in sdtune's adapter_model.safetensors (LoHa/LoKr/OFT)
 # kernel sizes of the SD UNet's 3x3 convolutions, for LyCORIS files that store a conv's factors flattened
 CONV3_LEAVES = ("conv1", "conv2", "conv", "conv_in", "conv_out")
 
@@ -55,6 +56,7 @@ class Module:
     up: torch.Tensor | None = None  # (out, r) or (out, r, 1, 1)
     alpha: float | None = None  # None: alpha = rank (scale 1)
     tensors: dict = field(default_factory=dict)
+    fixed_scale: float | None = None  # peft-keyed LoHa/LoKr files: peft's alpha / r from the file's config
 
     @property
     def key(self) -> tuple[str, str]:
@@ -67,6 +69,8 @@ class Module:
         t = self.tensors
         if self.kind == "loha":
             return int(t["hada_w1_b"].shape[0])
+        if self.kind == "oft":
+            return int(t["oft_R"].shape[0]) if "oft_R" in t else 0  # OFT: the number of blocks
         for name in ("lokr_w2_b", "lokr_w1_b"):
             if name in t:
                 return int(t[name].shape[0])
@@ -74,7 +78,10 @@ class Module:
 
     @property
     def scale(self) -> float:
-        """alpha / rank, LyCORIS's and kohya's rule (1 without an alpha, or for LoKr with full factors)."""
+        """alpha / rank, LyCORIS's and kohya's rule (1 without an alpha, or for LoKr with full factors); peft's
+        alpha / r for the files peft's keys and config describe."""
+        if self.fixed_scale is not None:
+            return self.fixed_scale
         if self.alpha is None or self.rank == 0:
             return 1.0
         return float(self.alpha) / self.rank
@@ -100,6 +107,9 @@ class Module:
         if self.kind == "lora":
             up, down = self.factors()
             return (up @ down).reshape(self.shape)
+        if self.kind == "oft":
+            raise SdtuneError(f"{self.name}: an OFT layer rotates the base weights, so its change depends on them; "
+                              "OFT files can be described (sdtune lora info) but not merged, resized or fused")
         return self._lycoris_delta()
 
     def _lycoris_delta(self) -> torch.Tensor:
@@ -167,7 +177,11 @@ def read_raw(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Path,
 def detect_format(keys, metadata: dict) -> str:
     """The layout a file's keys are in (see the module docstring)."""
     keys = list(keys)
-    if any(k.split(".")[-1] in LOHA_KEYS + LOKR_KEYS + TUCKER_KEYS for k in keys):
+    lycoris = any(k.split(".")[-1] in LOHA_KEYS + LOKR_KEYS + TUCKER_KEYS or k.endswith(".oft_R.weight")
+                  for k in keys)
+    if lycoris and all(k.split(".")[0] in PARTS for k in keys):
+        return "sdtune-peft" if PEFT_CONFIG_KEY in metadata else "peft-adapter"
+    if lycoris:
         return "lycoris"
     if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
@@ -192,6 +206,8 @@ def parse(raw: dict, meta: dict, unet_config=None, file: Path | None = None) -> 
     try:
         if fmt in ("kohya", "lycoris"):
             modules, sgm = _parse_kohya_like(raw, unet_config, where)
+        elif fmt in ("sdtune-peft", "peft-adapter"):
+            modules, sgm = _parse_peft_adapter(raw, meta, where), False
         else:
             modules, sgm = _parse_diffusers_like(raw, meta, where), False
     except SdtuneError:
@@ -285,6 +301,36 @@ def _parse_kohya_like(raw: dict, unet_config, where) -> tuple[dict, bool]:
             raise SdtuneError(f"{where}: module {prefix} has keys {sorted(tensors)} of no known adapter")
         modules[m.key] = m
     return modules, sgm
+
+
+def _parse_peft_adapter(raw: dict, meta: dict, where) -> dict:
+    """peft's own keys for LoHa / LoKr / OFT (``unet.<module>.hada_w1_a``, ``text_encoder.<module>.lokr_w1``,
+    ``unet.<module>.oft_R.weight``), as sdtune's adapter_model.safetensors holds them; the scale is peft's
+    alpha / r from the config in the file's metadata (``sdtune_adapter``), 1 without one."""
+    configs = _json_field(meta.get(PEFT_CONFIG_KEY)) or {}
+    groups: dict = {}
+    for key, value in raw.items():
+        part, _, rest = key.partition(".")
+        suffix = next((sx for sx in (*LOHA_KEYS, *LOKR_KEYS, *TUCKER_KEYS, "oft_R.weight", "alpha")
+                       if rest.endswith("." + sx)), None)
+        if suffix is None:
+            raise SdtuneError(f"{where}: key {key} is no LoHa / LoKr / OFT tensor")
+        module = rest[: -len(suffix) - 1].removeprefix("text_model.")
+        groups.setdefault((part, module), {})[suffix.removesuffix(".weight")] = value
+    modules = {}
+    for (part, name), tensors in groups.items():
+        kind = "loha" if "hada_w1_a" in tensors else "lokr" if any(k.startswith("lokr_") for k in tensors) else "oft"
+        config = configs.get(part) if isinstance(configs, dict) else None
+        scale = None
+        if isinstance(config, dict) and kind != "oft":
+            alpha = _pattern_value(name, config.get("alpha_pattern")) or config.get("alpha")
+            r = _pattern_value(name, config.get("rank_pattern")) or config.get("r")
+            scale = float(alpha) / float(r) if alpha is not None and r else None
+        alpha = tensors.pop("alpha", None)
+        m = Module(part, name, kind, alpha=float(alpha) if alpha is not None else None, tensors=tensors,
+                   fixed_scale=scale)
+        modules[m.key] = m
+    return modules
 
 
 def _parse_diffusers_like(raw: dict, meta: dict, where) -> dict:
@@ -381,10 +427,11 @@ def rank_summary(modules) -> str:
     return ", ".join(parts) if parts else "no modules"
 
 
-ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "dora": "DoRA"}
+ADAPTER_NAMES = {"lora": "LoRA", "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "dora": "DoRA", "oft": "OFT"}
 FORMAT_NAMES = {"sdtune": "sdtune (diffusers layout, sdtune metadata)", "diffusers": "diffusers (attention-processor "
                 "layout)", "peft": "diffusers / peft (lora_A / lora_B)", "kohya": "kohya / A1111 (lora_unet_*)",
-                "lycoris": "LyCORIS (kohya names)"}
+                "lycoris": "LyCORIS (kohya names)", "sdtune-peft": "sdtune adapter file (peft keys and config)",
+                "peft-adapter": "peft adapter keys (hada_* / lokr_* / oft_R)"}
 
 
 def describe(lora: LoraSet) -> dict:

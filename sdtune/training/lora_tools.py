@@ -108,10 +108,14 @@ def lycoris_note(sets) -> str | None:
 
 
 def _refuse_dora(sets, what: str) -> None:
+    """DoRA and OFT changes depend on the base weights (a norm, a rotation): no delta of their own to work on."""
     for s in sets:
         if "dora" in s.kinds:
             raise SdtuneError(f"{s.path} is a DoRA file: its change depends on the base weights' norms, so it "
                               f"cannot be {what}; sdtune lora info describes it")
+        if "oft" in s.kinds:
+            raise SdtuneError(f"{s.path} is an OFT file: it rotates the base weights, so it cannot be {what}; "
+                              "sdtune lora info describes it")
 
 
 def merge(sets: list[LoraSet], weights: list[float], rank: int | None = None, quiet: bool = True) -> Outcome:

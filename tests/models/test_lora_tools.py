@@ -463,3 +463,63 @@ def test_kohya_output_of_an_exact_merge_keeps_each_modules_delta(run_dir, peft_f
     for key, delta in expected.items():
         assert close(back.modules[key].delta(), delta), key
     check_loads_everywhere(sd1, out, expected)
+
+
+# ---- files of sdtune's LoHa / LoKr runs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_runs_peft_and_lycoris_files_read_to_peft_s_own_deltas(kind, tmp_path):
+    """A LoHa / LoKr run writes peft's keys with its config (adapter_model.safetensors) and the LyCORIS layout: both
+    read to the delta peft itself computes for each layer (``get_delta_weight``), alpha != r."""
+    from peft import LoHaConfig, LoKrConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdtune.models.fixtures import tiny_unet
+
+    unet = tiny_unet()
+    make = LoHaConfig if kind == "loha" else LoKrConfig
+    config = make(r=2, alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    g = torch.Generator().manual_seed(7)
+    for name, p in unet.named_parameters():
+        if f".{'hada' if kind == 'loha' else 'lokr'}_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    config = unet.peft_config["default"]
+    peft_path = adapters.save_peft_file(tmp_path / adapters.ADAPTER_FILE, {"unet": (unet, config)}, {})
+    lyco_path = adapters.save_lycoris_file(tmp_path / adapters.LYCORIS_FILE, {"unet": (unet, config)}, kind, {})
+    expected = {("unet", n): m.get_delta_weight("default").double() for n, m in unet.named_modules()
+                if isinstance(m, BaseTunerLayer)}
+    assert read_lora_set(tmp_path).path == peft_path  # the run folder: its adapter file
+    for path, fmt in ((peft_path, "sdtune-peft"), (lyco_path, "lycoris")):
+        lora = read_lora_set(path)
+        assert lora.format == fmt and lora.kinds == {kind} and set(lora.modules) == set(expected)
+        for key, delta in expected.items():
+            assert close(lora.modules[key].delta(), delta), (fmt, key)
+    outcome = tools.resize(read_lora_set(peft_path), 32)
+    for key, delta in expected.items():
+        assert close(outcome.modules[key].delta(), delta, tol=1e-4), key
+
+
+def test_oft_and_peft_dora_files_are_described_and_refused(tmp_path):
+    from peft import LoraConfig, OFTConfig
+
+    from sdtune.models.fixtures import tiny_unet
+
+    unet = tiny_unet()
+    config = OFTConfig(oft_block_size=8, r=0, target_modules=["to_q", "to_v"])
+    unet.add_adapter(config)
+    path = adapters.save_peft_file(tmp_path / "oft.safetensors", {"unet": (unet, unet.peft_config["default"])}, {})
+    lora = read_lora_set(path)
+    layers = sum(1 for n, _ in unet.named_modules() if n.endswith((".to_q", ".to_v")))
+    assert describe(lora)["adapters"] == ["OFT"] and describe(lora)["modules"] == layers
+    with pytest.raises(SdtuneError, match="OFT"):
+        tools.resize(lora, 2)
+    dora = tiny_unet()
+    dora.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]))
+    sd = adapters.adapter_state_dict(dora)
+    save_file({f"unet.{k}": v for k, v in sd.items()}, str(tmp_path / "dora.safetensors"))
+    lora = read_lora_set(tmp_path / "dora.safetensors")
+    assert describe(lora)["adapters"] == ["DoRA"]
+    assert len(lora.modules) == sum(1 for n, _ in dora.named_modules() if n.endswith(".to_q"))
+    with pytest.raises(SdtuneError, match="DoRA"):
+        tools.merge([lora, lora], [1, 1], rank=2)

@@ -72,6 +72,14 @@ def test_info_text_and_json(env, capsys):
     assert data["rank_counts"] == {"4": len(downs)} and data["training_config"] == {"max_steps": 3}
 
 
+def test_pickle_is_read_only_with_allow_pickle(env, capsys, tmp_path):
+    torch.save(load_file(str(env["kohya"])), tmp_path / "lora.pt")
+    code, out, err = cli(capsys, "info", tmp_path / "lora.pt")
+    assert code == 2 and "pickle" in err and out == ""
+    code, out, err = cli(capsys, "info", tmp_path / "lora.pt", "--allow-pickle")
+    assert code == 0 and "kohya" in out, err
+
+
 def test_merge_resize_extract_fuse_write_loadable_outputs(env, capsys, tmp_path):
     from sdtune.models.lora_formats import read_lora_set
 

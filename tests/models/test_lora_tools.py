@@ -338,6 +338,12 @@ def test_extract_gives_back_a_known_low_rank_change(sd1, tmp_path):
     assert min(outcome.energies) > 1 - 1e-6
     out = tools.write_lora(outcome.modules, tmp_path / "extracted.safetensors")
     check_loads_everywhere(sd1, out, known)
+    # UNets alone: a UNet folder and a UNet's own .safetensors state dict
+    unet_file, _ = tools.load_parts(sd1 / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_folder, _ = tools.load_parts(tmp_path / "tuned" / "unet")
+    assert set(unet_file) == set(unet_folder) == {"unet"}
+    only_unet = tools.extract(unet_file, unet_folder, rank=3)
+    assert set(only_unet.modules) == {k for k in known if k[0] == "unet"}
 
 
 def test_extract_refuses_models_of_another_architecture(sd1, tmp_path):

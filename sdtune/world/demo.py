@@ -203,7 +203,7 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
         raise SdtuneError("the demo applies a LoRA; keep method=lora (use `sdtune train` for full fine-tuning)")
 
     # --- 3. training ----------------------------------------------------------------------------------
-    phase(3, f"{tag}DreamBooth {cfg.method} on {subj.name}: {cfg.num_class_images} class images, {cfg.max_steps} "
+    phase(3, f"{tag}DreamBooth {cfg.adapter if cfg.method == 'lora' else cfg.method} on {subj.name}: {cfg.num_class_images} class images, {cfg.max_steps} "
              f"steps, prior preservation {'on' if cfg.with_prior_preservation else 'OFF'}, caption dropout "
              f"{cfg.caption_dropout}")
     if subj.training:
@@ -257,7 +257,7 @@ def _run_subject(run: DemoRun, subj: Subject, out: Path, tag: str) -> dict:
         guidance_interval=list(plan.guidance_interval) if plan.guidance_interval else None,
         counts={g.name: len(g.results) for g in all_groups} | {"class_images": cfg.num_class_images,
                                                               "instance_images": len(subj.images)},
-        training={"method": cfg.method, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
+        training={"method": cfg.method, "adapter": cfg.adapter, "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets,
                   "train_text_encoder": cfg.train_text_encoder, "learning_rate": cfg.learning_rate,
                   "with_prior_preservation": cfg.with_prior_preservation, "caption_dropout": cfg.caption_dropout,
                   "masked_loss": cfg.masked_loss, "train_batch_size": cfg.train_batch_size,

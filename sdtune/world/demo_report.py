@@ -108,7 +108,7 @@ def subject_report(m: dict, grids: dict[str, str], subj: Subject) -> str:
         f"- subject: **{subj.name}** ({len(subj.images)} images, {t.get('instance_captions', 0)} with their own "
         f"caption), instance prompt `{m['instance_prompt']}`, class prompt `{m['class_prompt']}`"
         + (f" (class images drawn from {t['class_prompts']} class prompts)" if t.get("class_prompts") else ""),
-        f"- training: {t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
+        f"- training: {t.get('adapter', 'lora') if t['method'] == 'lora' else t['method']} rank {t['lora_rank']} on {t['lora_targets']} targets"
         f"{' + text encoder' if t['train_text_encoder'] else ''}, {m['steps']} steps, lr {t['learning_rate']}, batch "
         f"{t['train_batch_size']}, prior preservation {'on' if t['with_prior_preservation'] else 'off'} "
         f"({m['counts']['class_images']} class images), caption dropout {t['caption_dropout']}"

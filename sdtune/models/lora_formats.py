@@ -218,7 +218,25 @@ def parse(raw: dict, meta: dict, unet_config=None, file: Path | None = None) -> 
                           ) from None
     if not modules:
         raise SdtuneError(f"{where} is not a LoRA file: no key names a LoRA layer of a UNet or text encoder")
+    for m in modules.values():
+        _check_module(m, where)
     return LoraSet(file, modules, fmt, meta, sgm)
+
+
+def _check_module(m: Module, where) -> None:
+    """Finite values, and factors that multiply: a damaged or diverged file is one line here, not an error deep in
+    an SVD."""
+    if not all(bool(torch.isfinite(t).all()) for t in _tensors(m) if t.is_floating_point()):
+        raise SdtuneError(f"{where}: layer {m.name} holds NaN or infinite values (a damaged or diverged file)")
+    try:
+        if m.kind in ("lora", "dora"):
+            if m.down.ndim not in (2, 4) or m.up.ndim != m.down.ndim or m.up.shape[1] != m.down.shape[0]:
+                raise ValueError(f"down {tuple(m.down.shape)} and up {tuple(m.up.shape)} do not multiply")
+        elif m.kind in ("loha", "lokr") and not any(k in m.tensors for k in TUCKER_KEYS):
+            m._lycoris_delta()
+    except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdtuneError(f"{where}: layer {m.name} is damaged ({text[:160]})") from None
 
 
 def _module_prefixes(raw: dict) -> dict[str, dict]:
@@ -288,6 +306,8 @@ def _parse_kohya_like(raw: dict, unet_config, where) -> tuple[dict, bool]:
         alpha = tensors.pop("alpha", None)
         alpha = float(alpha.float().item()) if alpha is not None else None
         weights = {k.removesuffix(".weight"): v for k, v in tensors.items()}
+        if ("lora_down" in weights) != ("lora_up" in weights):
+            raise SdtuneError(f"{where}: module {prefix} has only one of lora_down / lora_up (a damaged file?)")
         if "lora_down" in weights:
             kind = "dora" if "dora_scale" in weights else "lora"
             m = Module(part, name, kind, down=weights["lora_down"], up=weights["lora_up"], alpha=alpha)

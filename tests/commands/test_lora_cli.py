@@ -163,3 +163,23 @@ def test_help_lists_every_tool(capsys):
     for tool in ("info", "merge", "resize", "extract", "fuse"):
         assert tool in out
     assert "examples:" in out
+
+
+def test_damaged_files_are_one_line(env, capsys, tmp_path):
+    raw = load_file(str(env["kohya"]))
+    down = next(k for k in raw if k.endswith(".lora_down.weight"))
+    cases = {
+        "nan": ({**raw, down: raw[down] * float("nan")}, "NaN or infinite"),
+        "shape": ({**raw, down: torch.randn(3, raw[down].shape[1])}, "do not multiply"),
+        "no-up": ({k: v for k, v in raw.items() if k != down.replace("lora_down", "lora_up")}, "only one of"),
+    }
+    for name, (tensors, message) in cases.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        code, out, err = cli(capsys, "resize", tmp_path / f"{name}.safetensors", "--rank", "2",
+                             "--out", tmp_path / "o.safetensors")
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[transformers]")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (name, err)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    code, out, err = cli(capsys, "info", tmp_path / "garbage.safetensors")
+    assert code == 2 and "not a readable safetensors file" in err
+    assert not (tmp_path / "o.safetensors").exists()

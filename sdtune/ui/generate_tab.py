@@ -141,17 +141,17 @@ def restore_handler(state, file):
 
 
 def input_image_handler(file):
-    """An input image dropped on the page -> (the image editor's value, a note under the drop box). A file that
-    is not an image is said there and then, not at Generate."""
+    """An input image dropped on the page -> (the image editor's value, a note under the drop box, the drop box
+    emptied for the next one). A file that is not an image is said there and then, not at Generate."""
     if file is None:
-        return UNCHANGED, ""
+        return UNCHANGED, "", UNCHANGED
     path = file if isinstance(file, str) else file.name
     try:
         image = check_upload(path, "input image")
     except SdtuneError as exc:
-        return UNCHANGED, err(exc)
+        return UNCHANGED, err(exc), None
     return ({"background": path, "layers": [], "composite": path},
-            f"input image {Path(path).name}: {image.width}x{image.height}")
+            f"input image {Path(path).name}: {image.width}x{image.height}", None)
 
 
 def mode_view(mode: str) -> dict[str, dict]:
@@ -266,7 +266,7 @@ def _wire(state, c: SimpleNamespace) -> None:
     c.restore.upload(lambda f: restore_handler(state, f), [c.restore],
                      [c.mode, c.prompt, c.negative, c.steps, c.guidance, c.seed, c.width, c.height, c.scheduler,
                       c.strength, c.model, c.lora, c.lora_scale, c.guidance_interval, c.status])
-    c.input_file.upload(input_image_handler, [c.input_file], [c.editor, c.input_note])
+    c.input_file.upload(input_image_handler, [c.input_file], [c.editor, c.input_note, c.input_file])
     c.mode.change(lambda m: [mode_view(m)[n] for n in MODE_OUTPUTS], [c.mode],
                   [getattr(c, n) for n in MODE_OUTPUTS], queue=False)
 

@@ -242,9 +242,24 @@ def _wire(state, c: SimpleNamespace) -> None:
         return [gr.validate(True, "") for _ in FORM] + \
             [gr.validate(k not in problems, problems.get(k, "")) for k in keys]
 
-    c.start.click(lambda *a: train_start_handler(state, *a), form, [c.status], validator=validator)
+    # The timer ticks only while a run is being watched: a ticking timer clears the messages gradio's validators put
+    # on fields (gradio 6.31), so an idle page keeps them in view.
+    timer = gr.Timer(1.0, active=False)
+    watch = [c.progress, c.loss, c.samples, c.log, c.eval, c.best, c.status, timer]
+
+    def _poll(name):
+        job = state.trainer.job(name)
+        watching = job is not None and (job.returncode is None or job.ended is None or job.reported != job.state)
+        return (*train_poll(state, name), gr.Timer(active=watching))
+
+    def _watch():
+        return gr.Timer(active=True)
+
+    c.start.click(lambda *a: train_start_handler(state, *a), form, [c.status], validator=validator) \
+        .then(_watch, None, [timer], queue=False)
     c.stop.click(lambda n: train_stop_handler(state, n), [c.name], [c.status])
-    c.resume.click(lambda n: train_resume_handler(state, n), [c.name], [c.status])
+    c.resume.click(lambda n: train_resume_handler(state, n), [c.name], [c.status]).then(_watch, None, [timer],
+                                                                                        queue=False)
     c.images.change(photos_handler, [c.images], [c.thumbs, c.photos_note], queue=False)
     steps = c.keys[[f.key for f in FIELDS].index("max_steps")]
     lr = c.keys[[f.key for f in FIELDS].index("learning_rate")]
@@ -252,7 +267,8 @@ def _wire(state, c: SimpleNamespace) -> None:
     steps.change(lambda s: estimate_handler(state, s), [steps], [c.estimate], queue=False)
     c.tab.select(lambda s: estimate_handler(state, s), [steps], [c.estimate], queue=False)
     method.input(method_defaults, [method], [lr], queue=False)
-    timer = gr.Timer(1.0)
-    # one poll for everything the run shows: progress, loss, samples, log, evaluation curves, best step, status
-    timer.tick(lambda n: train_poll(state, n), [c.name],
-               [c.progress, c.loss, c.samples, c.log, c.eval, c.best, c.status], show_progress="hidden", queue=False)
+    # one poll for everything the run shows: progress, loss, samples, log, evaluation curves, best step, status;
+    # also once when the tab opens or another run is named (a run trained before the page shows its curves)
+    timer.tick(_poll, [c.name], watch, show_progress="hidden", queue=False)
+    c.tab.select(_poll, [c.name], watch, show_progress="hidden", queue=False)
+    c.name.blur(_poll, [c.name], watch, show_progress="hidden", queue=False)

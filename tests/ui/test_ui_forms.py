@@ -67,11 +67,11 @@ def test_a_dropped_input_that_is_not_an_image_is_said_at_once(tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("not an image")
     assert input_image_handler(str(fake)) == (UNCHANGED, "sdtune: error: input image notes.png is not an image "
-                                                         "(it could not be decoded)")
+                                                         "(it could not be decoded)", None)
     good = tmp_path / "ok.png"
     Image.new("RGB", (64, 48)).save(good)
-    value, note = input_image_handler(str(good))
-    assert value["background"] == str(good) and note == "input image ok.png: 64x48"
+    value, note, box = input_image_handler(str(good))
+    assert value["background"] == str(good) and note == "input image ok.png: 64x48" and box is None
 
 
 def test_captions_table_and_status_say_what_an_image_is():

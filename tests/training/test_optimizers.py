@@ -237,3 +237,23 @@ def test_adamw8bit_is_still_refused_off_cuda():
     cfg = TrainConfig(optimizer="adamw8bit")
     with pytest.raises(SdtuneError, match="CUDA"):
         optimizers.make_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], torch.device("cpu"))
+
+
+def test_the_evaluation_keeps_the_ema_weights_of_its_best_step(tiny_models, subject, tmp_path):
+    """keep_best under EMA: best/ (exported inside the in-loop evaluation) holds the average at the kept step."""
+    from test_watch import Scripted, config as watch_config
+
+    plain = dreambooth.train(config(tiny_models, subject, tmp_path / "plain", max_steps=4, checkpoint_every=1,
+                                    checkpoints_keep=5, class_prompt="a photo of a dog"))
+    w = {k: load_file(str(tmp_path / "plain" / f"checkpoint-{k}" / "model.safetensors")) for k in (1, 2)}
+    at_2 = {n: 0.5 * w[1][n] + 0.5 * w[2][n] for n in w[2]}
+
+    out = tmp_path / "run"
+    result = dreambooth.train(watch_config(tiny_models, subject, out, resolution=32, keep_best=True, ema_decay=0.5,
+                                           ema_warmup=False, ema_update_after_step=1, recommend_settings=False),
+                              scorers=[Scripted([0.1, 0.9, 0.5])])  # steps 0, 2, 4: step 2 is the best
+    assert result.evaluation["kept_step"] == 2
+    kept = load_file(str(out / ".best_trainables.safetensors"))
+    for n in at_2:
+        torch.testing.assert_close(kept[f"unet.{n}"], at_2[n], rtol=1e-6, atol=1e-7)
+    assert result.losses == plain.losses  # evaluating the average changed nothing the run trains

@@ -257,3 +257,22 @@ def test_the_evaluation_keeps_the_ema_weights_of_its_best_step(tiny_models, subj
     for n in at_2:
         torch.testing.assert_close(kept[f"unet.{n}"], at_2[n], rtol=1e-6, atol=1e-7)
     assert result.losses == plain.losses  # evaluating the average changed nothing the run trains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(ema_decay=0.9), dict(optimizer="schedulefree")], ids=["ema", "schedulefree"])
+def test_two_processes_end_identical_with_ema_or_schedulefree(tiny_models, tmp_path, kw):
+    """DDP on gloo: both ranks hold the same final weights (the average, or schedule-free's evaluation weights) after
+    a checkpoint mid-run, and the file the main process exported holds them."""
+    from test_train_multiprocess import run_on_gloo
+
+    one = make_images(tmp_path / "one", 2)
+    common = dict(model=str(tiny_models["sd1"]), instance_dir=str(one), instance_prompt="a photo of sks dog",
+                  resolution=32, max_steps=4, learning_rate=1e-3, train_batch_size=1, caption_dropout=0.0,
+                  checkpoint_every=2, seed=0, **kw)
+    info, w0, w1 = run_on_gloo(tmp_path, {**common, "output_dir": str(tmp_path / "two")})
+    assert w0.keys() == w1.keys() and w0 and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert info[0]["losses"] == info[1]["losses"]
+    saved = "custom_checkpoint_0.pkl" if "ema_decay" in kw else "optimizer.bin"  # the average, in the checkpoint
+    assert (tmp_path / "two" / "checkpoint-2" / saved).is_file()
+    assert same_tensors(load_file(str(tmp_path / "two" / adapters.LORA_FILE)), w0)

@@ -53,8 +53,8 @@ from sdtune.training.config import TrainConfig, concepts_of, config_to_dict, res
 from sdtune.training.data import check_output_dir, collate
 from sdtune.training.dry_run import dry_run, format_dry_run  # noqa: F401 - the recipe's API
 from sdtune.training.export import export_weights, final_modules, run_metadata, run_validation
-from sdtune.training.optimizers import make_optimizer
 from sdtune.training.model_card import write_model_card
+from sdtune.training.optimizers import make_optimizer
 from sdtune.training.presets import with_native_resolution
 from sdtune.training.run_data import read_data, read_instances
 from sdtune.training.runtime import (StopRequest, check_launch, check_resume_matches,
@@ -372,9 +372,9 @@ def _use_inference_weights(run: Run) -> None:
 
 
 def _save(run: Run, result: TrainResult) -> None:
-    """The last weights (LoRA files and the identifier's embedding, or a full pipeline); with evaluation, the last
-    one, the kept step's weights back in the model and the recommended settings; the model card. Every process
-    waits."""
+    """The last weights (LoRA files and the identifier's embedding, or a full pipeline): the EMA's with ema_decay,
+    schedule-free's evaluation weights with that optimizer; with evaluation, the last one, the kept step's weights
+    back in the model and the recommended settings; the model card. Every process waits."""
     cfg, accelerator, pipe, output_dir = run.cfg, run.accelerator, run.pipe, run.output_dir
     unet, text_encoder = run.trained[0], run.final_text_encoder()
     accelerator.wait_for_everyone()

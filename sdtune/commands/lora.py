@@ -62,6 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="diffusers: sdtune's pytorch_lora_weights layout (default); kohya: lora_unet_* keys")
     e.add_argument("--config", help="local diffusers folder giving the architecture of single-file models")
     e.add_argument("--allow-pickle", action="store_true", help="allow loading pickle weights you trust")
+    e.add_argument("--device", choices=("cuda", "cpu"), help="where the SVDs run (default: cuda when a GPU is "
+                                                             "visible, else cpu; a full SD model takes minutes on a CPU)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     f = sub.add_parser("fuse", help="a full model with the LoRA baked in (diffusers folder or one .safetensors)")
@@ -251,7 +253,7 @@ def _extract(args) -> int:
     _check_out(args.out, args)
     base, unet_config = lora_tools.load_parts(args.base, args.config, args.allow_pickle)
     tuned, _ = lora_tools.load_parts(args.tuned, args.config, args.allow_pickle)
-    outcome = lora_tools.extract(base, tuned, args.rank, quiet=args.quiet)
+    outcome = lora_tools.extract(base, tuned, args.rank, quiet=args.quiet, device=_svd_device(args.device))
     meta = {"sdtune_base_model": str(args.base),
             **lora_tools.tool_metadata("extract", base=str(args.base), tuned=str(args.tuned), rank=args.rank)}
     path = lora_tools.write(outcome.modules, args.out, meta, fmt=args.format, sdxl="text_encoder_2" in base,
@@ -259,6 +261,17 @@ def _extract(args) -> int:
     _say(f"extracted rank {args.rank} from {args.tuned} - {args.base}: {len(outcome.modules)} layers -> {path}",
          outcome.energy_line(), *outcome.notes)
     return 0
+
+
+def _svd_device(requested):
+    """cuda when asked for or visible (float64 SVDs; Apple MPS has none), else the CPU."""
+    import torch
+
+    from sdtune.devices import pick_device
+
+    if requested:
+        return pick_device(requested)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _fuse(args) -> int:

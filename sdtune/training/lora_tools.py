@@ -79,9 +79,25 @@ def truncate(u, s, vh, rank: int, part: str, name: str, shape) -> tuple[Module, 
     return Module(part, name, "lora", down=down, up=up.contiguous(), alpha=None), energy
 
 
-def low_rank(delta: torch.Tensor, rank: int, part: str, name: str) -> tuple[Module, float]:
-    """Truncated SVD of a full delta (shaped like its weight)."""
-    u, s, vh = torch.linalg.svd(delta.double().flatten(1), full_matrices=False)
+def thin_svd(a: torch.Tensor):
+    """The thin SVD of ``a``; a wide or tall matrix (a 3x3 convolution's 1280 x 11520) is first cut to its square
+    core by a QR, whose SVD costs far less than the rectangle's (measured on a CPU: 1280 x 11520 ten times faster)
+    and gives the same singular values and vectors."""
+    m, n = a.shape
+    if n > 2 * m:
+        q, r = torch.linalg.qr(a.T)  # a = r^T q^T
+        u, s, vh = torch.linalg.svd(r.T, full_matrices=False)
+        return u, s, vh @ q.T
+    if m > 2 * n:
+        q, r = torch.linalg.qr(a)
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
+        return q @ u, s, vh
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def low_rank(delta: torch.Tensor, rank: int, part: str, name: str, device=None) -> tuple[Module, float]:
+    """Truncated SVD of a full delta (shaped like its weight), in float64 on ``device`` (default the CPU)."""
+    u, s, vh = (t.cpu() for t in thin_svd(delta.double().flatten(1).to(device or "cpu")))
     return truncate(u, s, vh, rank, part, name, tuple(delta.shape))
 
 
@@ -223,7 +239,7 @@ def _layer_keys(sd: dict) -> dict:
             if k.endswith(".weight") and v.ndim in (2, 4) and not EMBEDDING_TABLE.search(k)}
 
 
-def extract(base: dict, tuned: dict, rank: int, quiet: bool = True) -> Outcome:
+def extract(base: dict, tuned: dict, rank: int, quiet: bool = True, device=None) -> Outcome:
     """A LoRA approximating tuned - base: per differing Linear/Conv2d weight, the truncated SVD of the difference."""
     check_rank(rank)
     out = Outcome({})
@@ -252,7 +268,7 @@ def extract(base: dict, tuned: dict, rank: int, quiet: bool = True) -> Outcome:
     if not pairs:
         raise SdtuneError("--base and --tuned have the same Linear/Conv2d weights: there is nothing to extract")
     for part, name, wb, wt in _progress(pairs, "extracting", quiet):
-        module, energy = low_rank(wt.double() - wb.double(), rank, part, name)
+        module, energy = low_rank(wt.double() - wb.double(), rank, part, name, device)
         out.modules[module.key] = module
         out.energies.append(energy)
     parts = sorted({p for p, _, _, _ in pairs})

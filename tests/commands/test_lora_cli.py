@@ -100,7 +100,7 @@ def test_merge_resize_extract_fuse_write_loadable_outputs(env, capsys, tmp_path)
                          "kohya")
     assert code == 0 and read_lora_set(tmp_path / "k.safetensors").format == "kohya", err
     code, out, err = cli(capsys, "extract", "--base", env["model"], "--tuned", env["tuned"], "--rank", "2",
-                         "--out", tmp_path / "x.safetensors")
+                         "--out", tmp_path / "x.safetensors", "--device", "cpu")
     assert code == 0, err
     assert "1 layers" in out and "energy kept: mean 100.00%" in out
     assert set(read_lora_set(tmp_path / "x.safetensors").modules) == {("unet", Q)}

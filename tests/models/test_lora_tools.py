@@ -529,3 +529,13 @@ def test_oft_and_peft_dora_files_are_described_and_refused(tmp_path):
     assert len(lora.modules) == sum(1 for n, _ in dora.named_modules() if n.endswith(".to_q"))
     with pytest.raises(SdtuneError, match="DoRA"):
         tools.merge([lora, lora], [1, 1], rank=2)
+
+
+@pytest.mark.parametrize("shape", [(24, 200), (200, 24), (30, 40)], ids=["wide", "tall", "square"])
+def test_thin_svd_through_a_qr_matches_torchs_svd(shape):
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u, s, vh = tools.thin_svd(a)
+    assert torch.allclose(s, torch.linalg.svdvals(a), atol=1e-10)
+    assert torch.allclose((u * s) @ vh, a, atol=1e-10)
+    assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=a.dtype), atol=1e-10)
+    assert torch.allclose(vh @ vh.T, torch.eye(vh.shape[0], dtype=a.dtype), atol=1e-10)

@@ -17,6 +17,7 @@ examples:
   sdtune lora merge dog.safetensors style.safetensors --weights 0.7,0.5 --out dog_style.safetensors
   sdtune lora merge a.safetensors b.safetensors --weights 1,1 --rank 16 --out ab_r16.safetensors
   sdtune lora resize runs/dog --rank 8 --out dog_r8.safetensors
+  sdtune lora resize runs/dog --rank 8 --out dog_r8_kohya.safetensors --format kohya
   sdtune lora extract --base BASE --tuned runs/full_finetune --rank 32 --out extracted.safetensors
   sdtune lora fuse runs/dog --model BASE --out dog_model/
   sdtune lora fuse runs/dog --model BASE --out dog_model.safetensors --scale 0.8

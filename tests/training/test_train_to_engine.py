@@ -93,3 +93,16 @@ def test_full_fine_tune_reaches_dedicated_models_by_add_difference(tiny_models, 
     t_merged = pixels(merged.generate("txt2img", **request("txt2img", inputs)))
     assert np.array_equal(t_merged, pixels(alone.generate("txt2img", **request("txt2img", inputs))))
     assert not np.array_equal(t_merged, pixels(untouched.generate("txt2img", **request("txt2img", inputs))))
+
+
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_other_adapters_change_every_mode_of_the_engine(tiny_models, inputs, tmp_path, kind):
+    """A LoHa (peft's file) and a DoRA (the diffusers file) reach the dedicated inpaint and depth UNets too."""
+    out = tmp_path / kind
+    train(tiny_models, out, method="lora", adapter=kind, learning_rate=3e-2)
+    dedicated = dict(inpaint_model=tiny_models["inpaint"], depth_model=tiny_models["depth"])
+    on = Engine.load(tiny_models["sd1"], lora=out, lora_scale=1.0, **dedicated)
+    plain = Engine.load(tiny_models["sd1"], **dedicated)
+    for mode in MODES:
+        a, b = pixels(on.generate(mode, **request(mode, inputs))), pixels(plain.generate(mode, **request(mode, inputs)))
+        assert np.abs(a - b).max() > 0, f"the trained {kind} did not change {mode}"

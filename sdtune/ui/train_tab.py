@@ -227,7 +227,7 @@ def build_train_tab(state, models: list) -> SimpleNamespace:
                 c.samples = gr.Gallery(label="validation samples (step · prompt)", columns=4, height=180,
                                        elem_id="train-samples", object_fit="scale-down")
                 c.log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
-    _wire(state, c)
+        _wire(state, c)  # inside the tab: its Timer is a component, and a Tabs must hold nothing but tabs
     return c
 
 

@@ -251,3 +251,17 @@ def test_the_shipped_data_is_found_as_the_readme_writes_it(sandbox):
                               f"{sandbox.outputs / 'data/subjects/no_such'} or {DATA_DIR / 'subjects/no_such'})")
     with pytest.raises(SdtuneError, match=f"looked for {sandbox.outputs / 'photos'}"):
         sandbox.resolve("photos", "image folder", kind="dir")
+
+
+def test_the_pages_tabs_hold_nothing_but_tabs(tmp_path):
+    """A component directly in the Tabs (a Timer made outside its tab) makes the browser show one tab's name in
+    place of another's once it is opened."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from sdtune.ui.app import build, make_state
+
+    demo = build(make_state(tmp_path / "outputs"))
+    (tabs,) = [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]
+    assert [(type(c).__name__, c.label) for c in tabs.children] == \
+        [("Tab", "Generate"), ("Tab", "Train"), ("Tab", "Runs"), ("Tab", "Inspect")]

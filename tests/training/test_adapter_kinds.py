@@ -167,7 +167,7 @@ def test_kohya_dora_scale_gives_peft_s_merged_weight_by_lycoris_formula(trained)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["loha", "oft"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_resume_is_exact(tiny_models, subject, tmp_path, kind):
     whole = train(tiny_models["sd1"], subject, tmp_path / "whole", kind, max_steps=4)
     part = tmp_path / "part"

@@ -222,3 +222,18 @@ def test_a_lokr_trains_identically_on_two_gloo_processes_and_exports_once(tiny_m
         torch.testing.assert_close(w0[key], w1[key], atol=0, rtol=0)
     assert (out / adapters.ADAPTER_FILE).is_file() and (out / adapters.LYCORIS_FILE).is_file()
     assert info[0]["losses"] == info[1]["losses"]
+
+
+def test_sdxl_dora_loads_in_stock_sdxl_diffusers_to_the_engines_pixels(tiny_sdxl, subject, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "xl-dora"
+    train(tiny_sdxl["sdxl"], subject, out, "dora")
+    got, _ = engine_image(tiny_sdxl["sdxl"], out)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["sdxl"])
+    pipe.load_lora_weights(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        stock = pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, height=32, width=32,
+                     generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    assert np.abs(stock - got).max() <= 1.5 / 255

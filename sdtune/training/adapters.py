@@ -1,4 +1,8 @@
-"""LoRA adapters for training: attach with peft, save as diffusers and as kohya/A1111 files.
+"""Adapters for training (LoRA, DoRA, LoHa, LoKr, OFT): attach with peft, save in the files each tool reads.
+
+LoRA is described first; the other kinds (``adapter_config``, ``save_lora_files``) reuse its parts: a DoRA writes the
+diffusers file in peft's keys and kohya's file with ``dora_scale``, a LoHa / LoKr peft's own file plus the LyCORIS
+layout (``sdtune.models.lycoris``), an OFT peft's file only.
 
 * UNet: LoRA on the attention projections ``to_q, to_k, to_v, to_out.0`` (self- and cross-attention),
   through diffusers' peft integration (``unet.add_adapter``), so the UNet stays a stock

@@ -1,4 +1,5 @@
-"""What trains and how: the base model's precision, the adapters (or full weights), and the optimizer over them.
+"""What trains and how: the base model's precision, the adapters (or full weights), and the optimizer's groups over
+them (the optimizer itself: ``sdtune.training.optimizers``).
 """
 from __future__ import annotations
 
@@ -14,22 +15,6 @@ def text_encoder_trains(cfg: TrainConfig) -> bool:
     """Whether the text encoder has trainable weights: its LoRA (``train_text_encoder``), or only the identifier's
     embedding rows (``train_identifier_embedding`` alone: pivotal tuning with every other word frozen)."""
     return cfg.train_text_encoder or (cfg.method == "lora" and cfg.train_identifier_embedding)
-
-
-def make_optimizer(cfg: TrainConfig, param_groups: list[dict], device: torch.device):
-    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if cfg.optimizer == "adamw8bit":
-        if device.type != "cuda":
-            raise SdtuneError("optimizer adamw8bit (bitsandbytes) runs on CUDA GPUs only; use optimizer: adamw")
-        try:
-            import bitsandbytes as bnb  # lazy: a CUDA-only dependency
-        except ImportError:
-            raise SdtuneError("optimizer adamw8bit needs bitsandbytes; pip install 'sdtune[cuda]' "
-                              "or use optimizer: adamw") from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # The fused kernel updates all parameters in one pass: a LoRA has hundreds of small tensors, and
-    # the per-tensor loop of the default implementation costs ~7% of a small model's CPU step.
-    return torch.optim.AdamW(param_groups, fused=device.type in ("cpu", "cuda"), **kwargs)
 
 
 def weight_dtype_of(cfg: TrainConfig) -> torch.dtype:

@@ -40,10 +40,10 @@ def measure(model: str, scratch: Path, steps: int = 20, repeats: int = 7, seed: 
     engine = Engine.load(model)
 
     def through_ui():
-        gallery, params, status, _, _ = generate_handler(
+        gallery, params, status, *_ = generate_handler(
             state, "txt2img", model, "", "", "", 1.0, PROMPT, "", steps, 7.5, seed, size, size, "default", 1, 0.8, None,
             None, [])
-        if not status.startswith("done"):
+        if " done at " not in status:
             raise RuntimeError(status)
         return Image.open(gallery[0][0]).convert("RGB")
 

@@ -29,6 +29,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # tall as the prompt boxes beside it, as in AUTOMATIC1111; status lines in a fixed-width font.
 CSS = """
 #gallery img, #train-samples img, #run-samples img, #train-thumbs img { image-rendering: pixelated; }
+#gallery .caption-label, #train-samples .caption-label, #run-samples .caption-label {
+  white-space: normal; max-width: 100%; left: 0; right: 0; opacity: 0.9; }
 #generate.big { min-height: 7.5em; font-size: 1.25em; }
 .gen-status textarea, .train-status textarea { font-family: ui-monospace, monospace; }
 #train-stop, #train-start, #train-resume, #run-use { white-space: nowrap; }

@@ -154,6 +154,18 @@ def input_image_handler(file):
             f"input image {Path(path).name}: {image.width}x{image.height}", None)
 
 
+def depth_map_handler(file):
+    """A depth map dropped on the page -> (the drop box: kept, or emptied when it is no image, a note)."""
+    if file is None:
+        return UNCHANGED, ""
+    path = file if isinstance(file, str) else file.name
+    try:
+        image = check_upload(path, "depth map")
+    except SdtuneError as exc:
+        return None, err(exc)
+    return UNCHANGED, f"depth map {Path(path).name}: {image.width}x{image.height}"
+
+
 def mode_view(mode: str) -> dict[str, dict]:
     """Which inputs a mode uses: {name: gr.update(visible=...)} (AUTOMATIC1111 shows img2img's inputs only there)."""
     needs_image = mode != "txt2img"
@@ -225,12 +237,12 @@ def build_generate_tab(state, schedulers: list[str]) -> SimpleNamespace:
                                                                      color_mode="fixed"),
                                           layers=False, transforms=(), visible=False)
                 with gr.Row():
-                    c.depth_upload = gr.Image(type="filepath", label="depth map (optional; white = near)",
-                                              sources=["upload"], height=160, visible=False, elem_id="depth-upload")
+                    c.depth_upload = gr.File(label="depth map (optional; white = near): drop it here",
+                                             height=90, visible=False, elem_id="depth-upload")
                     c.depth_view = gr.Image(label="estimated depth", interactive=False, height=160,
                                             elem_id="depth-view", visible=False)
                 with gr.Accordion("restore the settings of an sdtune PNG", open=False):
-                    c.restore = gr.File(label="drop an sdtune PNG", file_types=[".png"], elem_id="restore")
+                    c.restore = gr.File(label="drop an sdtune PNG", elem_id="restore")
             with gr.Column(scale=6, elem_id="results"):
                 c.status = gr.Textbox(label="status", interactive=False, elem_id="gen-status",
                                       elem_classes="gen-status", lines=2, max_lines=3)
@@ -267,6 +279,7 @@ def _wire(state, c: SimpleNamespace) -> None:
                      [c.mode, c.prompt, c.negative, c.steps, c.guidance, c.seed, c.width, c.height, c.scheduler,
                       c.strength, c.model, c.lora, c.lora_scale, c.guidance_interval, c.status])
     c.input_file.upload(input_image_handler, [c.input_file], [c.editor, c.input_note, c.input_file])
+    c.depth_upload.upload(depth_map_handler, [c.depth_upload], [c.depth_upload, c.input_note])
     c.mode.change(lambda m: [mode_view(m)[n] for n in MODE_OUTPUTS], [c.mode],
                   [getattr(c, n) for n in MODE_OUTPUTS], queue=False)
 

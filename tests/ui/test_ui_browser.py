@@ -354,6 +354,8 @@ def test_train_a_lora_from_the_forms_defaults_and_watch_it_to_the_end(page, serv
     assert not (state.sandbox.outputs / "ui_box").exists()
     type_into(page, "train-max-steps", 20)
     type_into(page, "train-num-class-images", 4)  # prior preservation stays on: 4 class images, drawn once
+    type_into(page, "train-lora-rank", 4)  # a lighter run than the recipe's, for two CPU cores
+    type_into(page, "train-train-batch-size", 1)
     shot(page, "train-form", 1400)
     css(page, "#train-start").click()
     wait_for(lambda: text_of(page, "train-status").startswith(("started ui_box", "ui_box", "sdtune")), 30, "the start")
@@ -433,7 +435,7 @@ def test_runs_card_files_and_metrics_then_use_in_generate(page, server):
     type_into(page, "seed", 5)
     tuned, tuned_params = generate_and_wait(page, state)
     wait_for(lambda: "txt2img · seed 5 · LoRA ui_box ×1" in css(page, "#gallery").text, 10, "the LoRA's caption")
-    shot(page, "generate")
+    shot(page, "generate", 1300)
     choose(page, "lora", "none")
     plain, plain_params = generate_and_wait(page, state)
     assert plain_params["lora"] is None and tuned_params["lora"] == str(run.resolve())

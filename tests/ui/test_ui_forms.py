@@ -74,6 +74,17 @@ def test_a_dropped_input_that_is_not_an_image_is_said_at_once(tmp_path):
     assert value["background"] == str(good) and note == "input image ok.png: 64x48" and box is None
 
 
+def test_a_dropped_depth_map_that_is_not_an_image_is_said_at_once(tmp_path):
+    from sdtune.ui.generate_tab import UNCHANGED, depth_map_handler
+
+    fake = tmp_path / "depth.png"
+    fake.write_bytes(b"%PDF-1.4")
+    assert depth_map_handler(str(fake)) == (None, "sdtune: error: depth map depth.png is not an image (it could not "
+                                                  "be decoded)")
+    Image.new("L", (32, 32)).save(fake)
+    assert depth_map_handler(str(fake)) == (UNCHANGED, "depth map depth.png: 32x32")
+
+
 def test_captions_table_and_status_say_what_an_image_is():
     from sdtune.ui.views import caption, params_table
 

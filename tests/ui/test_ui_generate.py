@@ -109,6 +109,16 @@ def test_the_page_handler_reports_errors_in_the_status_line(gen):
     assert gallery[0][1] == "txt2img · seed 0 · no LoRA" and "| steps | 4 |" in table and "null" not in table
 
 
+def test_seed_minus_one_draws_a_seed_and_records_it(gen):
+    """AUTOMATIC1111's -1: a random seed, the one drawn in the parameters and the caption (so it can be redone)."""
+    from sdtune.ui.app import State, generate_handler
+
+    gallery, params, status, *_ = generate_handler(State(gen.sandbox, gen, None), "txt2img", None, "", "", "", 1.0,
+                                                   "p", "", 2, 7.5, -1, 0, 0, "default", 1, 0.8, None, None, [])
+    seed = json.loads(params)["seed"]
+    assert 0 <= seed < 2**32 and gallery[0][1] == f"txt2img · seed {seed} · no LoRA" and f"seed {seed})" in status
+
+
 def test_a_painted_mask_is_the_editors_layers():
     from sdtune.ui.generate import mask_from_editor
 

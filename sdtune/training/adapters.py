@@ -60,14 +60,6 @@ KOHYA_FILE = "lora_kohya.safetensors"  # must not end in LORA_FILE: diffusers wo
 CONFIG_METADATA_KEY = "sdtune_config"
 
 
-def lora_config(rank: int, alpha: float | None, targets: list[str]):
-    from peft import LoraConfig
-
-    # Gaussian A, zero B: the adapter starts as an exact no-op, like the diffusers training scripts.
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
-                      target_modules=list(targets))
-
-
 def adapter_config(cfg, targets: list[str]):
     """The peft config of the run's ``adapter`` (``cfg``: a TrainConfig) on ``targets``; each starts as a no-op.
 
@@ -79,6 +71,7 @@ def adapter_config(cfg, targets: list[str]):
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else rank
     targets = list(targets)
     if kind in ("lora", "dora"):
+        # Gaussian A, zero B: the adapter starts as an exact no-op, like the diffusers training scripts.
         return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
                           lora_dropout=cfg.lora_dropout, use_dora=kind == "dora")
     if kind == "loha":
@@ -153,20 +146,21 @@ def add_text_encoder_adapter(text_encoder, cfg) -> None:
     text_encoder._sdtune_lora_config = config  # read back when saving (no peft_config on the model)
 
 
+def plain_lora(rank: int, alpha: float | None, targets: str = "attention"):
+    """The settings ``add_unet_adapter`` reads, for a plain LoRA built in code (tests, benchmarks, the UI)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(adapter="lora", lora_rank=rank, lora_alpha=alpha, lora_dropout=0.0, lora_targets=targets)
+
+
 def add_unet_lora(unet, rank: int, alpha: float | None, targets: str = "attention") -> None:
-    """A plain LoRA on the UNet (``add_unet_adapter`` with adapter: lora), for code that builds one directly."""
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS_ALL if targets == "all" else UNET_TARGETS))
+    """A plain LoRA on the UNet (``add_unet_adapter`` with adapter: lora)."""
+    add_unet_adapter(unet, plain_lora(rank, alpha, targets))
 
 
 def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None) -> None:
     """A plain LoRA on the text encoder, in place."""
-    from peft import inject_adapter_in_model
-
-    text_encoder.requires_grad_(False)
-    config = lora_config(rank, alpha, TEXT_ENCODER_TARGETS)
-    inject_adapter_in_model(config, text_encoder)
-    text_encoder._sdtune_lora_config = config
+    add_text_encoder_adapter(text_encoder, plain_lora(rank, alpha))
 
 
 def trainable_parameters(module) -> list[torch.nn.Parameter]:

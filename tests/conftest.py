@@ -49,6 +49,14 @@ def tiny_sdxl(tmp_path_factory):
     return tiny_sdxl_family(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """Paths of the tiny SD 3.5 models: {'sd3' (a diffusers folder with T5), 'sd3_controlnet', 'depth_estimator'}."""
+    from sdtune.models.fixtures import tiny_sd3_family
+
+    return tiny_sd3_family(tmp_path_factory.mktemp("tiny_sd3"))
+
+
 def _write_inputs(folder, seed: int = 0, size: int = 32) -> dict:
     """A noise image, a mask (white square in the middle = repaint) and a left-to-right depth ramp, as PNG files in
     ``folder``; returns {stem: path} of every file there (a test may add its own files first)."""

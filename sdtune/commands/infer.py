@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--inpaint-config", help="the same for a single-file --inpaint-model")
     g.add_argument("--depth-config", help="the same for a single-file --depth-model")
     g.add_argument("--base-config", help="the same for a single-file --base")
+    g.add_argument("--no-t5", action="store_true",
+                   help="SD 3.x: load without the T5 text encoder (far less memory; prompts read by CLIP only)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.ckpt/.bin) weights you trust")
     g.add_argument("--vae-tiling", action="store_true",
                    help="VAE in overlapping tiles: far less memory for images several times the model's size")
@@ -217,7 +219,7 @@ def engine_spec(args):
                       device=args.device, dtype=args.dtype, config=args.config, inpaint_config=args.inpaint_config,
                       depth_config=args.depth_config, base_config=args.base_config, allow_pickle=args.allow_pickle,
                       fuse_lora=False if args.no_fuse_lora else "auto", vae_tiling=args.vae_tiling,
-                      compile=args.compile, **_controlnet_args(args))
+                      compile=args.compile, no_t5=args.no_t5, **_controlnet_args(args))
 
 
 def _run(args) -> int:

@@ -36,7 +36,8 @@ class EngineSpec:
     of single-file checkpoints (see ``loading.load_pipeline``). ``lora`` at ``lora_scale`` (fused when exact enough
     with ``fuse_lora="auto"``). ``controlnet``: a depth ControlNet for depth2img (SDXL's way; for SD beside
     ``depth_model``), ``controlnet_config`` its config folder when it is one file; ``depth_estimator``: a
-    transformers depth model folder (DPT) that computes its depth from the input image.
+    transformers depth model folder (DPT) that computes its depth from the input image. ``no_t5``: an SD 3.x model
+    runs without its T5 encoder (less memory; its share of the prompt is zeros, as diffusers does).
     """
 
     model: object
@@ -58,6 +59,7 @@ class EngineSpec:
     controlnet: object = None
     controlnet_config: object = None
     depth_estimator: object = None
+    no_t5: bool = False
 
     @classmethod
     def from_params(cls, params: dict, *, device=None, dtype=None, allow_pickle: bool = False) -> "EngineSpec":
@@ -70,7 +72,7 @@ class EngineSpec:
         scale = params.get("lora_scale")
         return cls(**{k: params.get(k) for k in SOURCES}, lora_scale=1.0 if scale is None else scale, device=device,
                    dtype=dtype or params.get("dtype"), allow_pickle=allow_pickle,
-                   vae_tiling=bool(params.get("vae_tiling", False)))
+                   vae_tiling=bool(params.get("vae_tiling", False)), no_t5=bool(params.get("no_t5", False)))
 
     def check(self) -> None:
         """Refuse, before any loading, what cannot work: a bad LoRA scale, missing sources, conflicting options."""

@@ -25,6 +25,9 @@ depth coming from ``depth_estimator`` (a DPT folder) or a given depth map. The s
 serves SD 1.x/2.x (StableDiffusionControlNetImg2ImgPipeline) beside the 5-channel depth model.
 Prompts are encoded by ``sdtune.models.sdxl`` (both encoders, pooled embedding, long prompts chunked).
 
+SD 3.x (an MMDiT transformer in place of the UNet, three text encoders) is served by ``SD3Engine``
+(``sdtune.generation.sd3``), a subclass that ``Engine.load`` picks from the model's own config.
+
 Reproducibility: each image i of a request is its own pipeline call with its own CPU
 ``torch.Generator`` seeded ``seed + i``, so image i of a batch equals a single run with seed + i,
 and the seed stored in its metadata regenerates it exactly.
@@ -138,13 +141,22 @@ class Engine:
         spec = replace(model, **options) if isinstance(model, EngineSpec) else EngineSpec(model, **options)
         device, dtype = device_and_dtype(spec)
         spec.check()
-        engine = cls(**load_components(spec, device, dtype), sources=spec.sources())
+        if cls is Engine:
+            from sdtune.generation.sd3 import SD3Engine, is_sd3_spec
+
+            if is_sd3_spec(spec):  # SD 3.x: its own engine, from the model's own config
+                return SD3Engine.load(spec)
+        engine = cls(**cls._load_components(spec, device, dtype), sources=spec.sources())
         if spec.lora is not None:
             engine._apply_lora(spec.lora, float(spec.lora_scale), spec.allow_pickle, spec.fuse_lora)
         engine.set_vae_tiling(spec.vae_tiling)
         if spec.compile:
             engine.compile_unets()
         return engine
+
+    @classmethod
+    def _load_components(cls, spec: EngineSpec, device, dtype) -> dict:
+        return load_components(spec, device, dtype)
 
     def replace_dedicated(self, kind: str, src, config=None, allow_pickle: bool = False) -> None:
         """Swap the dedicated ``kind`` ("inpaint" | "depth") model for ``src`` (None: none, the mode then runs as
@@ -384,14 +396,7 @@ class Engine:
         with torch.inference_mode():
             for item in prepared:
                 r, req = item.request, item.req
-                if self.sdxl:
-                    enc = encode_prompts_xl([self.tokenizer, self.tokenizer_2], [te, self.text_encoder_2],
-                                            r.get("prompt") or "", negative_prompt, long_prompt=req["long_prompt"],
-                                            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
-                                            device=self.device)
-                else:
-                    enc = encode_prompts(self.tokenizer, te, r.get("prompt") or "", negative_prompt,
-                                         long_prompt=req["long_prompt"], device=self.device)
+                enc = self._encode_prompt(pipe, te, r.get("prompt") or "", negative_prompt, req["long_prompt"])
                 if enc.windows > 1:
                     log.info("prompt has %d tokens: encoded in %d windows of 75", enc.prompt_tokens, enc.windows)
                 item.enc = enc
@@ -399,6 +404,19 @@ class Engine:
                 for group in _same_shape_runs(prepared[start:start + batch_size]):
                     results += self._run_batch(mode, kind, pipe, group, negative_prompt, paste_back, on_step)
         return results
+
+    def _encode_prompt(self, pipe, te, prompt: str, negative_prompt: str, long_prompt: str):
+        if self.sdxl:
+            return encode_prompts_xl([self.tokenizer, self.tokenizer_2], [te, self.text_encoder_2], prompt,
+                                     negative_prompt, long_prompt=long_prompt,
+                                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                                     device=self.device)
+        return encode_prompts(self.tokenizer, te, prompt, negative_prompt, long_prompt=long_prompt,
+                              device=self.device)
+
+    def _mode_call(self, mode: str, kind: str, group: list[Prepared], call: dict) -> dict:
+        """The pipeline call's arguments, last look (``SD3Engine`` changes its ControlNet's)."""
+        return call
 
     def _run_batch(self, mode, kind, pipe, group: list[Prepared], negative_prompt, paste_back,
                    on_step) -> list[Result]:
@@ -408,7 +426,7 @@ class Engine:
         call = dict(prompt_embeds=torch.cat([e.prompt_embeds for e in encs]),
                     negative_prompt_embeds=torch.cat([e.negative_prompt_embeds for e in encs]),
                     num_inference_steps=req0["steps"], guidance_scale=req0["guidance"], output_type="pil")
-        if self.sdxl:
+        if getattr(encs[0], "pooled_prompt_embeds", None) is not None:  # SDXL, SD3
             call.update(pooled_prompt_embeds=torch.cat([e.pooled_prompt_embeds for e in encs]),
                         negative_pooled_prompt_embeds=torch.cat([e.negative_pooled_prompt_embeds for e in encs]))
         inits = [g.init for g in group]
@@ -429,11 +447,13 @@ class Engine:
                 on_step(_pipe.num_timesteps)  # schedulers differ in steps taken (PNDM: one extra, heun: ~2x)
                 return kwargs
             call.update(callback_on_step_end=_callback)
+        call = self._mode_call(mode, kind, group, call)
         pipe.scheduler = self._fresh_scheduler(kind, req0["scheduler"])  # schedulers keep state: one per call
         generators = [torch.Generator("cpu").manual_seed(g.req["seed"]) for g in group]
         # Only a guiding call (scale > 1) stacks the unconditional batch the interval's hook replaces.
         interval = req0["guidance_interval"] if req0["guidance"] > 1 else None
-        with limited_guidance(pipe.unet, interval, pipe.scheduler.config.num_train_timesteps,
+        denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet  # SD3: an MMDiT
+        with limited_guidance(denoiser, interval, pipe.scheduler.config.num_train_timesteps,
                               guiding=lambda: getattr(pipe, "do_classifier_free_guidance", True)):
             images = pipe(generator=generators if len(group) > 1 else generators[0], **call).images
         results = []

@@ -17,6 +17,8 @@ SDXL (base or inpainting): UNet and VAE as above (the added ``text_time`` embedd
 ``conditioner.embedders.0.transformer.``, the second (OpenCLIP bigG) under ``conditioner.embedders.1.model.``
 with fused q/k/v and its ``text_projection`` as OpenCLIP's (hidden, projection) matrix.
 
+SD 3.x: the transformer and VAE in Stability's SD 3.5 layout, without text encoders (``sd3_convert``).
+
 Usage: ``python -m sdtune.models.convert FOLDER OUT.safetensors [--dtype fp16]``.
 """
 from __future__ import annotations
@@ -185,6 +187,10 @@ def to_ldm_state_dict(pipe, dtype: torch.dtype | None = None) -> dict[str, torch
     from sdtune.models.loading import describe
 
     info = describe(pipe)
+    if info.family == "sd3":  # SD 3.x: the MMDiT and VAE in Stability's layout (sdtune.models.sd3_convert)
+        from sdtune.models.sd3_convert import to_original_state_dict
+
+        return to_original_state_dict(pipe, dtype)
     if info.family not in {"sd1", "sd2", "sdxl"}:
         raise SdtuneError(f"single-file export supports SD 1.x, 2.x and SDXL; this model is {info.family}")
     parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if info.family == "sdxl" else ())

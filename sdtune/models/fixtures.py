@@ -264,3 +264,128 @@ def tiny_sdxl_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
     tiny_controlnet(tiny_unet(4, seed=seed), seed).save_pretrained(paths["sd1_controlnet"], safe_serialization=True)
     paths["depth_estimator"] = save_tiny_depth_estimator(root / "depth_estimator", seed)
     return paths
+
+
+# ---------------------------------------------------------------------------- SD 3.5
+
+SD3_CLIP_DIMS = (32, 48)  # CLIP-L's and CLIP-G's widths (768, 1280 in SD3); each projects to its own width
+SD3_T5_DIM = 96  # T5's d_model (4096 in SD3): the transformer's joint_attention_dim, >= the CLIP widths together
+SD3_VARIANTS = ("sd3", "sd3_controlnet")
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer (Unigram, as T5's sentencepiece model) built offline from the CLIP vocabulary's first pieces:
+    whole words get T5's "▁" prefix. Not T5's vocabulary, but the same tokenizer class, special tokens and
+    padding/truncation behaviour, which is what the SD3 pipelines rely on."""
+    import json
+
+    from transformers import T5Tokenizer
+
+    vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text())
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in pieces}
+    for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])[:2000]:
+        piece = "\u2581" + tok[:-4] if tok.endswith("</w>") else tok
+        if tok.startswith("<|") or piece in seen:
+            continue
+        seen.add(piece)
+        pieces.append((piece, -len(pieces) / 100.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def tiny_t5_encoder(vocab_size: int, seed: int = 0):
+    """SD3's third text encoder: a T5 v1.1 encoder (gated GELU), tiny."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed + 3)
+    config = T5Config(vocab_size=vocab_size, d_model=SD3_T5_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3_clip(which: int, seed: int = 0):
+    """SD3's CLIP encoders (``which`` 1: CLIP-L, 2: CLIP-G): ``CLIPTextModelWithProjection``, projecting to their own
+    width, as in SD3 (768 -> 768, 1280 -> 1280)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    hidden = SD3_CLIP_DIMS[which - 1]
+    torch.manual_seed(seed + 10 + which)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1 if which == 2 else 49407, projection_dim=hidden,
+        hidden_act="gelu" if which == 2 else "quick_gelu",
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_vae(seed: int = 0):
+    """SD3's VAE layout: 16 latent channels, no quant convs, a shift and a scale factor (SD3's values)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+    )
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """SD 3.5's MMDiT (``SD3Transformer2DModel``), tiny: patch 2 on 16x16 latents (32 px), 3 joint blocks, the
+    first with SD 3.5 Medium's dual attention, RMS qk-norm as in SD 3.5."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=SD3_T5_DIM, caption_projection_dim=32, pooled_projection_dim=sum(SD3_CLIP_DIMS),
+        out_channels=16, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+
+
+def tiny_sd3_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_controlnet(transformer, seed: int = 0):
+    """A depth ControlNet for an SD3 transformer (``SD3ControlNetModel.from_transformer``: its first two blocks),
+    with the zero-initialised input embedding and output projections randomised so it does something."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed + 2)
+    net = SD3ControlNetModel.from_transformer(transformer, num_layers=2, num_extra_conditioning_channels=0)
+    with torch.no_grad():
+        for p in [*net.controlnet_blocks.parameters(), *net.pos_embed_input.parameters()]:
+            p.normal_(std=0.3)
+    return net.eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+    """A tiny random SD 3.5 pipeline (in memory): MMDiT, 16-channel VAE, flow-matching Euler, CLIP-L, CLIP-G and T5
+    (``t5=False``: no third encoder, as diffusers allows)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    tok3 = tiny_t5_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed), scheduler=tiny_sd3_scheduler(), vae=tiny_sd3_vae(seed),
+        text_encoder=tiny_sd3_clip(1, seed), tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_sd3_clip(2, seed), tokenizer_2=tiny_sdxl_tokenizer_2(),
+        text_encoder_3=tiny_t5_encoder(len(tok3), seed) if t5 else None, tokenizer_3=tok3 if t5 else None)
+
+
+def tiny_sd3_family(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny SD 3.5 models: ``sd3`` (a diffusers folder), ``sd3_controlnet`` (its depth ControlNet) and
+    ``depth_estimator`` (the DPT estimator)."""
+    root = Path(root)
+    paths = {"sd3": root / "sd3", "sd3_controlnet": root / "sd3_controlnet"}
+    pipe = tiny_sd3_pipeline(seed)
+    pipe.save_pretrained(paths["sd3"], safe_serialization=True)
+    tiny_sd3_controlnet(pipe.transformer, seed).save_pretrained(paths["sd3_controlnet"], safe_serialization=True)
+    paths["depth_estimator"] = save_tiny_depth_estimator(root / "depth_estimator", seed)
+    return paths

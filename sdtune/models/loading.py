@@ -19,6 +19,9 @@ inpainting pipeline for a 9-channel UNet). A single SDXL file loads through
 ``StableDiffusionXLPipeline.from_single_file(file, config=LOCAL_FOLDER)``. Refiner-only models (no
 first text encoder, aesthetic-score conditioning) are refused: they only refine a base model's latents.
 
+SD 3 / 3.5 (family "sd3") is recognised the same way, from ``model_index.json`` or the transformer's config
+(``sdtune.models.sd3``), and loads as ``StableDiffusion3Pipeline``; ``drop_t5`` leaves its T5 encoder out.
+
 ``load_controlnet`` and ``load_depth_estimator`` load the depth ControlNet (folder, single file with a
 config folder, or hub id) and a transformers depth estimator (DPT) for ControlNet depth2img.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.models import sd3
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
@@ -41,8 +45,8 @@ SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
 class ModelInfo:
     """What kind of Stable Diffusion model a pipeline is, read from its own config."""
 
-    family: str  # "sd1" | "sd2" | "sdxl" | "unknown"
-    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "unknown"
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample" | "flow_matching" (sd3)
     unet_in_channels: int  # 4 txt2img, 9 inpaint, 5 depth
     text_dim: int
     vae_scale_factor: int
@@ -55,6 +59,12 @@ class ModelInfo:
 
 def describe(pipe) -> ModelInfo:
     """Read the family, prediction type and UNet kind of a loaded pipeline."""
+    if sd3.is_sd3_pipeline(pipe):  # SD 3.x: an MMDiT transformer trained with flow matching
+        t = pipe.transformer.config
+        return ModelInfo(family="sd3", prediction_type="flow_matching", unet_in_channels=int(t.in_channels),
+                         text_dim=int(t.joint_attention_dim),
+                         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+                         scaling_factor=float(pipe.vae.config.scaling_factor))
     text_dim = int(pipe.text_encoder.config.hidden_size)
     cross = pipe.unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
@@ -124,7 +134,9 @@ def _folder_configs(folder: Path) -> tuple[dict, dict]:
 
 
 def _folder_class(folder: Path):
-    """The pipeline class a diffusers folder calls for (SD or SDXL, by UNet channels); refiners refused."""
+    """The pipeline class a diffusers folder calls for (SD or SDXL, by UNet channels; SD3); refiners refused."""
+    if sd3.is_sd3_folder(folder):
+        return sd3.pipeline_class(sd3.transformer_config(folder).get("in_channels", 16))
     index, unet_config = _folder_configs(folder)
     sdxl = is_sdxl_config(index, unet_config)
     if sdxl:
@@ -174,11 +186,12 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path | str]:
 
 def load_pipeline(source, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   config: str | os.PathLike | None = None, allow_pickle: bool = False,
-                  local_files_only: bool | None = None):
+                  local_files_only: bool | None = None, drop_t5: bool = False):
     """Load a Stable Diffusion pipeline of the class its UNet calls for, on ``device`` in ``dtype``.
 
     ``config`` is a local diffusers folder that gives the architecture of a single-file checkpoint.
     Pickle weights (which can run code when loaded) are refused unless ``allow_pickle`` is set.
+    ``drop_t5``: an SD3 model is loaded without its T5 encoder (ignored for the other families).
     """
     kind, where = resolve_source(source)
     if local_files_only is None:
@@ -195,11 +208,12 @@ def load_pipeline(source, *, device: torch.device | str = "cpu", dtype: torch.dt
                 use_safetensors = None
             cls = _folder_class(where)
             pipe = cls.from_pretrained(where, dtype=dtype, use_safetensors=use_safetensors,
-                                       local_files_only=True, **_no_safety_checker(cls))
+                                       local_files_only=True, **_no_safety_checker(cls), **_t5(cls, drop_t5))
         elif kind == "file":
-            pipe = _load_single_file(where, dtype=dtype, config=config, allow_pickle=allow_pickle)
+            pipe = _load_single_file(where, dtype=dtype, config=config, allow_pickle=allow_pickle, drop_t5=drop_t5)
         else:
-            pipe = _load_hub(where, dtype=dtype, local_files_only=local_files_only, allow_pickle=allow_pickle)
+            pipe = _load_hub(where, dtype=dtype, local_files_only=local_files_only, allow_pickle=allow_pickle,
+                             drop_t5=drop_t5)
     except SdtuneError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:  # diffusers reports missing/broken files this way
@@ -213,12 +227,20 @@ def _no_safety_checker(cls) -> dict:
     # The NSFW checker is a separate 1.2 GB CLIP model; sdtune neither loads nor requires it.
     from diffusers import StableDiffusionDepth2ImgPipeline
 
-    if cls is StableDiffusionDepth2ImgPipeline or "XL" in cls.__name__:  # SDXL pipelines have no safety checker
+    if cls is StableDiffusionDepth2ImgPipeline or "XL" in cls.__name__ or _is_sd3_class(cls):  # SDXL, SD3: none
         return {}
     return {"safety_checker": None, "requires_safety_checker": False}
 
 
-def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool):
+def _is_sd3_class(cls) -> bool:
+    return cls.__name__.startswith("StableDiffusion3")
+
+
+def _t5(cls, drop_t5: bool) -> dict:
+    return sd3.no_t5_kwargs(drop_t5) if _is_sd3_class(cls) else {}
+
+
+def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool, drop_t5: bool = False):
     from diffusers import DiffusionPipeline
     from huggingface_hub import hf_hub_download
 
@@ -228,6 +250,10 @@ def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool
     except Exception as exc:  # offline and not cached, unknown repo, no network
         how = "it is not in the local cache and HF_HUB_OFFLINE is set" if local_files_only else str(exc).splitlines()[0]
         raise SdtuneError(f"could not get model {repo_id} from the hub: {how}; pass a local folder instead") from exc
+    if sd3.is_sd3_index(index):  # SD 3.x: recognised from its model_index.json
+        cls = sd3.pipeline_class(_hub_config(repo_id, "transformer/config.json").get("in_channels", 16))
+        return cls.from_pretrained(repo_id, dtype=dtype, local_files_only=local_files_only,
+                                   use_safetensors=None if allow_pickle else True, **sd3.no_t5_kwargs(drop_t5))
     unet_config = {}
     try:
         unet_cfg = hf_hub_download(repo_id, "unet/config.json", local_files_only=local_files_only)
@@ -244,7 +270,7 @@ def _load_hub(repo_id: str, *, dtype, local_files_only: bool, allow_pickle: bool
                                use_safetensors=None if allow_pickle else True, **_no_safety_checker(cls))
 
 
-def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
+def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool, drop_t5: bool = False):
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise SdtuneError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
                           ".safetensors or pass --allow-pickle if you trust it")
@@ -255,19 +281,21 @@ def _load_single_file(path: Path, *, dtype, config, allow_pickle: bool):
     if not (config / "model_index.json").is_file():
         raise SdtuneError(f"--config {config} is not a diffusers folder (no model_index.json)")
     cls = _folder_class(config)
-    _check_single_file_family(path, "XL" in cls.__name__, config)
+    _check_single_file_family(path, "sd3" if _is_sd3_class(cls) else "sdxl" if "XL" in cls.__name__ else "sd", config)
+    if _is_sd3_class(cls):
+        return sd3.load_single_file(path, config, dtype=dtype, drop_t5=drop_t5)
     if not hasattr(cls, "from_single_file"):
         return _load_single_file_depth(path, cls, config, dtype)
     return cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True,
-                                **_no_safety_checker(cls))
+                                **_no_safety_checker(cls), **_t5(cls, drop_t5))
 
 
 SDXL_FILE_KEY = "conditioner.embedders.1.model.positional_embedding"  # SDXL base/inpaint: OpenCLIP second
 REFINER_FILE_KEY = "conditioner.embedders.0.model.text_projection"  # SDXL refiner: OpenCLIP as the only encoder
 
 
-def _check_single_file_family(path: Path, config_is_sdxl: bool, config: Path) -> None:
-    """The file's own keys say SDXL, refiner or SD; refuse a refiner and a config folder of the other family."""
+def _check_single_file_family(path: Path, config_family: str, config: Path) -> None:
+    """The file's own keys say SD3, SDXL, refiner or SD; refuse a refiner and a config folder of another family."""
     if path.suffix != ".safetensors":
         return
     from safetensors import safe_open
@@ -281,6 +309,12 @@ def _check_single_file_family(path: Path, config_is_sdxl: bool, config: Path) ->
         raise SdtuneError(f"{path} is an SDXL refiner checkpoint, which only refines a base model's latents; "
                           "pass an SDXL base or inpainting checkpoint")
     file_is_sdxl = SDXL_FILE_KEY in keys or any(k.startswith("conditioner.embedders.") for k in keys)
+    file_family = "sd3" if sd3.file_is_sd3(keys) else "sdxl" if file_is_sdxl else "sd"
+    if "sd3" in (file_family, config_family) and file_family != config_family:
+        names = {"sd3": "an SD 3.x", "sdxl": "an SDXL", "sd": "an SD 1.x/2.x"}
+        raise SdtuneError(f"{path} is {names[file_family]} checkpoint but --config {config} is "
+                          f"{names[config_family]} folder; pass a config folder of the same family")
+    config_is_sdxl = config_family == "sdxl"
     if file_is_sdxl != config_is_sdxl:
         what = ("an SDXL", "an SD 1.x/2.x") if file_is_sdxl else ("an SD 1.x/2.x", "an SDXL")
         raise SdtuneError(f"{path} is {what[0]} checkpoint but --config {config} is {what[1]} folder; "
@@ -290,8 +324,12 @@ def _check_single_file_family(path: Path, config_is_sdxl: bool, config: Path) ->
 def load_controlnet(source, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     config: str | os.PathLike | None = None, local_files_only: bool | None = None):
     """A ControlNet from a diffusers folder (config.json + weights), one .safetensors (with ``config``, a local
-    ControlNet folder of the same architecture) or a hub id."""
-    from diffusers import ControlNetModel
+    ControlNet folder of the same architecture) or a hub id. An SD3 ControlNet (``SD3ControlNetModel`` in its
+    config) loads as that class."""
+    from diffusers import ControlNetModel, SD3ControlNetModel
+
+    def cls_of(cfg: dict):
+        return SD3ControlNetModel if cfg.get("_class_name") == "SD3ControlNetModel" else ControlNetModel
 
     text = str(source)
     path = Path(text).expanduser()
@@ -301,18 +339,21 @@ def load_controlnet(source, *, device: torch.device | str = "cpu", dtype: torch.
             if not cfg.is_file() or "ControlNet" not in json.loads(cfg.read_text()).get("_class_name", ""):
                 raise SdtuneError(f"--controlnet {path} is not a diffusers ControlNet folder (no config.json naming "
                                   "ControlNetModel)")
-            net = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
+            net = cls_of(json.loads(cfg.read_text())).from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                                      local_files_only=True)
         elif path.is_file():
             if path.suffix != ".safetensors":
                 raise SdtuneError(f"--controlnet {path} must be a .safetensors file or a diffusers folder")
             if config is None or not (Path(config) / "config.json").is_file():
                 raise SdtuneError(f"--controlnet {path} is a single file; pass --controlnet-config with a local "
                                   "ControlNet folder of the same architecture so nothing is downloaded")
-            net = ControlNetModel.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True)
+            cls = cls_of(json.loads((Path(config) / "config.json").read_text()))
+            net = cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True)
         elif text.count("/") == 1 and not text.startswith((".", "/", "~")):
             offline = _is_offline() if local_files_only is None else local_files_only
             try:
-                net = ControlNetModel.from_pretrained(text, dtype=dtype, local_files_only=offline)
+                cls = cls_of(_hub_config(text, "config.json"))
+                net = cls.from_pretrained(text, dtype=dtype, local_files_only=offline)
             except Exception as exc:
                 how = "it is not in the local cache and HF_HUB_OFFLINE is set" if offline else _first_line(exc)
                 raise SdtuneError(f"could not get ControlNet {text} from the hub: {how}; pass a local folder") from exc
@@ -368,13 +409,19 @@ class ModelPeek:
     """What a model's config files say, read without loading any weights."""
     sdxl: bool
     native_resolution: int | None  # pixels: the UNet's sample size x the VAE's downsampling; None if unknown
+    sd3: bool = False  # SD 3.x (an MMDiT transformer, flow matching)
 
 
 def peek_model(source: str | os.PathLike) -> ModelPeek:
     """The family and native size of a diffusers folder, hub id (its config files only) or .safetensors file."""
     kind, where = resolve_source(source)
     if kind == "file":  # a checkpoint's own keys say SDXL; its size lives in a config folder it does not carry
-        return ModelPeek(sdxl=_file_is_sdxl(where), native_resolution=None)
+        return ModelPeek(sdxl=_file_is_sdxl(where), native_resolution=None, sd3=_file_is_sd3(where))
+    if kind == "folder" and sd3.is_sd3_folder(where):
+        vae_file = where / "vae" / "config.json"
+        vae_config = json.loads(vae_file.read_text()) if vae_file.is_file() else {}
+        return ModelPeek(sdxl=False, native_resolution=sd3.native_resolution(sd3.transformer_config(where), vae_config),
+                         sd3=True)
     if kind == "folder":
         index, unet_config = _folder_configs(where)
         vae_file = where / "vae" / "config.json"
@@ -385,6 +432,9 @@ def peek_model(source: str | os.PathLike) -> ModelPeek:
             how = ("it is not in the local cache and HF_HUB_OFFLINE is set" if _is_offline()
                    else "its model_index.json could not be read (no such model, or no network)")
             raise SdtuneError(f"could not read model {where} from the hub: {how}; pass a local folder instead")
+        if sd3.is_sd3_index(index):
+            return ModelPeek(sdxl=False, sd3=True, native_resolution=sd3.native_resolution(
+                _hub_config(where, "transformer/config.json"), _hub_config(where, "vae/config.json")))
         unet_config, vae_config = _hub_config(where, "unet/config.json"), _hub_config(where, "vae/config.json")
     size = unet_config.get("sample_size")
     blocks = vae_config.get("block_out_channels")
@@ -409,5 +459,17 @@ def _file_is_sdxl(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             return any(k.startswith("conditioner.embedders.") for k in f.keys())
+    except Exception as exc:
+        raise SdtuneError(f"{path} is not a readable .safetensors file ({type(exc).__name__})") from exc
+
+
+def _file_is_sd3(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sd3.file_is_sd3(f.keys())
     except Exception as exc:
         raise SdtuneError(f"{path} is not a readable .safetensors file ({type(exc).__name__})") from exc

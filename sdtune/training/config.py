@@ -43,6 +43,7 @@ OPTIONAL_OPTIMIZERS = {"prodigy": "prodigyopt", "schedulefree": "schedulefree", 
 EMA_EXPORTS = ("ema", "both")
 LORA_TARGETS = ("attention", "all")
 CAPTION_DROPOUT_ON = ("all", "class")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")  # SD 3.x (diffusers' SD3 script)
 MASKED_LOSS_MEANS = ("weights", "pixels")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # The schedule names diffusers.optimization.get_scheduler accepts (piecewise_constant needs extra rules).
@@ -258,6 +259,14 @@ class TrainConfig:
                                    help="min-SNR loss weighting; null: off")
     noise_offset: float = LOSS(0.0, range=">= 0", note="0.05 is usual", help="offset noise, for darker darks and "
                                "brighter brights; 0: off")
+    # SD 3.x only (flow matching, sdtune.training.flow_matching); defaults as diffusers' train_dreambooth_lora_sd3.py
+    weighting_scheme: str = LOSS("none", choices=WEIGHTING_SCHEMES, help="SD 3.x: the timestep density and loss "
+                                 "weighting (diffusers' SD3 script): none draws sigmas uniformly and weighs every one "
+                                 "alike; logit_normal and mode draw them from those densities; cosmap and sigma_sqrt "
+                                 "weigh the loss")
+    logit_mean: float = LOSS(0.0, range="[-10, 10]", help="SD 3.x, weighting_scheme logit_normal: the normal's mean")
+    logit_std: float = LOSS(1.0, range="> 0", help="SD 3.x, weighting_scheme logit_normal: the normal's std")
+    mode_scale: float = LOSS(1.29, range=">= 0", help="SD 3.x, weighting_scheme mode: the mode density's scale")
     seed: int = OPTIM(0, range=">= 0", help="the seed of every random choice (a resumed run draws the same)")
     # --- watching and saving ---
     validation_prompts: list[str] = WATCH(factory=list, help="prompts sampled at each validation")

@@ -109,7 +109,12 @@ def train(cfg: TrainConfig, scorers=()) -> TrainResult:
     main_process = int(os.environ.get("RANK", "0")) == 0  # launchers set RANK; one process is rank 0
     try:
         with checkpointing.output_lock(output_dir, enabled=main_process):
-            return _train(with_native_resolution(cfg), scorers)
+            cfg = with_native_resolution(cfg)
+            from sdtune.training.sd3 import is_sd3_run, train_sd3
+
+            if is_sd3_run(cfg):  # SD 3.x: the same recipe with its own model and objective (sdtune.training.sd3)
+                return train_sd3(cfg, scorers)
+            return _train(cfg, scorers)
     except SdtuneError:
         raise
     except Exception as exc:  # not only OSError: safetensors and torch.save raise their own types for a full disk

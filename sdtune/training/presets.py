@@ -6,7 +6,8 @@ Training without a YAML file:
 
 ``sdtune train model=HUB_ID_OR_PATH instance_dir=photos/ instance_prompt="a photo of sks dog"
 class_prompt="a photo of a dog"`` names no config. The model's own config files (no weights) say its family, and
-the family's shipped config gives every default: ``sdxl_lora`` for SDXL, ``sd15_lora`` for SD 1.x/2.x, and
+the family's shipped config gives every default: ``sd3_lora`` for SD 3.x, ``sdxl_lora`` for SDXL, ``sd15_lora`` for
+SD 1.x/2.x, and
 ``dreambooth_lora`` for the embedded model (no ``model``). The resolution is the model's native size. The keys that
 describe one subject and one run (its photos, prompts and folders) are not taken from the shipped file: the user
 gives the subject, and the folders are named after it.
@@ -25,7 +26,7 @@ from sdtune.yamlfile import read_yaml
 
 log = logging.getLogger("sdtune.train")
 # The shipped config each family starts from (configs/NAME.yaml).
-FAMILY_PRESETS = {"embedded": "dreambooth_lora", "sd": "sd15_lora", "sdxl": "sdxl_lora"}
+FAMILY_PRESETS = {"embedded": "dreambooth_lora", "sd": "sd15_lora", "sdxl": "sdxl_lora", "sd3": "sd3_lora"}
 # A shipped config's keys that describe its own example subject and run, not a default for another one.
 SUBJECT_KEYS = ("instance_dir", "instance_prompt", "class_prompt", "class_prompts", "class_dir", "output_dir",
                 "validation_prompts", "identifier", "dataset", "concepts")
@@ -122,7 +123,7 @@ def _family_of(model: str | None) -> tuple[str, int | None]:
     from sdtune.models.loading import peek_model
 
     peek = peek_model(model)
-    return ("sdxl" if peek.sdxl else "sd"), peek.native_resolution
+    return ("sd3" if peek.sd3 else "sdxl" if peek.sdxl else "sd"), peek.native_resolution
 
 
 def _run_keys(data: dict[str, Any], family: str) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def _slug(text: str) -> str:
 
 
 # The size to train at when neither the config nor the model's config says one (a single-file checkpoint).
-FALLBACK_RESOLUTION = {"sd": 512, "sdxl": 1024}
+FALLBACK_RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
 
 
 def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
@@ -158,6 +159,6 @@ def with_native_resolution(cfg: TrainConfig) -> TrainConfig:
     from sdtune.models.loading import peek_model
 
     peek = peek_model(cfg.model or embedded_model("base"))
-    size = peek.native_resolution or FALLBACK_RESOLUTION["sdxl" if peek.sdxl else "sd"]
+    size = peek.native_resolution or FALLBACK_RESOLUTION["sd3" if peek.sd3 else "sdxl" if peek.sdxl else "sd"]
     log.info("resolution %d (the model's native size)", size)
     return config_from_dict({**config_to_dict(cfg), "resolution": size})

@@ -1,0 +1,312 @@
+"""DreamBooth LoRA on SD 3.x: the recipe's data, prior preservation, caption dropout, caching, checkpoints and
+exact resume, with the family's own model and objective.
+
+``sdtune.training.dreambooth.train`` hands a run whose model is SD 3.x (recognised from its config) to ``train_sd3``.
+What differs from SD/SDXL:
+
+* the model: the MMDiT ``transformer`` takes the LoRA (peft, through diffusers' ``add_adapter``) on its attention
+  projections - ``to_q, to_k, to_v, to_out.0`` of the image stream (and SD 3.5 Medium's second attention);
+  ``lora_targets: all`` adds the context stream's ``add_q_proj, add_k_proj, add_v_proj, to_add_out`` and both
+  streams' feed-forward layers (``ff``, ``ff_context``). The text encoders and T5 stay frozen;
+* the objective: flow matching (``sdtune.training.flow_matching``) with diffusers' timestep densities and loss
+  weightings (``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``);
+* the conditioning: the stock pipeline's ``encode_prompt`` (CLIP-L + CLIP-G + T5, or no T5 when the model folder
+  has none), each distinct caption encoded once (the encoders are frozen); a dropped caption (caption dropout) is
+  the encoded empty prompt, exactly what SD3's pipelines feed the unconditional branch;
+* the output: ``pytorch_lora_weights.safetensors`` written by ``StableDiffusion3Pipeline.save_lora_weights``, which
+  stock ``StableDiffusion3Pipeline.load_lora_weights`` (and sdtune's engine) read.
+
+Latents are the VAE's ``(x - shift_factor) * scaling_factor``, drawn from cached posteriors (``LatentSource``) as
+for SD. Every random draw of a step comes from the step's generator (``dreambooth.step_generator``), so a resumed
+run ends with the weights of an uninterrupted one. Not (yet) for SD 3.x, each refused in one line: full fine-tuning
+and the other adapters, text-encoder training, the identifier embedding, output preservation, the conditional pull,
+min-SNR and offset noise (epsilon-schedule notions), EMA and the in-loop evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from sdtune.console import SdtuneWarning
+from sdtune.errors import SdtuneError
+from sdtune.training import checkpointing
+from sdtune.training import flow_matching as fm
+from sdtune.training import objectives as obj
+from sdtune.training.config import TrainConfig, resolve_model
+
+log = logging.getLogger("sdtune.train")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+def lora_target_modules(lora_targets: str) -> list[str]:
+    """peft target names for ``lora_targets``: attention (the image stream's projections) or all."""
+    return ATTENTION + (CONTEXT + FEED_FORWARD if lora_targets == "all" else [])
+
+
+def is_sd3_run(cfg: TrainConfig) -> bool:
+    """Whether the run's model is SD 3.x, from its config files (a single file's keys)."""
+    from sdtune.models.loading import peek_model
+
+    if not cfg.model:
+        return False
+    try:
+        return peek_model(resolve_model(cfg)).sd3
+    except SdtuneError:
+        return False  # the ordinary path says what is wrong with the source
+
+
+def check_supported(cfg: TrainConfig) -> None:
+    """Refuse, in one line each, what the SD 3.x recipe does not do yet."""
+    unsupported = [
+        (cfg.method != "lora", "method: full"),
+        (cfg.adapter != "lora", f"adapter: {cfg.adapter}"),
+        (cfg.train_text_encoder, "train_text_encoder"),
+        (cfg.train_identifier_embedding, "train_identifier_embedding"),
+        (cfg.output_preservation_weight > 0, "output_preservation_weight"),
+        (cfg.conditional_pull > 0, "conditional_pull"),
+        (cfg.snr_gamma is not None, "snr_gamma (min-SNR is an epsilon-schedule weighting; use weighting_scheme)"),
+        (cfg.noise_offset > 0, "noise_offset"),
+        (cfg.ema_decay is not None, "ema_decay"),
+        (bool(cfg.eval_every), "eval_every"),
+        (cfg.compile, "compile"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise SdtuneError(f"{what} is not supported for SD 3.x models yet; SD 3.x trains a LoRA on the "
+                              "transformer (see docs/sd3.md)")
+
+
+class SD3Prompts:
+    """captions -> (prompt_embeds [N, L, D], pooled [N, P]) by the stock pipeline's ``encode_prompt``; each distinct
+    caption encoded once (the encoders are frozen). ``encoder_calls`` counts the encodings."""
+
+    def __init__(self, pipe, device, max_sequence_length: int = 256):
+        self.pipe, self.device, self.max_sequence_length = pipe, device, max_sequence_length
+        self._cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoder_calls = 0
+
+    @torch.no_grad()
+    def _one(self, prompt: str):
+        self.encoder_calls += 1
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                       do_classifier_free_guidance=False, device=self.device,
+                                                       max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        for p in prompts:
+            if p not in self._cached:
+                self._cached[p] = self._one(p)
+        embeds = torch.cat([self._cached[p][0] for p in prompts])
+        pooled = torch.cat([self._cached[p][1] for p in prompts])
+        return embeds, pooled
+
+
+def train_sd3(cfg: TrainConfig, scorers=()):
+    """The DreamBooth recipe on an SD 3.x model (``dreambooth.train`` calls it inside its output lock)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from sdtune.models.loading import describe, load_pipeline
+    from sdtune.training.caching import LatentSource
+    from sdtune.training.class_images import ensure_concept_class_images
+    from sdtune.training.data import check_output_dir
+    from sdtune.training.dreambooth import TrainResult
+    from sdtune.training.optimizers import make_optimizer
+    from sdtune.training.run_data import read_data, read_instances
+    from sdtune.training.runtime import check_launch, check_resume_matches, register_trainable_only_checkpoints
+
+    check_supported(cfg)
+    if scorers:
+        raise SdtuneError("likeness scorers (the in-loop evaluation) are not supported for SD 3.x models yet")
+    output_dir = check_output_dir(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir)))
+    check_launch(accelerator)
+    if accelerator.is_main_process:
+        checkpointing.remove_partials(output_dir)
+    instances = read_instances(cfg)
+    if cfg.masked_loss and not any(ex.has_mask for exs in instances for ex in exs) and accelerator.is_main_process:
+        warnings.warn("masked_loss is on but no instance image has a mask: every pixel counts, as without it",
+                      SdtuneWarning, stacklevel=2)
+    resume_from = checkpointing.resolve_resume(cfg.resume, output_dir)
+    set_seed(cfg.seed)
+
+    # --- the model: frozen in the run's precision, a LoRA on the transformer in fp32 -------------------------
+    model_source = resolve_model(cfg)
+    pipe = load_pipeline(model_source, device=accelerator.device, dtype=torch.float32)
+    if describe(pipe).family != "sd3":
+        raise SdtuneError(f"{model_source} is not an SD 3.x model")
+    pipe.set_progress_bar_config(disable=True)
+    class_images = ensure_concept_class_images(cfg, accelerator, pipeline=pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SdtuneWarning)
+        data = read_data(cfg, instances, class_images)
+    transformer = pipe.transformer
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, transformer):
+        if module is not None:
+            module.requires_grad_(False)
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, transformer):
+        if module is not None:
+            module.to(dtype=weight_dtype)
+    vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", True) else weight_dtype
+    pipe.vae.to(dtype=vae_dtype)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    add_lora(transformer, cfg)
+
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, [{"params": params, "lr": cfg.learning_rate}], accelerator.device)
+    world = accelerator.num_processes
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    register_trainable_only_checkpoints(accelerator, [model])
+
+    global_step = 0
+    if resume_from is not None:
+        check_resume_matches(resume_from, [model])
+        accelerator.load_state(str(resume_from), strict=False)
+        global_step = checkpointing.checkpoint_step(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+
+    cache_dir = cfg.latent_cache_dir or (output_dir / "latent_cache")
+    latents_of = LatentSource(pipe.vae, accelerator.device, vae_dtype, enabled=cfg.cache_latents and cfg.center_crop,
+                              cache_dir=cache_dir if cfg.cache_latents else None)
+    prompts_of = SD3Prompts(pipe, accelerator.device)
+    scheduler = fm.training_scheduler(pipe.scheduler.config)
+
+    result = TrainResult(output_dir=output_dir, global_step=global_step)
+    start = time.perf_counter()
+    result.global_step = _loop(cfg, accelerator, model, optimizer, lr_scheduler, params, data, latents_of,
+                               prompts_of, scheduler, weight_dtype, global_step, result.losses)
+    result.loop_s = time.perf_counter() - start
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_lora(output_dir, unwrapped, cfg, result.global_step, model_source)
+        if cfg.validation_prompts:
+            final_samples(pipe, cfg, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result.unet = unwrapped  # the SD3 transformer, with its LoRA
+    result.latent_encodes, result.prompt_encodes = latents_of.encoded_images, prompts_of.encoder_calls
+    return result
+
+
+def add_lora(transformer, cfg: TrainConfig) -> None:
+    """A peft LoRA on the transformer (diffusers' ``add_adapter``, as its SD3 script), trained in fp32."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                        init_lora_weights="gaussian", target_modules=lora_target_modules(cfg.lora_targets))
+    transformer.add_adapter(config)
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def _loop(cfg, accelerator, model, optimizer, lr_scheduler, params, data, latents_of, prompts_of, scheduler,
+          weight_dtype, global_step: int, losses: list[float]) -> int:
+    from tqdm.auto import tqdm
+
+    from sdtune.training.data import collate
+    from sdtune.training.dreambooth import micro_step, step_generator
+
+    rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.gradient_accumulation_steps
+    progress = tqdm(total=cfg.max_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < cfg.max_steps:
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            with accelerator.accumulate(model):
+                g = micro_step(global_step, micro, rank, world, accum)
+                passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
+                                 data.micro_batch("class", g, cfg.train_batch_size) if data.with_prior else ())
+                loss = micro_batch_loss(cfg, model, passes, latents_of, prompts_of, scheduler, weight_dtype,
+                                        step_generator(cfg.seed, global_step, micro, rank))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        global_step += 1
+        mean = float(accelerator.reduce(total, reduction="mean")) / accum
+        losses.append(mean)
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean:.4f}")
+        if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and global_step < cfg.max_steps:
+            checkpointing.save_checkpoint(accelerator, accelerator.project_dir, global_step, cfg.checkpoints_keep)
+    progress.close()
+    return global_step
+
+
+def micro_batch_loss(cfg, model, passes, latents_of, prompts_of, scheduler, weight_dtype,
+                     gen: torch.Generator) -> torch.Tensor:
+    """The DreamBooth loss of one micro-batch with the flow-matching objective: instance + prior_loss_weight x
+    class, each example's MSE to the velocity weighted by ``weighting_scheme`` (and its mask with masked_loss)."""
+    from sdtune.training.data import drop_captions
+
+    per_example, is_class = [], []
+    for batch in passes:
+        x0 = latents_of(batch["pixels"], batch["keys"], gen).float()
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
+        timesteps, sigmas = fm.sample_sigmas(scheduler, x0.shape[0], cfg, gen)
+        prompts = drop_captions(batch["prompts"], batch["is_class"], cfg.caption_dropout, cfg.caption_dropout_on, gen)
+        embeds, pooled = prompts_of(prompts)
+        noisy = fm.noisy_latents(x0, noise, sigmas)
+        pred = model(hidden_states=noisy.to(weight_dtype), timestep=timesteps.to(x0.device),
+                     encoder_hidden_states=embeds.to(weight_dtype), pooled_projections=pooled.to(weight_dtype),
+                     return_dict=False)[0]
+        weight = (obj.mask_weights(batch["masks"], x0.shape[-2:], cfg.masked_loss_floor)
+                  if batch["masks"] is not None else None)
+        loss = obj.per_example_mse(pred, fm.velocity_target(x0, noise), weight, cfg.masked_loss_mean)
+        per_example.append(loss * fm.loss_weights(cfg, sigmas).to(loss.device))
+        is_class.append(batch["is_class"])
+    total, _, _ = obj.dreambooth_loss(torch.cat(per_example), torch.cat(is_class), cfg.prior_loss_weight)
+    return total
+
+
+def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base) -> Path:
+    """The transformer's LoRA as diffusers writes SD3 LoRAs (``transformer.`` keys), read by stock
+    ``StableDiffusion3Pipeline.load_lora_weights``."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {k: v.detach().to("cpu", torch.float32).contiguous()
+              for k, v in get_peft_model_state_dict(transformer).items()}
+    StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers, safe_serialization=True)
+    (Path(output_dir) / "sdtune_sd3_run.txt").write_text(
+        f"sdtune DreamBooth LoRA on SD 3.x\nbase: {base}\nsteps: {step}\nlora_rank: {cfg.lora_rank}\n"
+        f"lora_targets: {cfg.lora_targets}\nweighting_scheme: {cfg.weighting_scheme}\n")
+    return Path(output_dir) / LORA_FILE
+
+
+@torch.no_grad()
+def final_samples(pipe, cfg: TrainConfig, output_dir: Path) -> list[Path]:
+    """``samples/final-i.png``: each validation prompt with the trained LoRA, seeded ``seed``, through the stock
+    SD3 pipeline (in-loop validation, ``validation_every``, is not run for SD 3.x yet)."""
+    folder = Path(output_dir) / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, prompt in enumerate(cfg.validation_prompts):
+        image = pipe(prompt, num_inference_steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
+                     height=cfg.resolution, width=cfg.resolution,
+                     generator=torch.Generator("cpu").manual_seed(cfg.seed)).images[0]
+        written.append(folder / f"final-{i}.png")
+        image.save(written[-1])
+    return written

@@ -1,0 +1,141 @@
+"""DreamBooth LoRA on SD 3.5 on tiny random SD3 models (32 px, a few steps, CPU): flow matching with diffusers'
+densities and weightings, prior preservation, caption dropout, the LoRA read by stock diffusers to the engine's
+pixels and changing the image, exact resume, one-line refusals."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtune.errors import SdtuneError
+from sdtune.training import dreambooth
+from sdtune.training.config import config_from_dict
+
+from test_train_recipe import make_images
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def config(model, subject, out, **overrides):
+    base = dict(model=str(model), instance_dir=str(subject), instance_prompt=PROMPT, resolution=32, max_steps=3,
+                train_batch_size=1, learning_rate=5e-3, caption_dropout=0.0, output_dir=str(out), seed=0,
+                lora_rank=4)
+    base.update(overrides)
+    return config_from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_sd3, tmp_path_factory):
+    """One SD3 LoRA run: prior preservation, caption dropout, logit-normal sigmas, a checkpoint at step 2."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("sd3_run")
+    subject, class_dir = make_images(tmp / "subject", 3), make_images(tmp / "class", 2, seed=1)
+    cfg = config(tiny_sd3["sd3"], subject, tmp / "out", with_prior_preservation=True, class_prompt="a photo of dog",
+                 class_dir=str(class_dir), num_class_images=2, caption_dropout=0.3, weighting_scheme="logit_normal",
+                 lora_targets="all", checkpoint_every=2, validation_prompts=["a sks dog"], validation_steps=2)
+    return dreambooth.train(cfg), cfg, tmp
+
+
+def test_sd3_lora_run_writes_a_diffusers_sd3_lora(run):
+    result, cfg, tmp = run
+    out = tmp / "out"
+    assert result.global_step == 3 and all(np.isfinite(result.losses)) and len(result.losses) == 3
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert state and all(k.startswith("transformer.") for k in state)
+    for part in ("attn.to_q", "attn.add_q_proj", "attn.to_add_out", "attn2.to_q", "ff.net.2", "ff_context.net.0"):
+        assert any(f".{part}." in k for k in state), part
+    assert (out / "checkpoint-2").is_dir() and (out / "samples" / "final-0.png").is_file()
+    assert result.prompt_encodes == 3  # the instance prompt, the class prompt and "" once each: cached
+
+
+def test_stock_load_lora_weights_gives_the_engines_pixels_and_changes_the_image(run, tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdtune.generation.engine import Engine
+
+    out = run[2] / "out"
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"])
+    stock.set_progress_bar_config(disable=True)
+
+    def draw():
+        return np.asarray(stock(PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                                generator=torch.Generator("cpu").manual_seed(0)).images[0], dtype=np.int16)
+
+    before = draw()
+    stock.load_lora_weights(str(out))
+    after = draw()
+    assert np.abs(after - before).max() > 8  # the LoRA changes the image
+    engine = Engine.load(tiny_sd3["sd3"], lora=out)
+    ours = engine.generate("txt2img", prompt=PROMPT, steps=2, guidance=5.0, seed=0, width=32, height=32)[0]
+    assert np.abs(np.asarray(ours.image, dtype=np.int16) - after).max() <= 1
+    assert ours.params["lora"] is not None and ours.params["lora_fused"] is False
+
+
+def test_resume_from_a_checkpoint_is_exact(run, tiny_sd3):
+    _, cfg, tmp = run
+    resumed_dir = tmp / "resumed"
+    resumed_dir.mkdir()
+    # what a run resumed in its own folder finds there: the checkpoint and the latent cache
+    for name in ("checkpoint-2", "latent_cache"):
+        shutil.copytree(tmp / "out" / name, resumed_dir / name)
+    resumed = dreambooth.train(config_from_dict({**cfg.__dict__, "output_dir": str(resumed_dir), "resume": "latest",
+                                                 "validation_prompts": []}))
+    assert resumed.global_step == 3 and len(resumed.losses) == 1
+    a = load_file(str(tmp / "out" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed_dir / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flow_matching_objective_follows_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from sdtune.training import flow_matching as fm
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    for scheme in ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none"):
+        cfg = config_from_dict(dict(instance_dir="x", instance_prompt="p", weighting_scheme=scheme))
+        assert (cfg.logit_mean, cfg.logit_std, cfg.mode_scale) == (0.0, 1.0, 1.29)
+        t, s = fm.sample_sigmas(scheduler, 6, cfg, torch.Generator().manual_seed(1))
+        u = compute_density_for_timestep_sampling(scheme, 6, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(1))
+        idx = (u * 1000).long()
+        assert torch.equal(t, scheduler.timesteps[idx].float()) and torch.equal(s, scheduler.sigmas[idx].float())
+        assert torch.allclose(fm.loss_weights(cfg, s), compute_loss_weighting_for_sd3(scheme, s).float())
+    x0, noise, sig = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.25, 0.9])
+    assert torch.allclose(fm.noisy_latents(x0, noise, sig)[1], 0.1 * x0[1] + 0.9 * noise[1])
+    assert torch.equal(fm.velocity_target(x0, noise), noise - x0)
+    assert config_from_dict(dict(instance_dir="x", instance_prompt="p")).weighting_scheme == "none"  # diffusers'
+
+
+def test_unsupported_sd3_settings_are_one_line(tiny_sd3, tmp_path):
+    subject = make_images(tmp_path / "s", 1)
+    for key, value in (("method", "full"), ("train_text_encoder", True), ("snr_gamma", 5.0)):
+        with pytest.raises(SdtuneError, match="not supported for SD 3.x") as err:
+            dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / f"o_{key}", **{key: value}))
+        assert len(str(err.value).splitlines()) == 1
+
+
+def test_sdtune_train_without_a_yaml_takes_the_sd3_preset(tiny_sd3, tmp_path, capsys):
+    """``sdtune train model=SD3_FOLDER ...`` names no config: the model's config says SD 3.x, configs/sd3_lora.yaml
+    gives the defaults (its GPU-only settings replaced on a CPU), class images are drawn by the SD3 model."""
+    from sdtune.commands.cli import main
+    from sdtune.training.presets import load_run_config
+
+    subject = make_images(tmp_path / "subject", 2)
+    keys = [f"model={tiny_sd3['sd3']}", f"instance_dir={subject}", f"instance_prompt={PROMPT}",
+            "class_prompt=a photo of dog", "num_class_images=1", "class_generation_steps=2", "max_steps=1",
+            "validation_prompts=[]", "checkpoint_every=0", f"class_dir={tmp_path / 'class'}",
+            f"output_dir={tmp_path / 'out'}"]
+    cfg = load_run_config(None, keys)
+    assert (cfg.weighting_scheme, cfg.lora_rank, cfg.resolution) == ("none", 16, 32)  # 32: the model's own size
+    assert main(["train", *keys]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "class" / "class_0.png").is_file() or any((tmp_path / "class").glob("*.png"))

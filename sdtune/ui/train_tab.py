@@ -194,7 +194,7 @@ def build_train_tab(state, models: list) -> SimpleNamespace:
             with gr.Column(scale=1):
                 c.images = gr.File(file_count="multiple", label="3-5 photos of the subject (drop them here)",
                                    elem_id="train-images", height=110)
-                c.thumbs = gr.Gallery(label="photos", columns=6, height=110, elem_id="train-thumbs",
+                c.thumbs = gr.Gallery(label="photos", columns=8, height=90, elem_id="train-thumbs",
                                       object_fit="contain", show_label=False, allow_preview=False)
                 c.photos_note = gr.Markdown("", elem_id="train-photos-note")
                 c.folder = gr.Textbox("", label="...or a folder of photos (e.g. data/subjects/checker_box)",
@@ -202,8 +202,7 @@ def build_train_tab(state, models: list) -> SimpleNamespace:
                 with gr.Row():
                     c.identifier = gr.Textbox("sks", label="identifier (a rare word)", elem_id="train-identifier")
                     c.class_noun = gr.Textbox("box", label="class noun (what it is)", elem_id="train-class")
-                base = [m for m in models]
-                c.model = gr.Dropdown(base, value=base[0][1] if base else None, label="base model",
+                c.model = gr.Dropdown(models, value=models[0][1] if models else None, label="base model",
                                       elem_id="train-model")
                 c.keys = []
                 fields = list(FIELDS)

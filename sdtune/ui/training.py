@@ -282,7 +282,7 @@ class Trainer:
         values = {key: BY_KEY[key].value(raw) for key, raw in keys.items()}
         steps = values.get("max_steps", data["max_steps"])
         data.update(
-            model=str(self.sandbox.resolve(model, "model", kind="dir")) if model else None,
+            model=str(self.sandbox.resolve(model, "model")) if model else None,
             instance_dir=str(instance_dir),
             instance_prompt=f"a photo of {identifier} {class_noun}", identifier=identifier,
             class_prompt=f"a photo of a {class_noun}",

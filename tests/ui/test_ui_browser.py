@@ -343,6 +343,12 @@ def test_train_a_lora_from_the_forms_defaults_and_watch_it_to_the_end(page, serv
                                 "'#train-stop')); return new Set([...r.getClientRects()].map(x => x.top)).size")
     assert rect(page, "#train-start")["bottom"] < 300 and lines == 1  # Start in view; Stop's label on one line
     type_into(page, "train-name", "ui_box")
+    type_into(page, "train-folder", "data/subjects/no_such_subject")  # relative: said where it was looked for
+    css(page, "#train-start").click()
+    wait_for(lambda: "data/subjects/no_such_subject does not exist (looked for " in text_of(page, "train-status"), 15,
+             "the folder's message")
+    assert str(state.sandbox.outputs / "data" / "subjects" / "no_such_subject") in text_of(page, "train-status")
+    type_into(page, "train-folder", "")
     css(page, "#train-images input[type=file]").send_keys("\n".join(str(p) for p in sorted(SUBJECT.glob("*.png"))))
     wait_for(lambda: page.execute_script(
         "return [...document.querySelectorAll('#train-thumbs img')].filter(i => i.naturalWidth > 0).length") == 4,

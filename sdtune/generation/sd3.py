@@ -236,7 +236,7 @@ class SD3Engine(Engine):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SdtuneError(f"--lora {file} does not fit this SD 3.x model: {first}") from exc
         if not getattr(self.transformer, "peft_config", None):
-            raise SdtuneError(f"--lora {file} has no SD3 transformer weights (is it a LoRA for another family?)")
+            raise SdtuneError(f"--lora {file} has no weights for this SD 3.x transformer (a LoRA for another model family?)")
         if fuse is True:
             pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])
             pipe.unload_lora_weights()

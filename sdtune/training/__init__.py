@@ -13,6 +13,8 @@
 * ``lora_tools`` - ``sdtune lora``'s merge, resize, extract and fuse, on any LoRA file (read by
   ``sdtune.models.lora_formats``)
 * ``conditioning``, ``caching``, ``sdxl`` - what the UNet reads per model family; cached latents and prompts
+* ``sd3``, ``flow_matching`` - SD 3.x's DreamBooth LoRA (its own loop on the recipe's data and checkpoints)
+  and its flow-matching objective
 * ``step``, ``objectives`` - one training step in named parts, and the denoising objective
 * ``runtime``, ``checkpointing`` - launches, resumable checkpoints, stop requests
 * ``export``, ``model_card`` - validation samples, final weights, the model card

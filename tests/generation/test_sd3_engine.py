@@ -150,3 +150,16 @@ def test_long_prompts_are_said_in_one_line_and_match_stock(engine, tiny_sd3, inp
     assert len(lines) == 1 and "read the first 75" in lines[0] and ours.params["prompt_truncated"] is True
     pipe = _stock(tiny_sd3, "txt2img")
     assert np.array_equal(pixels(ours), pixels(_stock_image(pipe, "txt2img", inputs, engine, prompt=prompt)))
+
+
+def test_a_lora_of_another_family_is_one_line(tiny_sd3, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdtune.generation.engine import Engine
+
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": torch.zeros(2, 32),
+               "unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": torch.zeros(32, 2)},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SdtuneError) as err:
+        Engine.load(tiny_sd3["sd3"], lora=tmp_path, no_t5=True)
+    assert len(str(err.value).splitlines()) == 1 and "SD 3.x" in str(err.value)

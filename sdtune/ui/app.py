@@ -13,15 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.ui.generate import Generator
-from sdtune.ui.generate_tab import (UNCHANGED, generate_handler, input_image_handler,  # noqa: F401 (the tests')
-                                    lora_settings_handler, mode_view, restore_handler, select_handler)
-from sdtune.ui.inspect_tab import (inspect_grid_handler, inspect_schedule_handler,  # noqa: F401
-                                   inspect_tokens_handler)
-from sdtune.ui.runs_tab import runs_handler, use_in_generate  # noqa: F401
+from sdtune.ui.generate_tab import (UNCHANGED, generate_handler, input_image_handler, lora_settings_handler,
+                                    mode_view, restore_handler, select_handler)
+from sdtune.ui.inspect_tab import inspect_grid_handler, inspect_schedule_handler, inspect_tokens_handler
+from sdtune.ui.runs_tab import runs_handler, use_in_generate
 from sdtune.ui.safety import MAX_UPLOAD_BYTES, Sandbox
-from sdtune.ui.train_tab import (photos_handler, train_poll, train_resume_handler,  # noqa: F401
-                                 train_start_handler, train_stop_handler)
+from sdtune.ui.train_tab import (photos_handler, train_poll, train_resume_handler, train_start_handler,
+                                 train_stop_handler)
 from sdtune.ui.training import Trainer
+
+# The page's handlers, one import away for scripts and tests (each lives with its tab).
+__all__ = ["State", "make_state", "build", "launch", "wait_for_interrupt", "LOOPBACK", "UNCHANGED",
+           "generate_handler", "input_image_handler", "lora_settings_handler", "mode_view", "restore_handler",
+           "select_handler", "inspect_grid_handler", "inspect_schedule_handler", "inspect_tokens_handler",
+           "runs_handler", "use_in_generate", "photos_handler", "train_poll", "train_resume_handler",
+           "train_start_handler", "train_stop_handler"]
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -67,9 +73,13 @@ def build(state: State):
         gr.Markdown(f"**sdtune** · DreamBooth and generation, offline · outputs: `{sb.outputs}`")
         with gr.Tabs() as tabs:
             gen = build_generate_tab(state, schedulers)
-            build_train_tab(state, model_choices(sb, "base"))
-            build_runs_tab(state, tabs, gen)
-            build_inspect_tab(state, schedulers)
+            train = build_train_tab(state, model_choices(sb, "base"))
+            runs = build_runs_tab(state, tabs, gen)
+            inspect = build_inspect_tab(state, schedulers)
+        # The Train tab's poll stops while another tab is shown (opening Train again polls once and resumes it):
+        # a ticking timer clears the messages gradio's validators put on the other tabs' fields.
+        for other in (gen.tab, runs.tab, inspect):
+            other.select(lambda: gr.Timer(active=False), None, [train.timer], queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -27,7 +27,8 @@ def inspect_schedule_handler(state, scheduler):
     try:
         with state.generator._lock:
             pipe = state.generator.current().pipeline("txt2img")
-        sched = pipe.scheduler if scheduler in (None, "", "default") else make_scheduler(scheduler, pipe.scheduler.config)
+        sched = pipe.scheduler if scheduler in (None, "", "default") else \
+            make_scheduler(scheduler, pipe.scheduler.config)
         out = state.sandbox.outputs / "ui" / "inspect" / f"schedule-{scheduler or 'default'}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         return str(teaching.plot_schedule(sched, out)), teaching.format_scheduler(sched)
@@ -68,11 +69,11 @@ def inspect_grid_handler(state, tool, prompt, items, steps, seed):
 
 
 
-def build_inspect_tab(state, schedulers: list[str]) -> None:
+def build_inspect_tab(state, schedulers: list[str]):
     """The Inspect tab: tokens of a text, a scheduler's noise schedule, guidance and scheduler grids."""
     import gradio as gr
 
-    with gr.Tab("Inspect", id="inspect"):
+    with gr.Tab("Inspect", id="inspect") as tab:
         with gr.Row():
             with gr.Column():
                 tok_text = gr.Textbox("A painting of a flooble", label="tokens: text", elem_id="tok-text")
@@ -97,3 +98,4 @@ def build_inspect_tab(state, schedulers: list[str]) -> None:
         grid_go.click(lambda *a: inspect_grid_handler(state, *a),
                       [grid_tool, grid_prompt, grid_items, grid_steps, grid_seed], [grid_img, grid_status],
                       concurrency_limit=1)
+    return tab

@@ -236,14 +236,16 @@ def _wire(state, c: SimpleNamespace) -> None:
     form = [c.name, c.images, c.folder, c.identifier, c.class_noun, c.model, c.advanced, *c.keys]
 
     def validator(*values):
-        problems = start_problems(*values)
+        # While a run trains, the poll's ticks would clear a field's message at once: the Start handler says the
+        # same line in the status box instead (``build_config`` checks the fields first).
+        problems = {} if state.trainer.running() else start_problems(*values)
         keys = [f.key for f in FIELDS]
         return [gr.validate(True, "") for _ in FORM] + \
             [gr.validate(k not in problems, problems.get(k, "")) for k in keys]
 
     # The timer ticks only while a run is being watched: a ticking timer clears the messages gradio's validators put
     # on fields (gradio 6.31), so an idle page keeps them in view.
-    timer = gr.Timer(1.0, active=False)
+    timer = c.timer = gr.Timer(1.0, active=False)
     watch = [c.progress, c.loss, c.samples, c.log, c.eval, c.best, c.status, timer]
 
     def _poll(name):

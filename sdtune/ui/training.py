@@ -431,6 +431,9 @@ class Trainer:
         job.process.send_signal(signal.SIGINT)
         return job
 
+    def running(self) -> bool:
+        return any(job.returncode is None for job in self.jobs.values())
+
     def job(self, name: str) -> Job | None:
         try:
             return self.jobs.get(self.sandbox.run_dir(name))

@@ -276,3 +276,34 @@ def test_the_pages_tabs_hold_nothing_but_tabs(tmp_path):
     (tabs,) = [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]
     assert [(type(c).__name__, c.label) for c in tabs.children] == \
         [("Tab", "Generate"), ("Tab", "Train"), ("Tab", "Runs"), ("Tab", "Inspect")]
+
+
+def test_the_train_poll_stops_while_another_tab_is_shown(tmp_path):
+    """A ticking timer clears the messages on the fields: opening Generate, Runs or Inspect stops the Train tab's
+    poll; opening Train polls once and goes on only while a run is being watched."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from sdtune.ui.app import build, make_state
+
+    demo = build(make_state(tmp_path / "outputs"))
+    (timer,) = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
+    tabs = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+    for label in ("Generate", "Runs", "Inspect", "Train"):
+        selects = [f for f in demo.fns.values() if (tabs[label]._id, "select") in f.targets and timer in f.outputs]
+        assert len(selects) == 1, label
+    assert not timer.active  # an idle page does not poll
+
+
+def test_a_bad_field_is_said_in_the_status_line_too(sandbox, subject_images):
+    """Without the page's validator (an API caller, or while a run trains), Start says the field's line."""
+    from sdtune.ui.app import State, train_start_handler
+    from sdtune.ui.train_form import FIELDS
+    from sdtune.ui.training import Trainer
+
+    keys = {f.key: f.default for f in FIELDS} | {"max_steps": -5}
+    state = State(sandbox, None, Trainer(sandbox))
+    status = train_start_handler(state, "run1", subject_images, "", "sks", "box", None, "",
+                                 *(keys[f.key] for f in FIELDS))
+    assert status == "sdtune: error: max train steps -5: a whole number, >= 1"
+    assert not state.trainer.running() and not (sandbox.outputs / "run1").exists()

@@ -307,3 +307,17 @@ def test_a_bad_field_is_said_in_the_status_line_too(sandbox, subject_images):
                                  *(keys[f.key] for f in FIELDS))
     assert status == "sdtune: error: max train steps -5: a whole number, >= 1"
     assert not state.trainer.running() and not (sandbox.outputs / "run1").exists()
+
+
+def test_use_in_generate_takes_a_full_fine_tune_as_the_model(sandbox):
+    from sdtune.ui.app import State, use_in_generate
+
+    full = sandbox.outputs / "cat_full"
+    (full / "unet").mkdir(parents=True)
+    (full / "model_index.json").write_text("{}")
+    (sandbox.outputs / "half").mkdir()
+    (sandbox.outputs / "half" / "ui_config.yaml").write_text("max_steps: 10\n")  # started, no weights yet
+    state = State(sandbox, None, None)
+    assert use_in_generate(state, "cat_full") == {"model": str(full), "lora": "",
+                                                  "status": "using the model cat_full (no LoRA)"}
+    assert use_in_generate(state, "half") == {"status": "sdtune: error: run half has no weights yet (in progress)"}

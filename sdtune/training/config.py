@@ -267,6 +267,8 @@ class TrainConfig:
     logit_mean: float = LOSS(0.0, range="[-10, 10]", help="SD 3.x, weighting_scheme logit_normal: the normal's mean")
     logit_std: float = LOSS(1.0, range="> 0", help="SD 3.x, weighting_scheme logit_normal: the normal's std")
     mode_scale: float = LOSS(1.29, range=">= 0", help="SD 3.x, weighting_scheme mode: the mode density's scale")
+    no_t5: bool = ADAPTER(False, help="SD 3.x: train without the T5 text encoder (far less memory; its share of the "
+                          "prompt is zeros, as in diffusers' SD3 pipelines without it): use the LoRA with --no-t5")
     seed: int = OPTIM(0, range=">= 0", help="the seed of every random choice (a resumed run draws the same)")
     # --- watching and saving ---
     validation_prompts: list[str] = WATCH(factory=list, help="prompts sampled at each validation")

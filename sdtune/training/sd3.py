@@ -10,8 +10,8 @@ What differs from SD/SDXL:
   streams' feed-forward layers (``ff``, ``ff_context``). The text encoders and T5 stay frozen;
 * the objective: flow matching (``sdtune.training.flow_matching``) with diffusers' timestep densities and loss
   weightings (``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``);
-* the conditioning: the stock pipeline's ``encode_prompt`` (CLIP-L + CLIP-G + T5, or no T5 when the model folder
-  has none), each distinct caption encoded once (the encoders are frozen); a dropped caption (caption dropout) is
+* the conditioning: the stock pipeline's ``encode_prompt`` (CLIP-L + CLIP-G + T5; without T5 with ``no_t5``, or
+  when the model folder has none), each distinct caption encoded once (the encoders are frozen); a dropped caption (caption dropout) is
   the encoded empty prompt, exactly what SD3's pipelines feed the unconditional branch;
 * the output: ``pytorch_lora_weights.safetensors`` written by ``StableDiffusion3Pipeline.save_lora_weights``, which
   stock ``StableDiffusion3Pipeline.load_lora_weights`` (and sdtune's engine) read.
@@ -144,9 +144,10 @@ def train_sd3(cfg: TrainConfig, scorers=()):
 
     # --- the model: frozen in the run's precision, a LoRA on the transformer in fp32 -------------------------
     model_source = resolve_model(cfg)
-    pipe = load_pipeline(model_source, device=accelerator.device, dtype=torch.float32)
+    pipe = load_pipeline(model_source, device=accelerator.device, dtype=torch.float32, drop_t5=cfg.no_t5)
     if describe(pipe).family != "sd3":
         raise SdtuneError(f"{model_source} is not an SD 3.x model")
+    check_sizes(cfg, pipe)
     pipe.set_progress_bar_config(disable=True)
     class_images = ensure_concept_class_images(cfg, accelerator, pipeline=pipe)
     with warnings.catch_warnings():
@@ -204,6 +205,20 @@ def train_sd3(cfg: TrainConfig, scorers=()):
     result.unet = unwrapped  # the SD3 transformer, with its LoRA
     result.latent_encodes, result.prompt_encodes = latents_of.encoded_images, prompts_of.encoder_calls
     return result
+
+
+def check_sizes(cfg: TrainConfig, pipe) -> None:
+    """The training sizes (resolution, every bucket's sides) must be multiples of the VAE's factor x the transformer's
+    patch size (16 for SD 3.5): the MMDiT cuts latents into patches."""
+    from sdtune.training.buckets import parse_buckets
+
+    m = 2 ** (len(pipe.vae.config.block_out_channels) - 1) * int(pipe.transformer.config.patch_size)
+    sides = [cfg.resolution] + [v for wh in (parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step,
+                                                           cfg.max_aspect) or []) for v in wh]
+    bad = sorted({s for s in sides if s % m})
+    if bad:
+        raise SdtuneError(f"SD 3.x trains at sizes that are multiples of {m} (the VAE's factor x the patch size); "
+                          f"resolution/buckets give {bad[0]}: change resolution, bucket_step or buckets")
 
 
 def add_lora(transformer, cfg: TrainConfig) -> None:
@@ -292,7 +307,8 @@ def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base) 
     StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers, safe_serialization=True)
     (Path(output_dir) / "sdtune_sd3_run.txt").write_text(
         f"sdtune DreamBooth LoRA on SD 3.x\nbase: {base}\nsteps: {step}\nlora_rank: {cfg.lora_rank}\n"
-        f"lora_targets: {cfg.lora_targets}\nweighting_scheme: {cfg.weighting_scheme}\n")
+        f"lora_targets: {cfg.lora_targets}\nweighting_scheme: {cfg.weighting_scheme}\nno_t5: {str(cfg.no_t5).lower()}"
+        f"{' (use the LoRA with --no-t5)' if cfg.no_t5 else ''}\n")
     return Path(output_dir) / LORA_FILE
 
 

@@ -139,3 +139,41 @@ def test_sdtune_train_without_a_yaml_takes_the_sd3_preset(tiny_sd3, tmp_path, ca
     assert main(["train", *keys]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "class" / "class_0.png").is_file() or any((tmp_path / "class").glob("*.png"))
+
+
+def test_no_t5_and_gradient_checkpointing(tiny_sd3, tmp_path):
+    """``no_t5`` trains without T5 (its LoRA then reads to the same pixels in stock diffusers without T5 and in the
+    engine with --no-t5); gradient checkpointing recomputes the same step."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdtune.generation.engine import Engine
+
+    subject = make_images(tmp_path / "subject", 2)
+    plain = dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / "a", no_t5=True, max_steps=1))
+    checkpointed = dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / "b", no_t5=True, max_steps=1,
+                                           gradient_checkpointing=True))
+    a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-6)
+    assert "no_t5: true" in (tmp_path / "a" / "sdtune_sd3_run.txt").read_text()
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"], text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(tmp_path / "a"))
+    want = np.asarray(stock(PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                            generator=torch.Generator("cpu").manual_seed(0)).images[0], dtype=np.int16)
+    engine = Engine.load(tiny_sd3["sd3"], lora=tmp_path / "a", no_t5=True)
+    got = engine.generate("txt2img", prompt=PROMPT, steps=2, guidance=5.0, seed=0, width=32, height=32)[0]
+    assert np.abs(np.asarray(got.image, dtype=np.int16) - want).max() <= 1
+
+
+def test_training_sizes_must_fit_the_patches():
+    from types import SimpleNamespace
+
+    from sdtune.training.sd3 import check_sizes
+
+    pipe = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[1, 2, 3, 4])),
+                           transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))  # SD3's 8 x 2 = 16
+    check_sizes(config_from_dict(dict(instance_dir="x", instance_prompt="p", resolution=1024, buckets="auto")), pipe)
+    with pytest.raises(SdtuneError, match="multiples of 16") as err:
+        check_sizes(config_from_dict(dict(instance_dir="x", instance_prompt="p", resolution=1016)), pipe)
+    assert len(str(err.value).splitlines()) == 1

@@ -302,7 +302,10 @@ def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base) 
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
-    layers = {k: v.detach().to("cpu", torch.float32).contiguous()
+    # The file has no alpha (stock loaders then take alpha = rank): lora_alpha / lora_rank goes into lora_B, so
+    # every reader applies the delta the run trained.
+    scale = float(cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
+    layers = {k: (v.detach().to("cpu", torch.float32) * (scale if ".lora_B." in k else 1.0)).contiguous()
               for k, v in get_peft_model_state_dict(transformer).items()}
     StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers, safe_serialization=True)
     (Path(output_dir) / "sdtune_sd3_run.txt").write_text(

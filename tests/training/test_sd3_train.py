@@ -149,18 +149,25 @@ def test_no_t5_and_gradient_checkpointing(tiny_sd3, tmp_path):
     from sdtune.generation.engine import Engine
 
     subject = make_images(tmp_path / "subject", 2)
-    plain = dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / "a", no_t5=True, max_steps=1))
+    plain = dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / "a", no_t5=True, max_steps=1, lora_alpha=8))
     checkpointed = dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / "b", no_t5=True, max_steps=1,
-                                           gradient_checkpointing=True))
+                                           lora_alpha=8, gradient_checkpointing=True))
     a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in "ab")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert plain.losses == pytest.approx(checkpointed.losses, rel=1e-6)
     assert "no_t5: true" in (tmp_path / "a" / "sdtune_sd3_run.txt").read_text()
+    def draw(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return np.asarray(pipe(PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                               generator=torch.Generator("cpu").manual_seed(0)).images[0], dtype=np.int16)
+
+    # lora_alpha 8 on rank 4: the file (which has no alpha) must still give the trained model's pixels
+    trained = draw(StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"], text_encoder_3=None, tokenizer_3=None,
+                                                            transformer=plain.unet))
     stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"], text_encoder_3=None, tokenizer_3=None)
-    stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(str(tmp_path / "a"))
-    want = np.asarray(stock(PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
-                            generator=torch.Generator("cpu").manual_seed(0)).images[0], dtype=np.int16)
+    want = draw(stock)
+    assert np.abs(want - trained).max() <= 1
     engine = Engine.load(tiny_sd3["sd3"], lora=tmp_path / "a", no_t5=True)
     got = engine.generate("txt2img", prompt=PROMPT, steps=2, guidance=5.0, seed=0, width=32, height=32)[0]
     assert np.abs(np.asarray(got.image, dtype=np.int16) - want).max() <= 1
@@ -177,3 +184,31 @@ def test_training_sizes_must_fit_the_patches():
     with pytest.raises(SdtuneError, match="multiples of 16") as err:
         check_sizes(config_from_dict(dict(instance_dir="x", instance_prompt="p", resolution=1016)), pipe)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_full_size_sd35_lora_keys_name_the_models_weights():
+    """On SD 3.5 Medium's real architecture (meta device), every key of the LoRA file the recipe writes is
+    ``transformer.`` + a diffusers module whose ``.weight`` the model has: the names stock diffusers loads and that
+    ComfyUI maps for SD3 (its ``transformer.{diffusers name}`` LoRA keys)."""
+    from diffusers import SD3Transformer2DModel
+    from peft.utils import get_peft_model_state_dict
+
+    from sdtune.training.sd3 import add_lora
+
+    def medium():
+        return SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+    with torch.device("meta"):
+        weights = set(medium().state_dict())
+        model = medium()
+        add_lora(model, config_from_dict(dict(instance_dir="x", instance_prompt="p", lora_rank=4, lora_targets="all")))
+    keys = list(get_peft_model_state_dict(model))
+    modules = {k.rsplit(".lora_", 1)[0] for k in keys}
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert all(m + ".weight" in weights for m in modules)
+    # image attention, attn2 (dual blocks), context q/k/v (every block), its output and both feed-forwards (not in the
+    # last block, whose context stream ends there)
+    assert len(modules) == 24 * 4 + 13 * 4 + 24 * 3 + 23 + 24 * 2 + 23 * 2

@@ -1,6 +1,7 @@
 """Past runs under the outputs folder, for the Runs tab and the Generate tab's pickers (no gradio).
 
-A run is a folder directly under the outputs folder holding a LoRA (``pytorch_lora_weights.safetensors``), a full
+A run is a folder directly under the outputs folder holding a LoRA (``pytorch_lora_weights.safetensors``, or another
+adapter's ``adapter_model.safetensors``), a full
 fine-tune (``model_index.json``), a demo/eval ``metrics.json`` or a UI config (``ui_config.yaml``, maybe still
 training or stopped). One level deeper is looked at too (``outputs/demo/<subject>``).
 """
@@ -15,6 +16,8 @@ from urllib.parse import quote
 from sdtune.ui.safety import Sandbox
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# Every adapter kind's file a run folder may hold (a LoHa / LoKr / OFT run: peft's adapter_model.safetensors).
+ADAPTER_FILES = (LORA_FILE, "adapter_model.safetensors")
 FILE_ROUTE = "/gradio_api/file="  # where gradio serves a file inside the allowed paths (the outputs folder)
 _SAMPLE = re.compile(r"^(?:step-(\d+)|final)-(\d+)$")
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -107,7 +110,7 @@ class Run:
 
 
 def _kind(folder: Path) -> str | None:
-    if (folder / LORA_FILE).is_file():
+    if any((folder / name).is_file() for name in ADAPTER_FILES):
         return "lora"
     if (folder / "model_index.json").is_file() and (folder / "unet").is_dir():
         return "full"

@@ -86,8 +86,14 @@ def _load(args):
 
     source = args.model or embedded_model("base")
     device = pick_device(args.device)
-    return load_pipeline(source, device=device, dtype=pick_dtype(device, args.dtype), config=args.config,
+    pipe = load_pipeline(source, device=device, dtype=pick_dtype(device, args.dtype), config=args.config,
                          allow_pickle=args.allow_pickle)
+    if getattr(pipe, "transformer", None) is not None:  # SD 3.x: an MMDiT, not the UNet these tools read
+        from sdtune.errors import SdtuneError
+
+        raise SdtuneError(f"sdtune inspect's tools read a UNet and one text encoder; {source} is an SD 3.x model (an "
+                          "MMDiT transformer), which they do not support yet")
+    return pipe
 
 
 def _parse_list(text: str, what: str, convert=str) -> list:

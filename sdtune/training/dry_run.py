@@ -49,6 +49,17 @@ def dry_run(cfg: TrainConfig) -> dict:
                        "instance_examples_per_epoch": stream,
                        "epochs": round(cfg.max_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps / stream, 1)}
     pipe = load_pipeline(report["model"], device="cpu", dtype=torch.float32)
+    if describe(pipe).family == "sd3":  # SD 3.x: a LoRA on the transformer, the text encoders frozen
+        from sdtune.training.sd3 import add_lora, check_sizes, check_supported
+
+        check_supported(cfg)
+        check_sizes(cfg, pipe)
+        pipe.transformer.requires_grad_(False)
+        add_lora(pipe.transformer, cfg)
+        report["trainable_parameters"] = {"unet": sum(p.numel() for p in pipe.transformer.parameters()
+                                                      if p.requires_grad), "text_encoder": 0,
+                                          "denoiser": "SD3 transformer"}
+        return report
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if describe(pipe).family == "sdxl" else [])
     if cfg.method == "lora":
         for te in encoders:  # frozen as in training: only adapters (and the identifier's rows) count
@@ -99,5 +110,5 @@ def format_dry_run(report: dict) -> str:
     lines.append(f"steps: {s['max_steps']} x batch {s['batch']} x accumulation {s['gradient_accumulation_steps']} = "
                  f"{s['epochs']} epochs of {s['instance_examples_per_epoch']} instance examples")
     tp = report["trainable_parameters"]
-    lines.append(f"trainable parameters: UNet {tp['unet']:,}, text encoder {tp['text_encoder']:,}")
+    lines.append(f"trainable parameters: {tp.get('denoiser', 'UNet')} {tp['unet']:,}, text encoder {tp['text_encoder']:,}")
     return "\n".join(lines)

@@ -80,3 +80,9 @@ def test_sd3_infer_with_a_lora_and_from_png(tiny_sd3, tmp_path, capsys):
     assert code == 0, err
     (again,) = [line for line in out.splitlines() if line.endswith(".png")]
     assert np.array_equal(png(first), png(again)) and read_params(first)["lora"]
+
+
+def test_inspect_refuses_an_sd3_model_in_one_line(tiny_sd3, capsys):
+    code = main(["inspect", "unet", "--model", str(tiny_sd3["sd3"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "SD 3.x model" in err and len(err.strip().splitlines()) == 1

@@ -212,3 +212,15 @@ def test_full_size_sd35_lora_keys_name_the_models_weights():
     # image attention, attn2 (dual blocks), context q/k/v (every block), its output and both feed-forwards (not in the
     # last block, whose context stream ends there)
     assert len(modules) == 24 * 4 + 13 * 4 + 24 * 3 + 23 + 24 * 2 + 23 * 2
+
+
+def test_dry_run_counts_the_transformers_lora(tiny_sd3, tmp_path):
+    from sdtune.training.dry_run import dry_run, format_dry_run
+
+    subject = make_images(tmp_path / "subject", 2)
+    report = dry_run(config(tiny_sd3["sd3"], subject, tmp_path / "o", lora_rank=2))
+    tp = report["trainable_parameters"]
+    assert tp["denoiser"] == "SD3 transformer" and tp["unet"] > 0 and tp["text_encoder"] == 0
+    assert "trainable parameters: SD3 transformer" in format_dry_run(report)
+    with pytest.raises(SdtuneError, match="not supported for SD 3.x"):
+        dry_run(config(tiny_sd3["sd3"], subject, tmp_path / "o", method="full"))

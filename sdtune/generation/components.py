@@ -231,6 +231,9 @@ def check_text_dim(unet, text_encoder, src, text_encoder_2=None) -> None:
 
 def check_controlnet(net, unet, src) -> None:
     """A ControlNet fits a UNet when it reads the same text width and, for SDXL, the same added conditioning."""
+    if type(net).__name__ == "SD3ControlNetModel":  # an SD 3.x ControlNet drives an MMDiT, never a UNet
+        raise ParameterError("{controlnet} {src} is an SD 3.x ControlNet, but the model is not SD 3.x; use a "
+                             "ControlNet trained for this model family", src=src)
     want = (unet.config.cross_attention_dim, unet.config.addition_embed_type, unet.config.block_out_channels)
     got = (net.config.cross_attention_dim, net.config.addition_embed_type, net.config.block_out_channels)
     if tuple(map(str, want)) != tuple(map(str, got)):

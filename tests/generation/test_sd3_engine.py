@@ -163,3 +163,11 @@ def test_a_lora_of_another_family_is_one_line(tiny_sd3, tmp_path):
     with pytest.raises(SdtuneError) as err:
         Engine.load(tiny_sd3["sd3"], lora=tmp_path, no_t5=True)
     assert len(str(err.value).splitlines()) == 1 and "SD 3.x" in str(err.value)
+
+
+def test_an_sd3_controlnet_on_another_family_is_one_line(tiny_sd3, tiny_models):
+    from sdtune.generation.engine import Engine
+
+    with pytest.raises(SdtuneError, match="is an SD 3.x ControlNet, but the model is not SD 3.x") as err:
+        Engine.load(tiny_models["sd1"], controlnet=tiny_sd3["sd3_controlnet"])
+    assert len(str(err.value).splitlines()) == 1

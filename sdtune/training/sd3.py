@@ -308,11 +308,30 @@ def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base) 
     layers = {k: (v.detach().to("cpu", torch.float32) * (scale if ".lora_B." in k else 1.0)).contiguous()
               for k, v in get_peft_model_state_dict(transformer).items()}
     StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers, safe_serialization=True)
+    _add_run_metadata(Path(output_dir) / LORA_FILE, cfg, step)
     (Path(output_dir) / "sdtune_sd3_run.txt").write_text(
         f"sdtune DreamBooth LoRA on SD 3.x\nbase: {base}\nsteps: {step}\nlora_rank: {cfg.lora_rank}\n"
         f"lora_targets: {cfg.lora_targets}\nweighting_scheme: {cfg.weighting_scheme}\nno_t5: {str(cfg.no_t5).lower()}"
         f"{' (use the LoRA with --no-t5)' if cfg.no_t5 else ''}\n")
     return Path(output_dir) / LORA_FILE
+
+
+def _add_run_metadata(path: Path, cfg: TrainConfig, step: int) -> None:
+    """The run's config, base model and step in the file's metadata, as every sdtune weights file carries them
+    (``sdtune infer --lora FILE`` then finds the base model by itself); written whole or not at all."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.training.export import run_metadata
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata.update(run_metadata(cfg, step))
+    tmp = path.with_name(path.name + ".partial")
+    save_file(load_file(str(path)), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -224,3 +224,18 @@ def test_dry_run_counts_the_transformers_lora(tiny_sd3, tmp_path):
     assert "trainable parameters: SD3 transformer" in format_dry_run(report)
     with pytest.raises(SdtuneError, match="not supported for SD 3.x"):
         dry_run(config(tiny_sd3["sd3"], subject, tmp_path / "o", method="full"))
+
+
+def test_sdtune_infer_finds_the_base_model_in_the_lora(run, tiny_sd3, capsys):
+    """The LoRA file carries the run's base model (``sdtune_base_model``): ``sdtune infer --lora`` needs no --model."""
+    from sdtune.commands.cli import main
+    from sdtune.generation.metadata import read_params
+
+    out = run[2] / "out"
+    code = main(["infer", "txt2img", "--lora", str(out), "--prompt", PROMPT, "--steps", "2", "--out",
+                 str(run[2] / "infer"), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    (png,) = [line for line in captured.out.splitlines() if line.endswith(".png")]
+    params = read_params(png)
+    assert params["family"] == "sd3" and params["model"] == str(tiny_sd3["sd3"].resolve())

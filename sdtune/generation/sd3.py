@@ -119,7 +119,10 @@ class SD3Engine(Engine):
     # ------------------------------------------------------------ what differs from SD/SDXL
 
     def replace_dedicated(self, kind, src, config=None, allow_pickle=False) -> None:
-        raise SdtuneError("SD 3.x models have no dedicated inpaint/depth models here; load a new engine")
+        """SD 3.x has no dedicated inpaint/depth models: none (``src`` None) is what the engine already has."""
+        if src is not None:
+            raise ParameterError("{%s_model} is not used with SD 3.x models: inpaint runs on the model itself and "
+                                 "depth2img through an SD3 depth ControlNet ({controlnet})" % kind)
 
     def _unet_kind(self, mode: str, strict: bool = True):
         if mode == "depth2img" and self.controlnet is None:
@@ -230,6 +233,8 @@ class SD3Engine(Engine):
 
         file = find_lora_file(path, allow_pickle)
         pipe = self.pipeline("txt2img")
+        if ADAPTER in (getattr(self.transformer, "peft_config", None) or {}):  # a LoRA applied before: replaced
+            pipe.delete_adapters(ADAPTER)
         try:
             pipe.load_lora_weights(str(file), adapter_name=ADAPTER)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:

@@ -171,3 +171,33 @@ def test_an_sd3_controlnet_on_another_family_is_one_line(tiny_sd3, tiny_models):
     with pytest.raises(SdtuneError, match="is an SD 3.x ControlNet, but the model is not SD 3.x") as err:
         Engine.load(tiny_models["sd1"], controlnet=tiny_sd3["sd3_controlnet"])
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_lora_fused_or_not_and_applied_again(tiny_sd3, tmp_path, inputs):
+    """A diffusers SD3 LoRA (as the recipe writes it) fused gives the unfused pixels (within 1/255); applying a
+    LoRA again replaces the first; no dedicated model (None) is a no-op, a real one is refused in one line."""
+    from sdtune.generation.engine import Engine
+    from sdtune.models.loading import load_pipeline
+    from sdtune.training.config import config_from_dict
+    from sdtune.training.sd3 import add_lora, save_lora
+
+    pipe = load_pipeline(tiny_sd3["sd3"], drop_t5=True)
+    cfg = config_from_dict(dict(instance_dir="x", instance_prompt="p", lora_rank=2))
+    torch.manual_seed(0)
+    add_lora(pipe.transformer, cfg)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    save_lora(tmp_path, pipe.transformer, cfg, 0, tiny_sd3["sd3"])
+    plain = Engine.load(tiny_sd3["sd3"], no_t5=True)
+    unfused = Engine.load(tiny_sd3["sd3"], no_t5=True, lora=tmp_path)
+    fused = Engine.load(tiny_sd3["sd3"], no_t5=True, lora=tmp_path, fuse_lora=True)
+    assert (unfused.lora_fused, fused.lora_fused) == (False, True)
+    a, b = (pixels(_ours(e, "img2img", inputs)) for e in (unfused, fused))
+    assert np.abs(a - b).max() <= 1 and not np.array_equal(a, pixels(_ours(plain, "img2img", inputs)))
+    unfused._apply_lora(tmp_path, 1.0, False, "auto")  # again: replaces, does not stack
+    assert np.array_equal(pixels(_ours(unfused, "img2img", inputs)), a)
+    unfused.replace_dedicated("inpaint", None)
+    with pytest.raises(SdtuneError, match="not used with SD 3.x"):
+        unfused.replace_dedicated("inpaint", tiny_sd3["sd3"])

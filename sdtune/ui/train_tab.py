@@ -253,13 +253,14 @@ def _wire(state, c: SimpleNamespace) -> None:
         watching = job is not None and (job.returncode is None or job.ended is None or job.reported != job.state)
         return (*train_poll(state, name), gr.Timer(active=watching))
 
-    def _watch():
-        return gr.Timer(active=True)
+    def _watch(name):
+        job = state.trainer.job(name)  # a refused Start or Resume starts no poll
+        return gr.Timer(active=job is not None and job.returncode is None)
 
     c.start.click(lambda *a: train_start_handler(state, *a), form, [c.status], validator=validator) \
-        .then(_watch, None, [timer], queue=False)
+        .then(_watch, [c.name], [timer], queue=False)
     c.stop.click(lambda n: train_stop_handler(state, n), [c.name], [c.status])
-    c.resume.click(lambda n: train_resume_handler(state, n), [c.name], [c.status]).then(_watch, None, [timer],
+    c.resume.click(lambda n: train_resume_handler(state, n), [c.name], [c.status]).then(_watch, [c.name], [timer],
                                                                                         queue=False)
     c.images.change(photos_handler, [c.images], [c.thumbs, c.photos_note], queue=False)
     steps = c.keys[[f.key for f in FIELDS].index("max_steps")]

@@ -1,7 +1,7 @@
 """The Train tab's key fields, made from the config's own key declarations (no gradio).
 
-A kohya_ss user expects the common keys as fields, not as ``key=value`` lines: steps, learning rate, rank,
-resolution, batch size, prior preservation with its class images, caption dropout. Each ``Field`` here is one
+A kohya_ss user expects the common keys as fields, not as ``key=value`` lines: steps, learning rate, rank and
+alpha, resolution, batch size, prior preservation with its class images, caption dropout. Each ``Field`` here is one
 ``TrainConfig`` key (``sdtune.training.config``): its type, range or choices and help come from the key's
 declaration, so the field checks what the CLI checks and its tooltip is the help ``sdtune train --help-keys`` prints.
 Its default is the recipe's (``configs/dreambooth_lora.yaml``: prior preservation on), so a run started with the
@@ -18,10 +18,13 @@ from sdtune import CONFIGS_DIR
 BASE_CONFIG = CONFIGS_DIR / "dreambooth_lora.yaml"
 # (key, label): the label a kohya_ss user knows the key by; the order is the form's.
 KEYS = (("method", "method"), ("max_steps", "max train steps"), ("learning_rate", "learning rate"),
-        ("lora_rank", "network rank (LoRA)"), ("resolution", "resolution (0 = the model's)"),
-        ("train_batch_size", "train batch size"), ("caption_dropout", "caption dropout rate"),
+        ("train_batch_size", "train batch size"), ("lora_rank", "network rank (dimension)"),
+        ("lora_alpha", "network alpha (0 = the rank)"), ("resolution", "resolution (0 = the model's)"),
+        ("caption_dropout", "caption dropout rate"),
         ("with_prior_preservation", "prior preservation (class images keep the class)"),
         ("num_class_images", "class images"))
+# What a nullable key's null means, written as 0 in the form (a number box holds no null).
+ZERO_MEANS = {"resolution": "the model's own size", "lora_alpha": "the rank (scale 1)"}
 
 
 @lru_cache(maxsize=1)
@@ -112,7 +115,7 @@ class Field:
         else:
             wants = ("a whole number" if self.kind == "int" else "a number") + \
                 (f", {meta['range'].requirement()}" if meta["range"] else "") + \
-                (", or 0 for the model's own" if self.nullable else "")
+                (f", or 0 for {ZERO_MEANS.get(self.key, 'none')}" if self.nullable else "")
         try:
             value = self.value(raw)
         except (TypeError, ValueError):

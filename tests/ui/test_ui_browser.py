@@ -361,6 +361,7 @@ def test_train_a_lora_from_the_forms_defaults_and_watch_it_to_the_end(page, serv
     type_into(page, "train-max-steps", 20)
     type_into(page, "train-num-class-images", 4)  # prior preservation stays on: 4 class images, drawn once
     type_into(page, "train-lora-rank", 4)  # a lighter run than the recipe's, for two CPU cores
+    type_into(page, "train-lora-alpha", 4)
     type_into(page, "train-train-batch-size", 1)
     shot(page, "train-form", 1400)
     css(page, "#train-start").click()

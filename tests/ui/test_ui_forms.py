@@ -121,8 +121,8 @@ def test_the_key_fields_come_from_the_declarations_with_the_recipes_defaults():
 
     recipe = read_yaml(BASE_CONFIG)
     keys = [f.key for f in FIELDS]
-    assert {"max_steps", "learning_rate", "lora_rank", "resolution", "train_batch_size", "with_prior_preservation",
-            "num_class_images", "caption_dropout"} <= set(keys)
+    assert {"max_steps", "learning_rate", "lora_rank", "lora_alpha", "resolution", "train_batch_size",
+            "with_prior_preservation", "num_class_images", "caption_dropout"} <= set(keys)
     for f in FIELDS:
         assert f.default == recipe[f.key] and DECLARED[f.key].metadata["help"] in f.info  # the help: its tooltip
     assert {f.key: f.default for f in FIELDS}["with_prior_preservation"] is True  # DreamBooth's own default
@@ -131,9 +131,10 @@ def test_the_key_fields_come_from_the_declarations_with_the_recipes_defaults():
 @pytest.mark.parametrize("key, value, words", [
     ("max_steps", -5, "max train steps -5: a whole number, >= 1"),
     ("learning_rate", 0, "learning rate 0: a number, > 0"),
-    ("lora_rank", 2.5, "network rank (LoRA) 2.5: a whole number"),
+    ("lora_rank", 2.5, "network rank (dimension) 2.5: a whole number"),
+    ("lora_alpha", -1, "network alpha (0 = the rank) -1: a number, > 0, or 0 for the rank (scale 1)"),
     ("resolution", 60, "resolution (0 = the model's) 60: a whole number, a positive multiple of 8, or 0 for the "
-                       "model's own"),
+                       "model's own size"),
     ("train_batch_size", "", "train batch size (empty)"),
     ("caption_dropout", 1, "caption dropout rate 1: a number, in [0, 1)"),
     ("num_class_images", 0, "class images 0: a whole number, >= 1"),
@@ -159,8 +160,8 @@ def test_the_forms_defaults_are_the_recipes_run(sandbox, subject_images):
     defaults = {f.key: f.default for f in FIELDS}
     data, run_dir = Trainer(sandbox).build_config(name="dog", images=subject_images, identifier="sks",
                                                   class_noun="dog", keys=defaults)
-    for key in ("with_prior_preservation", "num_class_images", "lora_rank", "learning_rate", "train_batch_size",
-                "caption_dropout", "resolution", "max_steps"):
+    for key in ("with_prior_preservation", "num_class_images", "lora_rank", "lora_alpha", "learning_rate",
+                "train_batch_size", "caption_dropout", "resolution", "max_steps"):
         assert data[key] == recipe()[key], key
     assert data["class_prompt"] == "a photo of a dog" and data["class_prompts"] is None  # not the box's contexts
     assert data["class_dir"] == str(sandbox.outputs / "class_images" / "dog")

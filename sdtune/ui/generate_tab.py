@@ -263,7 +263,9 @@ def _wire(state, c: SimpleNamespace) -> None:
     inputs = [getattr(c, n) for n in INPUTS]
 
     def validator(*values):
-        problems = generate_problems_by_input(*values)
+        # While a run trains, the Train tab's poll may tick and clear a field's message at once: the handler then
+        # says the same line in the status box instead (it checks the same problems first).
+        problems = {} if state.trainer is not None and state.trainer.running() else generate_problems_by_input(*values)
         return [gr.validate(name not in problems, problems.get(name, "")) for name in INPUTS]
 
     c.go.click(lambda *a: generate_handler(state, *a), inputs,

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from sdtune.errors import SdtuneError
 from sdtune.ui.checks import train_problems
-from sdtune.ui.runs import sample_label, validation_prompts
+from sdtune.ui.runs import ADAPTER_FILES, sample_label, validation_prompts
 from sdtune.ui.safety import check_upload
 from sdtune.ui.train_form import BY_KEY, FIELDS
 from sdtune.ui.training import advanced_help, duration, eval_view, losses
@@ -98,8 +98,8 @@ def progress_line(job) -> str:
         eta = job.eta()
         line += f" · {job.rate:.2f} steps/s" + (f", about {duration(eta)} left" if eta is not None else "")
     if word == "finished":
-        line += f" - LoRA in {job.run_dir}" if (job.run_dir / "pytorch_lora_weights.safetensors").is_file() \
-            else f" - results in {job.run_dir}"
+        adapter = any((job.run_dir / name).is_file() for name in ADAPTER_FILES)
+        line += f" - LoRA in {job.run_dir}" if adapter else f" - results in {job.run_dir}"
     return line
 
 

@@ -50,14 +50,18 @@ def dry_run(cfg: TrainConfig) -> dict:
                        "epochs": round(cfg.max_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps / stream, 1)}
     pipe = load_pipeline(report["model"], device="cpu", dtype=torch.float32)
     if describe(pipe).family == "sd3":  # SD 3.x: a LoRA on the transformer, the text encoders frozen
-        from sdtune.training.sd3 import add_lora, check_sizes, check_supported
+        from sdtune.training.sd3 import add_clip_lora, add_lora, check_sizes, check_supported
 
         check_supported(cfg)
         check_sizes(cfg, pipe)
-        pipe.transformer.requires_grad_(False)
+        clip = [pipe.text_encoder, pipe.text_encoder_2]
+        for module in (pipe.transformer, *clip):
+            module.requires_grad_(False)
         add_lora(pipe.transformer, cfg)
-        report["trainable_parameters"] = {"unet": sum(p.numel() for p in pipe.transformer.parameters()
-                                                      if p.requires_grad), "text_encoder": 0,
+        for te in clip if cfg.train_text_encoder else ():
+            add_clip_lora(te, cfg)
+        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+        report["trainable_parameters"] = {"unet": count(pipe.transformer), "text_encoder": sum(map(count, clip)),
                                           "denoiser": "SD3 transformer"}
         return report
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if describe(pipe).family == "sdxl" else [])

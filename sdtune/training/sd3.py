@@ -7,9 +7,12 @@ What differs from SD/SDXL:
 * the model: the MMDiT ``transformer`` takes the LoRA (peft, through diffusers' ``add_adapter``) on its attention
   projections - ``to_q, to_k, to_v, to_out.0`` of the image stream (and SD 3.5 Medium's second attention);
   ``lora_targets: all`` adds the context stream's ``add_q_proj, add_k_proj, add_v_proj, to_add_out`` and both
-  streams' feed-forward layers (``ff``, ``ff_context``). The text encoders and T5 stay frozen;
+  streams' feed-forward layers (``ff``, ``ff_context``). T5 always stays frozen;
 * the objective: flow matching (``sdtune.training.flow_matching``) with diffusers' timestep densities and loss
   weightings (``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``);
+* ``train_text_encoder``: a LoRA on both CLIP encoders' attention (``q_proj, k_proj, v_proj, out_proj``, as
+  diffusers' SD3 script), at ``text_encoder_learning_rate``; captions then run through them every step (T5 stays
+  frozen, its states cached);
 * the conditioning: the stock pipeline's ``encode_prompt`` (CLIP-L + CLIP-G + T5; without T5 with ``no_t5``, or
   when the model folder has none), each distinct caption encoded once (the encoders are frozen); a dropped caption (caption dropout) is
   the encoded empty prompt, exactly what SD3's pipelines feed the unconditional branch;
@@ -19,7 +22,7 @@ What differs from SD/SDXL:
 Latents are the VAE's ``(x - shift_factor) * scaling_factor``, drawn from cached posteriors (``LatentSource``) as
 for SD. Every random draw of a step comes from the step's generator (``dreambooth.step_generator``), so a resumed
 run ends with the weights of an uninterrupted one. Not (yet) for SD 3.x, each refused in one line: full fine-tuning
-and the other adapters, text-encoder training, the identifier embedding, output preservation, the conditional pull,
+and the other adapters, the identifier embedding, output preservation, the conditional pull,
 min-SNR and offset noise (epsilon-schedule notions), EMA and the in-loop evaluation.
 """
 from __future__ import annotations
@@ -68,7 +71,6 @@ def check_supported(cfg: TrainConfig) -> None:
     unsupported = [
         (cfg.method != "lora", "method: full"),
         (cfg.adapter != "lora", f"adapter: {cfg.adapter}"),
-        (cfg.train_text_encoder, "train_text_encoder"),
         (cfg.train_identifier_embedding, "train_identifier_embedding"),
         (cfg.output_preservation_weight > 0, "output_preservation_weight"),
         (cfg.conditional_pull > 0, "conditional_pull"),
@@ -108,6 +110,39 @@ class SD3Prompts:
         embeds = torch.cat([self._cached[p][0] for p in prompts])
         pooled = torch.cat([self._cached[p][1] for p in prompts])
         return embeds, pooled
+
+
+class TrainedSD3Prompts:
+    """captions -> (prompt_embeds, pooled) through the *training* CLIP encoders (``train_text_encoder``: with
+    gradients, every step, through the modules accelerate prepared) and T5, frozen and cached per caption: what
+    the stock ``encode_prompt`` computes (CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's
+    width, then T5's states; both projections as the pooled embedding)."""
+
+    def __init__(self, pipe, text_encoders: list, device, max_sequence_length: int = 256):
+        self.pipe, self.text_encoders, self.device = pipe, text_encoders, device
+        self.max_sequence_length = max_sequence_length
+        self._t5: dict[str, torch.Tensor] = {}
+        self.encoder_calls = 0
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pipe = self.pipe
+        self.encoder_calls += 1
+        hidden, pooled = [], []
+        for tokenizer, te in zip((pipe.tokenizer, pipe.tokenizer_2), self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = te(ids.to(self.device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        with torch.no_grad():
+            for p in prompts:
+                if p not in self._t5:
+                    self._t5[p] = pipe._get_t5_prompt_embeds(p, device=self.device,
+                                                             max_sequence_length=self.max_sequence_length)
+        t5 = torch.cat([self._t5[p] for p in prompts])
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
 
 def train_sd3(cfg: TrainConfig, scorers=()):
@@ -166,18 +201,26 @@ def train_sd3(cfg: TrainConfig, scorers=()):
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     add_lora(transformer, cfg)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if cfg.train_text_encoder else []
+    for te in encoders:
+        add_clip_lora(te, cfg)
 
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, [{"params": params, "lr": cfg.learning_rate}], accelerator.device)
+    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if encoders:
+        groups.append({"params": [p for te in encoders for p in te.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(cfg, groups, accelerator.device)
     world = accelerator.num_processes
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
-    model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    register_trainable_only_checkpoints(accelerator, [model])
+    model, *trained_encoders, optimizer, lr_scheduler = accelerator.prepare(transformer, *encoders, optimizer,
+                                                                            lr_scheduler)
+    register_trainable_only_checkpoints(accelerator, [model, *trained_encoders])
 
     global_step = 0
     if resume_from is not None:
-        check_resume_matches(resume_from, [model])
+        check_resume_matches(resume_from, [model, *trained_encoders])
         accelerator.load_state(str(resume_from), strict=False)
         global_step = checkpointing.checkpoint_step(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
@@ -185,24 +228,28 @@ def train_sd3(cfg: TrainConfig, scorers=()):
     cache_dir = cfg.latent_cache_dir or (output_dir / "latent_cache")
     latents_of = LatentSource(pipe.vae, accelerator.device, vae_dtype, enabled=cfg.cache_latents and cfg.center_crop,
                               cache_dir=cache_dir if cfg.cache_latents else None)
-    prompts_of = SD3Prompts(pipe, accelerator.device)
+    prompts_of = (TrainedSD3Prompts(pipe, trained_encoders, accelerator.device) if trained_encoders
+                  else SD3Prompts(pipe, accelerator.device))
     scheduler = fm.training_scheduler(pipe.scheduler.config)
 
     result = TrainResult(output_dir=output_dir, global_step=global_step)
     start = time.perf_counter()
-    result.global_step = _loop(cfg, accelerator, model, optimizer, lr_scheduler, params, data, latents_of,
-                               prompts_of, scheduler, weight_dtype, global_step, result.losses)
+    result.global_step = _loop(cfg, accelerator, [model, *trained_encoders], optimizer, lr_scheduler, params, data,
+                               latents_of, prompts_of, scheduler, weight_dtype, global_step, result.losses)
     result.loop_s = time.perf_counter() - start
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    te_final = [accelerator.unwrap_model(te) for te in trained_encoders]
     if accelerator.is_main_process:
-        save_lora(output_dir, unwrapped, cfg, result.global_step, model_source)
+        save_lora(output_dir, unwrapped, cfg, result.global_step, model_source, *te_final)
         if cfg.validation_prompts:
             final_samples(pipe, cfg, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result.unet = unwrapped  # the SD3 transformer, with its LoRA
+    if te_final:
+        result.text_encoder, result.text_encoder_2 = te_final
     result.latent_encodes, result.prompt_encodes = latents_of.encoded_images, prompts_of.encoder_calls
     return result
 
@@ -221,6 +268,22 @@ def check_sizes(cfg: TrainConfig, pipe) -> None:
                           f"resolution/buckets give {bad[0]}: change resolution, bucket_step or buckets")
 
 
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # diffusers' SD3 script's text-encoder LoRA
+
+
+def add_clip_lora(text_encoder, cfg: TrainConfig) -> None:
+    """A peft LoRA on a CLIP encoder's attention (``train_text_encoder``), injected in place (transformers' own
+    ``add_adapter`` wants peft >= 0.22), trained in fp32."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                       lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
+                                       target_modules=CLIP_TARGETS), text_encoder)
+    for p in text_encoder.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def add_lora(transformer, cfg: TrainConfig) -> None:
     """A peft LoRA on the transformer (diffusers' ``add_adapter``, as its SD3 script), trained in fp32."""
     from peft import LoraConfig
@@ -233,7 +296,7 @@ def add_lora(transformer, cfg: TrainConfig) -> None:
             p.data = p.data.float()
 
 
-def _loop(cfg, accelerator, model, optimizer, lr_scheduler, params, data, latents_of, prompts_of, scheduler,
+def _loop(cfg, accelerator, trained, optimizer, lr_scheduler, params, data, latents_of, prompts_of, scheduler,
           weight_dtype, global_step: int, losses: list[float]) -> int:
     from tqdm.auto import tqdm
 
@@ -246,11 +309,11 @@ def _loop(cfg, accelerator, model, optimizer, lr_scheduler, params, data, latent
     while global_step < cfg.max_steps:
         total = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(*trained):
                 g = micro_step(global_step, micro, rank, world, accum)
                 passes = collate(data.micro_batch("instance", g, cfg.train_batch_size),
                                  data.micro_batch("class", g, cfg.train_batch_size) if data.with_prior else ())
-                loss = micro_batch_loss(cfg, model, passes, latents_of, prompts_of, scheduler, weight_dtype,
+                loss = micro_batch_loss(cfg, trained[0], passes, latents_of, prompts_of, scheduler, weight_dtype,
                                         step_generator(cfg.seed, global_step, micro, rank))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -296,18 +359,27 @@ def micro_batch_loss(cfg, model, passes, latents_of, prompts_of, scheduler, weig
     return total
 
 
-def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base) -> Path:
-    """The transformer's LoRA as diffusers writes SD3 LoRAs (``transformer.`` keys), read by stock
-    ``StableDiffusion3Pipeline.load_lora_weights``."""
+def save_lora(output_dir: Path, transformer, cfg: TrainConfig, step: int, base, text_encoder=None,
+              text_encoder_2=None) -> Path:
+    """The LoRA as diffusers writes SD3 LoRAs (``transformer.`` keys; ``text_encoder.``/``text_encoder_2.`` with
+    ``train_text_encoder``), read by stock ``StableDiffusion3Pipeline.load_lora_weights``."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
     # The file has no alpha (stock loaders then take alpha = rank): lora_alpha / lora_rank goes into lora_B, so
     # every reader applies the delta the run trained.
     scale = float(cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
-    layers = {k: (v.detach().to("cpu", torch.float32) * (scale if ".lora_B." in k else 1.0)).contiguous()
-              for k, v in get_peft_model_state_dict(transformer).items()}
-    StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers, safe_serialization=True)
+
+    def layers(module):
+        if module is None:
+            return None
+        return {k: (v.detach().to("cpu", torch.float32) * (scale if ".lora_B." in k else 1.0)).contiguous()
+                for k, v in get_peft_model_state_dict(module).items()}
+
+    StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=layers(transformer),
+                                               text_encoder_lora_layers=layers(text_encoder),
+                                               text_encoder_2_lora_layers=layers(text_encoder_2),
+                                               safe_serialization=True)
     _add_run_metadata(Path(output_dir) / LORA_FILE, cfg, step)
     (Path(output_dir) / "sdtune_sd3_run.txt").write_text(
         f"sdtune DreamBooth LoRA on SD 3.x\nbase: {base}\nsteps: {step}\nlora_rank: {cfg.lora_rank}\n"

@@ -117,7 +117,7 @@ def test_flow_matching_objective_follows_diffusers():
 
 def test_unsupported_sd3_settings_are_one_line(tiny_sd3, tmp_path):
     subject = make_images(tmp_path / "s", 1)
-    for key, value in (("method", "full"), ("train_text_encoder", True), ("snr_gamma", 5.0)):
+    for key, value in (("method", "full"), ("adapter", "loha"), ("snr_gamma", 5.0)):
         with pytest.raises(SdtuneError, match="not supported for SD 3.x") as err:
             dreambooth.train(config(tiny_sd3["sd3"], subject, tmp_path / f"o_{key}", **{key: value}))
         assert len(str(err.value).splitlines()) == 1
@@ -222,6 +222,8 @@ def test_dry_run_counts_the_transformers_lora(tiny_sd3, tmp_path):
     tp = report["trainable_parameters"]
     assert tp["denoiser"] == "SD3 transformer" and tp["unet"] > 0 and tp["text_encoder"] == 0
     assert "trainable parameters: SD3 transformer" in format_dry_run(report)
+    with_clip = dry_run(config(tiny_sd3["sd3"], subject, tmp_path / "o", lora_rank=2, train_text_encoder=True))
+    assert with_clip["trainable_parameters"]["text_encoder"] > 0
     with pytest.raises(SdtuneError, match="not supported for SD 3.x"):
         dry_run(config(tiny_sd3["sd3"], subject, tmp_path / "o", method="full"))
 
@@ -265,3 +267,52 @@ def test_masked_loss_and_buckets(tiny_sd3, tmp_path):
     assert not np.allclose(masked, plain, rtol=1e-3) and np.isclose(by_pixels[0], 0.5 * masked[0], rtol=1e-4)
     bucketed = losses(rgb_dir, "buckets", buckets="auto", random_flip=True, max_steps=2)
     assert len(bucketed) == 2 and all(np.isfinite(bucketed))
+
+
+def test_clip_lora_with_train_text_encoder(tiny_sd3, tmp_path):
+    """``train_text_encoder``: a LoRA on both CLIP encoders beside the transformer's; the training encoding is the stock
+    ``encode_prompt``'s; the file (``transformer.``, ``text_encoder.``, ``text_encoder_2.`` keys, alpha folded in) read
+    by stock diffusers gives the trained model's pixels and the engine's, and the CLIP LoRA changes the embeddings."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sdtune.generation.engine import Engine
+    from sdtune.models.loading import load_pipeline
+    from sdtune.training.sd3 import TrainedSD3Prompts
+
+    base = load_pipeline(tiny_sd3["sd3"])
+    with torch.no_grad():
+        ours = TrainedSD3Prompts(base, [base.text_encoder, base.text_encoder_2], "cpu")([PROMPT, ""])
+        stock = base.encode_prompt([PROMPT, ""], None, None, do_classifier_free_guidance=False)
+    assert torch.equal(ours[0], stock[0]) and torch.equal(ours[1], stock[2])
+
+    subject = make_images(tmp_path / "subject", 2)
+    cfg = config(tiny_sd3["sd3"], subject, tmp_path / "out", train_text_encoder=True, text_encoder_learning_rate=2e-2,
+                 lora_alpha=8, max_steps=2, caption_dropout=0.5, checkpoint_every=1)
+    result = dreambooth.train(cfg)
+    state = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    for prefix in ("transformer.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(prefix) for k in state), prefix
+    (tmp_path / "resumed").mkdir()  # resumed from checkpoint-1 (three models' LoRAs), bit for bit
+    for name in ("checkpoint-1", "latent_cache"):
+        shutil.copytree(tmp_path / "out" / name, tmp_path / "resumed" / name)
+    dreambooth.train(config_from_dict({**cfg.__dict__, "output_dir": str(tmp_path / "resumed"), "resume": "latest"}))
+    again = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+    def draw(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return np.asarray(pipe(PROMPT, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                               generator=torch.Generator("cpu").manual_seed(0)).images[0], dtype=np.int16)
+
+    trained_pipe = StableDiffusion3Pipeline.from_pretrained(
+        tiny_sd3["sd3"], transformer=result.unet, text_encoder=result.text_encoder, text_encoder_2=result.text_encoder_2)
+    trained = draw(trained_pipe)
+    with torch.no_grad():
+        assert not torch.allclose(trained_pipe.encode_prompt(PROMPT, None, None)[0], base.encode_prompt(PROMPT, None, None)[0])
+    stock_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3["sd3"])
+    stock_pipe.load_lora_weights(str(tmp_path / "out"))
+    stock_image = draw(stock_pipe)
+    assert np.abs(stock_image - trained).max() <= 1
+    engine = Engine.load(tiny_sd3["sd3"], lora=tmp_path / "out")
+    got = engine.generate("txt2img", prompt=PROMPT, steps=2, guidance=5.0, seed=0, width=32, height=32)[0]
+    assert np.abs(np.asarray(got.image, dtype=np.int16) - stock_image).max() <= 1

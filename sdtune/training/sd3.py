@@ -14,16 +14,17 @@ What differs from SD/SDXL:
   diffusers' SD3 script), at ``text_encoder_learning_rate``; captions then run through them every step (T5 stays
   frozen, its states cached);
 * the conditioning: the stock pipeline's ``encode_prompt`` (CLIP-L + CLIP-G + T5; without T5 with ``no_t5``, or
-  when the model folder has none), each distinct caption encoded once (the encoders are frozen); a dropped caption (caption dropout) is
-  the encoded empty prompt, exactly what SD3's pipelines feed the unconditional branch;
-* the output: ``pytorch_lora_weights.safetensors`` written by ``StableDiffusion3Pipeline.save_lora_weights``, which
-  stock ``StableDiffusion3Pipeline.load_lora_weights`` (and sdtune's engine) read.
+  when the model folder has none), each distinct caption encoded once while the encoders are frozen; a dropped
+  caption (caption dropout) is the encoded empty prompt, exactly what SD3's pipelines feed the unconditional branch;
+* the output: ``pytorch_lora_weights.safetensors`` written by ``StableDiffusion3Pipeline.save_lora_weights`` (alpha
+  folded into ``lora_B``, the run's metadata added), which stock ``StableDiffusion3Pipeline.load_lora_weights`` (and
+  sdtune's engine) read.
 
 Latents are the VAE's ``(x - shift_factor) * scaling_factor``, drawn from cached posteriors (``LatentSource``) as
 for SD. Every random draw of a step comes from the step's generator (``dreambooth.step_generator``), so a resumed
 run ends with the weights of an uninterrupted one. Not (yet) for SD 3.x, each refused in one line: full fine-tuning
-and the other adapters, the identifier embedding, output preservation, the conditional pull,
-min-SNR and offset noise (epsilon-schedule notions), EMA and the in-loop evaluation.
+and the other adapters, the identifier embedding, output preservation, the conditional pull, min-SNR and offset
+noise (epsilon-schedule notions), EMA, the in-loop evaluation and ``compile``.
 """
 from __future__ import annotations
 

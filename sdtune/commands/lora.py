@@ -181,7 +181,7 @@ def _info(args) -> int:
         print(f"recommended settings: {json.dumps(data['recommended'])}")
     config = data["training_config"]
     if isinstance(config, dict):
-        keys = ("method", "lora_rank", "lora_alpha", "lora_targets", "train_text_encoder", "learning_rate",
+        keys = ("method", "adapter", "lora_rank", "lora_alpha", "lora_targets", "train_text_encoder", "learning_rate",
                 "max_steps", "resolution", "instance_prompt", "seed")
         shown = {k: config[k] for k in keys if k in config}
         print(f"training (sdtune_config): {json.dumps(shown)}  ({len(config)} keys; --json shows all)")

@@ -25,7 +25,7 @@ RUNS = {
     "dora": ["adapter=dora"],
     "loha": ["adapter=loha"],
     "lokr": ["adapter=lokr"],
-    "oft": ["adapter=oft", "oft_block_size=32"],
+    "oft": ["adapter=oft", "oft_block_size=32", "lora_targets=attention"],  # peft's OFT: linear layers only
 }
 
 

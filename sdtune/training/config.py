@@ -636,6 +636,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               "with train_text_encoder trains every embedding already)")
         _every_concept_has(cfg, "identifier", "train_identifier_embedding",
                            ", the subject's rare word in its prompt (e.g. identifier: sks)")
+    if cfg.method == "lora" and cfg.adapter == "oft" and cfg.lora_targets == "all":
+        raise SdtuneError("adapter oft works on linear layers here: peft 0.21's OFT on a convolution ignores its "
+                          "padding (it fails on small feature maps and does not merge exactly); set lora_targets: "
+                          "attention")
     if cfg.caption_dropout_on == "class" and cfg.caption_dropout and not cfg.with_prior_preservation:
         raise SdtuneError("caption_dropout_on: class drops only class images' captions, and there are none without "
                           "prior preservation; set with_prior_preservation: true or caption_dropout_on: all")

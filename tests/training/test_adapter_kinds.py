@@ -63,7 +63,8 @@ def files_of(kind):
 @pytest.fixture(scope="module", params=KINDS)
 def trained(request, tiny_models, subject, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run-{request.param}")
-    result = train(tiny_models["sd1"], subject, out, request.param, train_text_encoder=True, lora_targets="all")
+    result = train(tiny_models["sd1"], subject, out, request.param, train_text_encoder=True,
+                   lora_targets="attention" if request.param == "oft" else "all")
     return request.param, out, result
 
 
@@ -196,6 +197,8 @@ def test_sdxl_lokr_loads_from_both_files_with_kohya_sdxl_names(tiny_sdxl, subjec
 def test_bad_adapter_settings_are_one_line(tiny_models, subject, tmp_path):
     with pytest.raises(SdtuneError, match="oft_block_size must divide"):
         train(tiny_models["sd1"], subject, tmp_path / "a", "oft", oft_block_size=7)
+    with pytest.raises(SdtuneError, match="adapter oft works on linear layers"):
+        train(tiny_models["sd1"], subject, tmp_path / "c", "oft", lora_targets="all")
     with pytest.raises(SdtuneError, match="adapter must be one of"):
         train(tiny_models["sd1"], subject, tmp_path / "b", "lycoris")
 

@@ -107,7 +107,7 @@ def kohya_names(model, prefix: str, root: str = "", sgm_config=None) -> dict[str
     for path, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
             module = module.get_base_layer()
-        elif ".base_layer" in path or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+        elif ".base_layer" in path:  # a wrapper's inner layer: named by its wrapper above
             continue
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
